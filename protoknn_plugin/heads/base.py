@@ -1,0 +1,108 @@
+"""The one interface every head has.
+
+A head turns the prototype layer's outputs into loss terms and predictions, and
+declares its training phases as data that the trainer follows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+from torch import Tensor, nn
+
+from ..prototypes import PrototypeOutputs
+
+# Components a phase can train. Everything else is frozen in that phase.
+COMPONENTS = ("backbone", "addon", "prototypes", "head", "last_layer", "beta", "proxies")
+
+
+@dataclass
+class Phase:
+    """One training phase.
+
+    name: shown in the progress bar.
+    epochs: how many epochs.
+    lrs: component -> learning rate; components absent here are frozen.
+    after: actions run at the end of the phase: ``project`` (prototype projection),
+        ``build_memory`` (kNN memory from the training profiles).
+    cached_profiles: train on cached training profiles instead of images
+        (valid when nothing before the head trains, e.g. ProtoPNet's last-layer phase).
+    step_lr: (step_size, gamma) of a StepLR schedule, or None.
+    """
+
+    name: str
+    epochs: int
+    lrs: Dict[str, float]
+    after: Tuple[str, ...] = ()
+    cached_profiles: bool = False
+    step_lr: Tuple[int, float] | None = None
+
+
+@dataclass
+class PrototypeSpec:
+    """What prototype layer a head needs (kwargs of PrototypeLayer)."""
+
+    num_prototypes: int
+    similarity: str = "cosine"
+    addon: str = "linear"
+    init: str = "hypersphere"
+    frozen: bool = True
+    cost_space: str = "unit"
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+class Head(nn.Module):
+    """Base class of all heads.
+
+    Subclasses set ``name`` and ``description`` and implement ``loss``, ``predict_all``
+    and ``phases``. ``predict_all`` returns named predictions (B,) — ``top1`` for
+    linear heads, ``k=1``, ``k=3``, ... for kNN heads — and ``primary`` names the one
+    that ``predict`` returns.
+    """
+
+    name: str = "base"
+    description: str = ""
+    uses_prototypes: bool = True
+    uses_memory: bool = False
+    project_within_class: bool = False
+
+    def __init__(self, num_classes: int, backbone_channels: int, dim: int, num_prototypes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone_channels = backbone_channels
+        self.dim = dim
+        self.requested_prototypes = num_prototypes
+
+    # ---- what the head needs -------------------------------------------------
+    def prototype_spec(self) -> PrototypeSpec:
+        return PrototypeSpec(self.requested_prototypes)
+
+    @classmethod
+    def defaults(cls) -> Dict[str, object]:
+        """Head options and their defaults, for `protoknn heads`."""
+        return {}
+
+    # ---- training --------------------------------------------------------------
+    def loss(self, out: PrototypeOutputs, labels: Tensor) -> Dict[str, Tensor]:
+        """Named loss terms plus ``total`` (the one to backpropagate)."""
+        raise NotImplementedError
+
+    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+        raise NotImplementedError
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """The head's own parameters by component (``head``, ``last_layer``, ``beta``, ``proxies``)."""
+        params = [p for p in self.parameters()]
+        return {"head": params} if params else {}
+
+    # ---- inference ---------------------------------------------------------------
+    primary: str = "top1"
+
+    def predict_all(self, out: PrototypeOutputs) -> Dict[str, Tensor]:
+        raise NotImplementedError
+
+    def predict(self, out: PrototypeOutputs) -> Tensor:
+        return self.predict_all(out)[self.primary]
+
+    def summary(self) -> Dict[str, object]:
+        return {"name": self.name, **self.defaults()}

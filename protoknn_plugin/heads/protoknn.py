@@ -1,0 +1,125 @@
+"""The ProtoKNN head (ICLR 2023): kNN over prototype profiles.
+
+Training loss (eq. 13): L = L_task + 0.1 L_clst + 1.0 L_aux, where L_task is a
+pytorch-metric-learning loss on the unnormalised profiles (MarginLoss + batch-hard
+miner by default), L_clst the Sinkhorn cluster loss, and L_aux a PML loss on
+g = Linear(GAP(backbone map)). Prototypes start evenly on the hypersphere and stay
+frozen; after training they are projected onto training patches and the kNN memory
+is built from the training profiles.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..cluster import ProtoKNNClusterLoss
+from ..knn import KNNClassifier
+from ..losses import create_metric_loss
+from ..prototypes import PrototypeOutputs
+from . import register_head
+from .base import Head, Phase, PrototypeSpec
+
+
+@register_head("protoknn")
+class ProtoKNNHead(Head):
+    name = "protoknn"
+    description = "ProtoKNN: kNN over prototype profiles; metric loss + Sinkhorn cluster loss + aux loss"
+    uses_memory = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone_channels: int,
+        dim: int = 64,
+        num_prototypes: int = 100,
+        task_loss: str = "margin",
+        task_miner: str = "batch-hard",
+        aux_loss: str = "margin",
+        cluster_variant: str = "full",
+        cluster_reduction: str = "mean",
+        cluster_weight: float = 0.1,
+        aux_weight: float = 1.0,
+        tau: float = 0.05,
+        reg: float = 0.05,
+        margin: float = 0.2,
+        beta: float = 1.2,
+        cost_space: str = "unit",
+        ks: Sequence[int] = (1, 3, 5, 10),
+        k: int = 5,
+        memory: str = "full",
+        lr: float = 1e-3,
+        beta_lr: float = 5e-4,
+        proxy_lr_scale: float = 100.0,
+    ):
+        super().__init__(num_classes, backbone_channels, dim, num_prototypes)
+        self.options = dict(
+            task_loss=task_loss, task_miner=task_miner, aux_loss=aux_loss, cluster_variant=cluster_variant,
+            cluster_reduction=cluster_reduction, cluster_weight=cluster_weight, aux_weight=aux_weight, tau=tau,
+            reg=reg, margin=margin, beta=beta, cost_space=cost_space, ks=tuple(ks), k=k, memory=memory,
+        )
+        self.cluster_weight, self.aux_weight = cluster_weight, aux_weight
+        self.cost_space = cost_space
+        self.lr, self.beta_lr, self.proxy_lr_scale = lr, beta_lr, proxy_lr_scale
+        task_opts = {"margin": margin, "beta": beta} if task_loss == "margin" else {}
+        self.task_loss = create_metric_loss(
+            task_loss, num_classes=num_classes, embedding_size=num_prototypes, miner=task_miner, **task_opts
+        )
+        self.cluster_loss = ProtoKNNClusterLoss(variant=cluster_variant, tau=tau, reg=reg, reduction=cluster_reduction)
+        self.aux_loss = create_metric_loss(
+            aux_loss, num_classes=num_classes, embedding_size=dim, miner=task_miner, normalize_embeddings=True
+        )
+        # The aux embedding g exists only when the aux loss is on (Table 5's `none` row has none).
+        self.aux_embedding = nn.Linear(backbone_channels, dim) if self.aux_loss.enabled else None
+        self.knn = KNNClassifier(k=k, ks=tuple(ks), memory=memory, num_classes=num_classes)
+        self.primary = f"k={k}"
+
+    @classmethod
+    def defaults(cls) -> Dict[str, object]:
+        return {
+            "task_loss": "margin (PML MarginLoss, m 0.2, learnable beta 1.2, batch-hard miner, unnormalised L2)",
+            "cluster": "full (Sinkhorn on gap cost, reg 0.05, tau 0.05, mean over batch), weight 0.1",
+            "aux_loss": "margin on GAP+linear embedding, weight 1.0 (proxy-anchor, none selectable)",
+            "predict": "kNN over training profiles, k = 1, 3, 5, 10 in one search (k=5 primary)",
+        }
+
+    def prototype_spec(self) -> PrototypeSpec:
+        return PrototypeSpec(self.requested_prototypes, similarity="cosine", addon="linear",
+                             init="hypersphere", frozen=True, cost_space=self.cost_space)
+
+    def loss(self, out: PrototypeOutputs, labels: Tensor) -> Dict[str, Tensor]:
+        task = self.task_loss(out.profile, labels)
+        cluster = self.cluster_loss(out.profile, out.cost, out.gap_cost, labels)
+        terms = {"task": task, "cluster": cluster}
+        total = task + self.cluster_weight * cluster
+        if self.aux_embedding is not None:
+            g = self.aux_embedding(out.backbone_features.mean(dim=(2, 3)))
+            terms["aux"] = self.aux_loss(g, labels)
+            total = total + self.aux_weight * terms["aux"]
+        terms["total"] = total
+        return terms
+
+    def predict_all(self, out: PrototypeOutputs) -> Dict[str, Tensor]:
+        preds = self.knn.predict_many(out.profile.detach().float())
+        return {f"k={k}": p for k, p in preds.items()}
+
+    def fit_memory(self, profiles: Tensor, labels: Tensor) -> None:
+        self.knn.fit(profiles.float(), labels)
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        groups: Dict[str, List[nn.Parameter]] = {}
+        if self.aux_embedding is not None:
+            groups["head"] = list(self.aux_embedding.parameters())
+        for loss in (self.task_loss, self.aux_loss):
+            for name, params in loss.param_groups().items():
+                groups.setdefault(name, []).extend(params)
+        return groups
+
+    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+        # A pretrained backbone is fine-tuned gently (METHOD.md: 1e-5); one trained
+        # from scratch needs the same rate as the rest or it never learns.
+        backbone_lr = 1e-5 if pretrained_backbone else self.lr
+        lrs = {"backbone": backbone_lr, "addon": self.lr, "head": self.lr, "beta": self.beta_lr,
+               "proxies": self.lr * self.proxy_lr_scale}
+        return [Phase("train", epochs, lrs, after=("project", "build_memory"))]

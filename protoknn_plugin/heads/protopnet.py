@@ -1,0 +1,124 @@
+"""The linear ProtoPNet head (Chen et al. 2019), the baseline.
+
+Class-specific prototypes, a linear last layer initialised +1 / -0.5, loss
+CE + 0.8 cluster - 0.08 separation + 1e-4 L1, and the phases warm, joint, push and
+last-layer-only as data the trainer follows.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..prototypes import PrototypeOutputs
+from . import register_head
+from .base import Head, Phase, PrototypeSpec
+
+
+@register_head("protopnet")
+class ProtoPNetHead(Head):
+    name = "protopnet"
+    description = "ProtoPNet: class-specific prototypes + linear last layer (CE + 0.8 clst - 0.08 sep + 1e-4 L1)"
+    project_within_class = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone_channels: int,
+        dim: int = 64,
+        num_prototypes: int = 0,
+        prototypes_per_class: int = 10,
+        cluster_weight: float = 0.8,
+        separation_weight: float = 0.08,
+        l1_weight: float = 1e-4,
+        warm_epochs: int = 5,
+        push_every: int = 10,
+        push_start: int = 10,
+        last_layer_epochs: int = 20,
+        joint_step: tuple = (5, 0.1),
+        warm_lr: float = 3e-3,
+        last_layer_lr: float = 1e-4,
+    ):
+        # num_prototypes is ignored unless it is a multiple of the class count: ProtoPNet's
+        # prototypes are class-specific, `prototypes_per_class` of each class.
+        if num_prototypes and num_prototypes % num_classes == 0:
+            prototypes_per_class = num_prototypes // num_classes
+        total = prototypes_per_class * num_classes
+        super().__init__(num_classes, backbone_channels, dim, total)
+        self.cluster_weight, self.separation_weight, self.l1_weight = cluster_weight, separation_weight, l1_weight
+        self.warm_epochs, self.push_every, self.push_start = warm_epochs, push_every, push_start
+        self.last_layer_epochs, self.joint_step = last_layer_epochs, tuple(joint_step)
+        self.warm_lr, self.last_layer_lr = warm_lr, last_layer_lr
+        self.register_buffer("prototype_class", torch.arange(total) // prototypes_per_class)
+        self.last_layer = nn.Linear(total, num_classes, bias=False)
+        identity = F.one_hot(self.prototype_class, num_classes).t().float()  # (C, P)
+        self.last_layer.weight.data.copy_(1.0 * identity - 0.5 * (1 - identity))
+
+    @classmethod
+    def defaults(cls) -> Dict[str, object]:
+        return {
+            "loss": "cross-entropy + 0.8 cluster - 0.08 separation + 1e-4 L1 (off-class weights)",
+            "prototypes": "10 per class, log similarity on squared L2, add-on conv-ReLU-conv-Sigmoid",
+            "phases": "warm 5 (backbone frozen), joint (StepLR 5, 0.1), push every 10 from 10 + 20 last-layer epochs",
+            "predict": "argmax of the linear last layer",
+        }
+
+    def prototype_spec(self) -> PrototypeSpec:
+        return PrototypeSpec(self.requested_prototypes, similarity="log", addon="protopnet", init="uniform", frozen=False)
+
+    def _l1(self) -> Tensor:
+        off_class = 1 - F.one_hot(self.prototype_class, self.num_classes).t().float()
+        return (self.last_layer.weight * off_class).abs().sum()
+
+    def loss(self, out: PrototypeOutputs, labels: Tensor) -> Dict[str, Tensor]:
+        logits = self.last_layer(out.profile)
+        own = self.prototype_class[None, :] == labels[:, None]  # (B, P)
+        inf = torch.finfo(out.cost.dtype).max
+        cluster = out.cost.masked_fill(~own, inf).min(dim=1).values.mean()
+        separation = out.cost.masked_fill(own, inf).min(dim=1).values.mean()
+        terms = {"ce": F.cross_entropy(logits, labels), "cluster": cluster, "separation": separation, "l1": self._l1()}
+        terms["total"] = (terms["ce"] + self.cluster_weight * cluster - self.separation_weight * separation
+                          + self.l1_weight * terms["l1"])
+        return terms
+
+    def loss_from_profiles(self, profile: Tensor, labels: Tensor) -> Dict[str, Tensor]:
+        """Last-layer-only phase: features are frozen, so only CE + L1 on cached profiles (B, P)."""
+        ce = F.cross_entropy(self.last_layer(profile), labels)
+        l1 = self._l1()
+        return {"ce": ce, "l1": l1, "total": ce + self.l1_weight * l1}
+
+    def predict_all(self, out: PrototypeOutputs) -> Dict[str, Tensor]:
+        return {"top1": self.last_layer(out.profile).argmax(dim=1)}
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {"last_layer": [self.last_layer.weight]}
+
+    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+        """The reference schedule fitted into ``epochs`` feature-training epochs.
+
+        Warm epochs are capped at a quarter of the budget so that a short budget still
+        has joint training; pushes happen every ``push_every`` epochs from ``push_start``
+        and always at the end, each followed by the last-layer-only epochs (on cached
+        training profiles, since nothing before the last layer trains then).
+        """
+        warm = min(self.warm_epochs, max(1, epochs // 4)) if epochs > 1 else 0
+        # The reference joint lr for a pretrained backbone is 1e-4; one trained from
+        # scratch gets the add-on's rate, or it would barely move in a short budget.
+        backbone_lr = 1e-4 if pretrained_backbone else self.warm_lr
+        joint_lrs = {"backbone": backbone_lr, "addon": self.warm_lr, "prototypes": self.warm_lr}
+        push_and_last = Phase("last-layer", self.last_layer_epochs, {"last_layer": self.last_layer_lr}, cached_profiles=True)
+        phases: List[Phase] = []
+        if warm:
+            phases.append(Phase("warm", warm, {"addon": self.warm_lr, "prototypes": self.warm_lr}))
+        done = warm
+        push_points = [e for e in range(self.push_start, epochs, self.push_every) if e > done] + [epochs]
+        for point in push_points:
+            if point > done:
+                phases.append(Phase("joint", point - done, joint_lrs, after=("project",), step_lr=self.joint_step))
+                done = point
+            else:
+                phases[-1] = Phase(phases[-1].name, phases[-1].epochs, phases[-1].lrs, after=("project",), step_lr=phases[-1].step_lr)
+            phases.append(push_and_last)
+        return phases

@@ -1,0 +1,113 @@
+"""A prototype network: backbone + shared prototype layer + a head chosen by name."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import create_backbone
+from .heads import create_head
+from .heads.base import Head
+from .prototypes import PrototypeLayer, PrototypeOutputs, ProjectionRecord, project
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (stored in every checkpoint)."""
+
+    head: str = "protoknn"
+    backbone: str = "small-cnn"
+    num_classes: int = 10
+    in_channels: int = 1
+    num_prototypes: int = 100
+    dim: int = 64
+    weights: Optional[str] = None
+    backbone_options: Dict[str, object] = field(default_factory=dict)
+    head_options: Dict[str, object] = field(default_factory=dict)
+    seed: int = 0
+
+    def to_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+class PrototypeModel(nn.Module):
+    """backbone (B, C_in, H, W) -> (B, C, h, w) -> prototype layer -> head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        # Seed before building so every head compared under one seed starts from the
+        # same backbone initialisation.
+        torch.manual_seed(config.seed)
+        # weights=None in the config means "the backbone's own default" (random for
+        # torchvision trunks, the shipped ImageNet file for efficientnet-lite0).
+        weights = {} if config.weights is None else {"weights": config.weights}
+        self.backbone = create_backbone(config.backbone, in_channels=config.in_channels,
+                                        **weights, **config.backbone_options)
+        self.head: Head = create_head(
+            config.head, num_classes=config.num_classes, backbone_channels=self.backbone.out_channels,
+            dim=config.dim, num_prototypes=config.num_prototypes, **config.head_options,
+        )
+        self.prototype_layer: Optional[PrototypeLayer] = None
+        if self.head.uses_prototypes:
+            spec = self.head.prototype_spec()
+            self.prototype_layer = PrototypeLayer(
+                self.backbone.out_channels, spec.num_prototypes, config.dim, similarity=spec.similarity,
+                addon=spec.addon, cost_space=spec.cost_space, init=spec.init, frozen=spec.frozen, seed=config.seed,
+            )
+        self.projection: Optional[ProjectionRecord] = None
+
+    @property
+    def pretrained_backbone(self) -> bool:
+        return getattr(self.backbone, "weights", None) not in (None, "none", "None", "random")
+
+    def forward(self, images: Tensor, maps: bool = False) -> PrototypeOutputs:
+        features = self.backbone(images)
+        if self.prototype_layer is None:
+            return PrototypeOutputs(None, None, None, None, None, features)
+        return self.prototype_layer(features, maps=maps)
+
+    def loss(self, images: Tensor, labels: Tensor) -> Dict[str, Tensor]:
+        return self.head.loss(self(images), labels)
+
+    @torch.no_grad()
+    def predict_all(self, images: Tensor) -> Dict[str, Tensor]:
+        return self.head.predict_all(self(images))
+
+    def components(self) -> Dict[str, list]:
+        """Parameters by component name (see heads.base.COMPONENTS)."""
+        groups = {"backbone": list(self.backbone.parameters())}
+        if self.prototype_layer is not None:
+            groups["addon"] = list(self.prototype_layer.addon.parameters())
+            groups["prototypes"] = [self.prototype_layer.prototypes]
+        for name, params in self.head.param_groups().items():
+            groups.setdefault(name, []).extend(params)
+        return groups
+
+    @torch.no_grad()
+    def project_prototypes(self, batches: Iterable[Tuple[Tensor, Tensor, Tensor]]) -> ProjectionRecord:
+        """Eq. 14 over (images, labels, indices) batches; ProtoPNet heads search only their own class."""
+        assert self.prototype_layer is not None
+        was_training = self.training
+        self.eval()
+        device = self.prototype_layer.prototypes.device
+        feats = ((self.backbone(x.to(device)), y, i) for x, y, i in batches)
+        restrict = getattr(self.head, "prototype_class", None) if self.head.project_within_class else None
+        self.projection = project(self.prototype_layer, feats, prototype_class=restrict)
+        self.train(was_training)
+        return self.projection
+
+    def projection_state(self) -> Optional[Dict[str, object]]:
+        if self.projection is None:
+            return None
+        return {k: getattr(self.projection, k) for k in ("image_index", "location", "similarity", "map_size")}
+
+    def load_projection_state(self, state: Optional[Dict[str, object]]) -> None:
+        self.projection = ProjectionRecord(**state) if state else None
+
+
+def create_model(**kwargs) -> PrototypeModel:
+    """``create_model(head="protoknn", backbone="small-cnn", num_classes=10, in_channels=1, ...)``."""
+    return PrototypeModel(ModelConfig(**kwargs))

@@ -1,0 +1,238 @@
+"""The prototype layer shared by every head.
+
+A feature map from the backbone (B, C, H, W) goes through a 1x1-conv add-on to
+(B, D, H, W); every patch (pixel) z is compared with every prototype p_i (P, D).
+
+Two similarity modes:
+
+* ``cosine`` (ProtoKNN, eq. 15): s_{a,i} = max_z cos(z, p_i). The cost C (eq. 8)
+  and the gap cost C^ (eq. 11) are squared distances on the unit sphere by default
+  (``cost_space="unit"``: ||z - p||^2 = 2 - 2 cos), or on the raw add-on output
+  with unit prototypes (``cost_space="raw"``).
+* ``log`` (ProtoPNet): squared L2 via ||z||^2 - 2 z.p + ||p||^2 clamped at 0, and
+  similarity log((d + 1) / (d + 1e-4)) of the minimum distance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ProtoKNNError, UnknownNameError
+
+SIMILARITY_MODES = ("cosine", "log")
+COST_SPACES = ("unit", "raw")
+ADDONS = ("linear", "protopnet")
+
+
+@dataclass
+class PrototypeOutputs:
+    """What the prototype layer gives every head.
+
+    profile: (B, P) similarity used for classification.
+    cost: (B, P) min over patches of the squared distance (eq. 8).
+    gap_cost: (B, P) min minus mean over patches of the squared distance (eq. 11).
+    locations: (B, P) flat index (h * W + w) of the most similar patch.
+    feature_map: (B, D, H, W) add-on output.
+    backbone_features: (B, C, H, W) backbone output (the aux loss and plain heads use it).
+    similarity_maps: (B, P, H, W) per-patch similarity, only when asked for.
+    """
+
+    profile: Optional[Tensor]
+    cost: Optional[Tensor]
+    gap_cost: Optional[Tensor]
+    locations: Optional[Tensor]
+    feature_map: Optional[Tensor]
+    backbone_features: Tensor
+    similarity_maps: Optional[Tensor] = None
+
+
+def hypersphere_init(
+    num_prototypes: int, dim: int, steps: int = 1000, lr: float = 0.1, momentum: float = 0.9, seed: int = 0
+) -> Tensor:
+    """Prototypes spread evenly on the unit hypersphere (Mettes et al. 2019). Returns (P, D).
+
+    Minimises each prototype's largest cosine similarity to another with SGD
+    (lr 0.1, momentum 0.9) and renormalises rows after every step. The result is
+    deterministic in its arguments, so it is computed once per process.
+    """
+    return _hypersphere_init(num_prototypes, dim, steps, lr, momentum, seed).clone()
+
+
+@lru_cache(maxsize=16)
+def _hypersphere_init(num_prototypes: int, dim: int, steps: int, lr: float, momentum: float, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    protos = F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=1)
+    if num_prototypes < 2:
+        return protos.float()
+    protos.requires_grad_(True)
+    optimizer = torch.optim.SGD([protos], lr=lr, momentum=momentum)
+    off_diagonal = ~torch.eye(num_prototypes, dtype=torch.bool)
+    for _ in range(steps):
+        cos = protos @ protos.t()
+        loss = cos.masked_select(off_diagonal).view(num_prototypes, -1).max(dim=1).values.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            protos.copy_(F.normalize(protos, dim=1))
+    return protos.detach()
+
+
+def prototype_spread(prototypes: Tensor) -> float:
+    """Eq. 17: 1 - || mean_i p_i / ||p_i|| ||_2 for prototypes (P, D). 1 is evenly spread, 0 collapsed."""
+    unit = F.normalize(prototypes.detach().float().reshape(prototypes.shape[0], -1), dim=1)
+    return float(1.0 - unit.mean(dim=0).norm())
+
+
+def _make_addon(kind: str, in_channels: int, dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Conv2d(in_channels, dim, kernel_size=1)
+    if kind == "protopnet":
+        # ProtoPNet reference: 1x1 conv, ReLU, 1x1 conv, Sigmoid.
+        return nn.Sequential(
+            nn.Conv2d(in_channels, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1), nn.Sigmoid()
+        )
+    raise UnknownNameError("add-on", kind, ADDONS)
+
+
+class PrototypeLayer(nn.Module):
+    """Add-on + prototypes (P, D) + similarity, shared by every head."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_prototypes: int,
+        dim: int,
+        similarity: str = "cosine",
+        addon: str = "linear",
+        cost_space: str = "unit",
+        init: str = "hypersphere",
+        frozen: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if similarity not in SIMILARITY_MODES:
+            raise UnknownNameError("similarity mode", similarity, SIMILARITY_MODES)
+        if cost_space not in COST_SPACES:
+            raise UnknownNameError("cost space", cost_space, COST_SPACES)
+        if num_prototypes < 1 or dim < 1:
+            raise ProtoKNNError(f"need at least one prototype and dim >= 1, got P={num_prototypes}, D={dim}")
+        self.similarity, self.cost_space = similarity, cost_space
+        self.addon = _make_addon(addon, in_channels, dim)
+        if init == "hypersphere":
+            start = hypersphere_init(num_prototypes, dim, seed=seed)
+        elif init == "uniform":  # ProtoPNet's torch.rand initialisation
+            start = torch.rand(num_prototypes, dim, generator=torch.Generator().manual_seed(seed))
+        elif init == "random":
+            start = F.normalize(torch.randn(num_prototypes, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+        else:
+            raise UnknownNameError("prototype init", init, ("hypersphere", "uniform", "random"))
+        self.prototypes = nn.Parameter(start, requires_grad=not frozen)
+        self.frozen = frozen
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.prototypes.shape[0]
+
+    def freeze(self, frozen: bool = True) -> None:
+        self.frozen = frozen
+        self.prototypes.requires_grad_(not frozen)
+
+    def patch_distances(self, z: Tensor) -> Tuple[Tensor, Tensor]:
+        """(similarity, squared distance) per patch, each (B, P, H*W), for add-on output z (B, D, H, W)."""
+        flat = z.flatten(2)  # (B, D, HW)
+        if self.similarity == "cosine":
+            unit_p = F.normalize(self.prototypes, dim=1)
+            cos = torch.einsum("bdn,pd->bpn", F.normalize(flat, dim=1), unit_p)
+            if self.cost_space == "unit":
+                dist = 2.0 - 2.0 * cos
+            else:
+                dot = torch.einsum("bdn,pd->bpn", flat, unit_p)
+                dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + 1.0).clamp_min(0.0)
+            return cos, dist
+        p = self.prototypes
+        dot = torch.einsum("bdn,pd->bpn", flat, p)
+        dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + p.pow(2).sum(1)[None, :, None]).clamp_min(0.0)
+        return torch.log((dist + 1.0) / (dist + 1e-4)), dist
+
+    def forward(self, backbone_features: Tensor, maps: bool = False) -> PrototypeOutputs:
+        """backbone_features (B, C, H, W) -> PrototypeOutputs (profile (B, P), ...)."""
+        z = self.addon(backbone_features)
+        sim, dist = self.patch_distances(z)
+        min_dist, _ = dist.min(dim=2)
+        profile, locations = sim.max(dim=2)
+        gap_cost = min_dist - dist.mean(dim=2)
+        sim_maps = sim.view(*sim.shape[:2], *z.shape[2:]) if maps else None
+        return PrototypeOutputs(profile, min_dist, gap_cost, locations, z, backbone_features, sim_maps)
+
+
+@dataclass
+class ProjectionRecord:
+    """Where each prototype came from after projection (eq. 14).
+
+    image_index: (P,) index of the source training image.
+    location: (P,) flat patch index h * W + w in the feature map.
+    similarity: (P,) similarity of the prototype before projection to that patch.
+    map_size: (H, W) of the feature map.
+    """
+
+    image_index: Tensor
+    location: Tensor
+    similarity: Tensor
+    map_size: Tuple[int, int]
+
+
+@torch.no_grad()
+def project(
+    layer: PrototypeLayer,
+    batches: Iterable[Tuple[Tensor, Tensor, Tensor]],
+    prototype_class: Optional[Tensor] = None,
+) -> ProjectionRecord:
+    """Move every prototype onto its most similar training patch (eq. 14).
+
+    batches yields (backbone_features (B, C, H, W), labels (B,), dataset indices (B,)).
+    With ``prototype_class`` (P,), ProtoPNet's push: prototype i only looks at
+    patches of images of class prototype_class[i].
+    """
+    P = layer.num_prototypes
+    device = layer.prototypes.device
+    best = torch.full((P,), -float("inf"), device=device)
+    best_patch = layer.prototypes.detach().clone()
+    best_image = torch.full((P,), -1, dtype=torch.long, device=device)
+    best_loc = torch.zeros(P, dtype=torch.long, device=device)
+    map_size = (0, 0)
+    for features, labels, indices in batches:
+        z = layer.addon(features.to(device))
+        map_size = tuple(z.shape[2:])
+        sim, dist = layer.patch_distances(z)
+        # Cosine mode maximises cosine; ProtoPNet's push minimises L2 distance.
+        score = sim if layer.similarity == "cosine" else -dist
+        if prototype_class is not None:
+            allowed = labels.to(device)[:, None] == prototype_class.to(device)[None, :]  # (B, P)
+            score = score.masked_fill(~allowed[:, :, None], -float("inf"))
+        flat = score.permute(1, 0, 2).reshape(P, -1)  # (P, B*HW)
+        value, where = flat.max(dim=1)
+        improved = value > best
+        if improved.any():
+            hw = z.shape[2] * z.shape[3]
+            img, loc = where // hw, where % hw
+            patches = z.flatten(2)[img, :, loc]  # (P, D)
+            best = torch.where(improved, value, best)
+            best_patch = torch.where(improved[:, None], patches, best_patch)
+            best_image = torch.where(improved, indices.to(device)[img], best_image)
+            best_loc = torch.where(improved, loc, best_loc)
+    if (best_image < 0).any():
+        missing = int((best_image < 0).sum())
+        raise ProtoKNNError(
+            f"projection found no training patch for {missing} prototype(s); "
+            "every prototype class needs at least one training image"
+        )
+    if layer.similarity == "cosine":
+        best_patch = F.normalize(best_patch, dim=1)  # prototypes live on the unit sphere
+    layer.prototypes.data.copy_(best_patch)
+    return ProjectionRecord(best_image.cpu(), best_loc.cpu(), best.cpu(), map_size)

@@ -1,0 +1,98 @@
+"""Batched entropic optimal transport in the log domain (Sinkhorn), in plain torch.
+
+One call solves Y independent problems stacked as (Y, N, P):
+
+    min_T  <T, C> + reg * sum T log T   s.t.  T 1 = a,  T^T 1 = b,  T >= 0
+
+with POT's convention for ``reg`` (the kernel is exp(-C / reg)). The scaling
+vectors live in the log domain because exp(-C / reg) underflows in float32 for
+reg <= 0.05 and costs of a few units. Zero masses are log-masses of -inf: a
+padded row (a = 0) or an undrawn prototype (b = 0) gets a potential of -inf and
+a plan entry of exactly 0, never NaN, as long as every problem keeps at least
+one row and one column of positive mass.
+
+Convergence is checked every ``check_every`` iterations (10 on a GPU, where every
+check is a host-device sync; every iteration on the CPU). The check is nearly free:
+the row log-sums that the next u-update needs are exactly what the row-marginal
+error needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SinkhornResult:
+    """plan: (Y, N, P), rows exactly a (the solve ends on a row update);
+    marginal_error: the convergence measure at the last check, max |T 1 - a| after
+    a column update, which bounds how far the columns are from b; n_iter:
+    iterations run; converged: marginal_error < tol."""
+
+    plan: Tensor
+    marginal_error: float
+    n_iter: int
+    converged: bool
+
+
+def _logsumexp(x: Tensor, dim: int) -> Tensor:
+    """log sum exp over ``dim``; a slice of only -inf gives -inf (not NaN).
+
+    Slightly cheaper than torch.logsumexp on CPU (one fewer pass over x), which
+    matters because Sinkhorn spends all its time here.
+    """
+    m = x.amax(dim, keepdim=True).clamp_(min=torch.finfo(x.dtype).min)
+    return (x - m).exp_().sum(dim).log_().add_(m.squeeze(dim))
+
+
+@torch.no_grad()
+def log_sinkhorn_batched(
+    cost: Tensor,
+    log_a: Tensor,
+    log_b: Tensor,
+    reg: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    check_every: Optional[int] = None,
+) -> SinkhornResult:
+    """Solve Y entropic OT problems at once.
+
+    cost: (Y, N, P); log_a: (Y, N) log row masses (-inf for padding);
+    log_b: (Y, P) log column masses (-inf for zero mass). The masses of a problem
+    must have equal totals in the working dtype (the caller renormalises b).
+    Returns a detached plan (Y, N, P) in the dtype of ``cost``.
+    ``check_every``: iterations between convergence checks; by default 10 on an
+    accelerator (each check is a host sync) and 1 on the CPU, where a check costs a
+    few operations on (Y, N) and saves the iterations a coarser check overshoots.
+    """
+    if check_every is None:
+        check_every = 1 if cost.device.type == "cpu" else 10
+    # Work in (N, Y, P): the column update then reduces over the outermost axis,
+    # i.e. over N contiguous (Y, P) slabs, much faster than a strided middle axis.
+    log_k = cost.transpose(0, 1) / (-reg)  # (N, Y, P), contiguous
+    log_a = log_a.transpose(0, 1)  # (N, Y)
+    a = log_a.exp()
+    v = torch.zeros_like(log_b)
+    # row log-sums of K diag(exp v); reused by the next u-update and the error check
+    row_lse = _logsumexp(log_k + v, dim=2)  # (N, Y)
+    err = float("inf")
+    n_iter = 0
+    while n_iter < max_iter:
+        n_iter += 1
+        u = log_a - row_lse
+        v = log_b - _logsumexp(log_k + u.unsqueeze(2), dim=0)
+        row_lse = _logsumexp(log_k + v, dim=2)
+        if n_iter % check_every == 0 or n_iter == max_iter:
+            # row sums of the current plan are exp(u + row_lse); padded rows give 0 - 0
+            err = float((torch.exp(u + row_lse) - a).abs().amax())
+            if err < tol:
+                break
+    # End on a row update: every sample then carries exactly mass 1 (the same weight
+    # in the loss) even when max_iter stops an unconverged solve; the column
+    # marginals carry the remaining error.
+    u = log_a - row_lse
+    plan = (log_k + u.unsqueeze(2) + v).exp_().transpose(0, 1)
+    return SinkhornResult(plan=plan, marginal_error=err, n_iter=n_iter, converged=err < tol)
