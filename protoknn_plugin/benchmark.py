@@ -186,12 +186,14 @@ def rich_table(summary: List[Dict[str, Any]], title: str):
     from rich.table import Table
 
     columns = metric_columns(summary)
-    table = Table(title=title)
+    from rich.markup import escape
+
+    table = Table(title=escape(title))
     table.add_column("head", style="bold")
     for key in columns:
-        table.add_column(_header(key), justify="right")
+        table.add_column(escape(_header(key)), justify="right")
     for row in summary:
-        table.add_row(row["label"], *(_fmt(row, k) for k in columns))
+        table.add_row(escape(row["label"]), *(_fmt(row, k) for k in columns))
     return table
 
 

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import ProtoKNNError
@@ -47,6 +48,8 @@ def training_options(fn):
         click.option("--per-class", type=int, default=11, show_default=True, help="Images per class in a batch."),
         click.option("--batch-classes", type=int, default=10, show_default=True, help="Classes per batch (class-balanced)."),
         click.option("--epochs", type=int, default=8, show_default=True, help="Feature-training epochs per run."),
+        click.option("--backbone-opt", "backbone_opts", multiple=True, metavar="KEY=VALUE",
+                     help="Backbone option, repeatable, e.g. width=16 for small-cnn."),
         click.option("--weights", default=None, help="Backbone weights: imagenet (download) or a local state-dict PATH."),
         click.option("--backbone", default="small-cnn", show_default=True, help="Backbone name (see `protoknn backbones`)."),
     ]
@@ -60,6 +63,23 @@ def _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, see
 
     return TrainConfig(epochs=epochs, batch_classes=batch_classes, per_class=per_class,
                        steps_per_epoch=steps_per_epoch, device=device, seed=seed, deterministic=deterministic)
+
+
+def parse_options(pairs) -> dict:
+    """('width=16', 'depth=3') -> {'width': 16, 'depth': 3}; values are read as int, float or text."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ProtoKNNError(f"cannot read option {pair!r}; write KEY=VALUE, e.g. width=16")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        options[key.strip()] = value
+    return options
 
 
 def _setup_threads(threads: Optional[int]) -> None:
@@ -158,7 +178,7 @@ def heads():
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory.")
 @run_cli
-def train(head, dataset, data_dir, limit, backbone, weights, epochs, batch_classes, per_class, prototypes, dim,
+def train(head, dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
           steps_per_epoch, device, threads, task_loss, aux_loss, cluster_variant, cluster_reduction, memory, seed,
           deterministic, resume, out):
     """Train one head. Writes OUT/checkpoint.pt after every epoch (atomically) and OUT/metrics.json
@@ -176,7 +196,8 @@ def train(head, dataset, data_dir, limit, backbone, weights, epochs, batch_class
         head_options = dict(task_loss=task_loss, aux_loss=aux_loss, cluster_variant=cluster_variant,
                             cluster_reduction=cluster_reduction, memory=memory)
     config = ModelConfig(head=head, backbone=backbone, num_classes=len(splits.classes), in_channels=splits.channels,
-                         num_prototypes=prototypes, dim=dim, weights=weights, head_options=head_options, seed=seed)
+                         num_prototypes=prototypes, dim=dim, weights=weights, head_options=head_options, seed=seed,
+                         backbone_options=parse_options(backbone_opts))
     model = PrototypeModel(config)
     trainer = Trainer(model, splits, _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed,
                                                    deterministic), out_dir=out, dataset_name=dataset,
@@ -201,7 +222,7 @@ def _print_metrics(metrics, title):
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         shown = f"{100 * value:.2f} %" if key.startswith("accuracy[") else (f"{value:.1f}" if isinstance(value, float) else str(value))
-        table.add_row(key, shown)
+        table.add_row(escape(key), shown)
     console.print(table)
 
 
@@ -227,12 +248,13 @@ def evaluate(run_dir, data_dir, device):
     _print_metrics(metrics, f"{saved['model_config']['head']} on {saved['dataset']}")
 
 
-def _comparison_settings(dataset, data_dir, limit, backbone, weights, epochs, batch_classes, per_class, prototypes,
+def _comparison_settings(dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
                          dim, steps_per_epoch, device, seeds):
     from .benchmark import BenchmarkSettings
 
     return BenchmarkSettings(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
                              prototypes=prototypes, dim=dim, limit=limit, seeds=_split_list(seeds, int),
+                             backbone_options=parse_options(backbone_opts),
                              train=_train_config(epochs, batch_classes, per_class, steps_per_epoch, device))
 
 
@@ -243,7 +265,7 @@ def _comparison_settings(dataset, data_dir, limit, backbone, weights, epochs, ba
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--out", default="runs/benchmark", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
-def benchmark(head_names, dataset, data_dir, limit, backbone, weights, epochs, batch_classes, per_class, prototypes,
+def benchmark(head_names, dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
               dim, steps_per_epoch, device, threads, seeds, out):
     """Train and evaluate every head on the same data, backbone initialisation and budget, and print one
     table (mean ± std over seeds): accuracy (per k for kNN heads), prototype spread, train seconds, peak
@@ -257,7 +279,7 @@ def benchmark(head_names, dataset, data_dir, limit, backbone, weights, epochs, b
 
     for spec in specs:
         get_head_class(spec.head)  # fail fast on an unknown name, before any training
-    settings = _comparison_settings(dataset, data_dir, limit, backbone, weights, epochs, batch_classes, per_class,
+    settings = _comparison_settings(dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
                                     prototypes, dim, steps_per_epoch, device, seeds)
     run_comparison(specs, settings, out, title=f"heads on {dataset} ({backbone}, {epochs} epochs)", console=console)
 
@@ -269,7 +291,7 @@ def benchmark(head_names, dataset, data_dir, limit, backbone, weights, epochs, b
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--out", default="runs/ablate", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
-def ablate(variants, dataset, data_dir, limit, backbone, weights, epochs, batch_classes, per_class, prototypes, dim,
+def ablate(variants, dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
            steps_per_epoch, device, threads, seeds, out):
     """The paper's Table 7 on any dataset: ProtoKNN with each cluster-loss variant, accuracy at k = 1, 3, 5
     and prototype spread. Writes OUT/results.json, results.csv, results.md. Cost: one ProtoKNN training
@@ -287,7 +309,7 @@ def ablate(variants, dataset, data_dir, limit, backbone, weights, epochs, batch_
         if reduction not in ("", "mean", "sum"):
             raise ProtoKNNError(f"unknown reduction {reduction!r} in {item!r}; use VARIANT, VARIANT:mean or VARIANT:sum")
         specs.append(RunSpec(item, "protoknn", {"cluster_variant": variant, "cluster_reduction": reduction or "mean"}))
-    settings = _comparison_settings(dataset, data_dir, limit, backbone, weights, epochs, batch_classes, per_class,
+    settings = _comparison_settings(dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
                                     prototypes, dim, steps_per_epoch, device, seeds)
     run_comparison(specs, settings, out, title=f"cluster-loss ablation on {dataset}", console=console)
 
