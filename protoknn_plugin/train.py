@@ -137,6 +137,7 @@ class TrainState:
     step: int = 0  # step within the epoch
     global_step: int = 0
     batches: Optional[List[List[int]]] = None  # the current epoch's batch order
+    epoch_sums: Dict[str, float] = field(default_factory=dict)  # loss sums so far in this epoch (for logging)
     history: List[Dict[str, Any]] = field(default_factory=list)
     complete: bool = False
     train_seconds: float = 0.0
@@ -250,7 +251,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, *phase.step_lr) if phase.step_lr else None
 
     def _loader(self, batches: List[List[int]]) -> DataLoader:
-        return DataLoader(self.splits.train, batch_sampler=batches, num_workers=0)
+        # A private generator: creating a DataLoader iterator draws a seed, and drawing it
+        # from the global RNG would make a resumed epoch's augmentations differ.
+        return DataLoader(self.splits.train, batch_sampler=batches, num_workers=0, generator=torch.Generator())
 
     def _train_step(self, images: Tensor, labels: Tensor) -> Dict[str, Tensor]:
         single_class_guard(labels)  # labels are still on the host: no device sync
@@ -277,19 +280,18 @@ class Trainer:
             st.batches = epoch_batches(self.splits.train_labels, self.config)
             st.step = 0
         self.model.train()
-        sums: Dict[str, float] = {}
-        seen, steps, started = 0, 0, time.perf_counter()
+        sums = st.epoch_sums  # carries over a resumed epoch's first part
+        seen, started = 0, time.perf_counter()
         for images, labels in self._loader(st.batches[st.step:]):
             terms = self._train_step(images, labels)
             st.step += 1
             st.global_step += 1
             seen += len(labels)
-            steps += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             if bar is not None:
                 rate = seen / max(time.perf_counter() - started, 1e-9)
-                bar.update(phase.name, st, len(st.batches), {k: v / steps for k, v in sums.items()}, rate)
+                bar.update(phase.name, st, len(st.batches), {k: v / st.step for k, v in sums.items()}, rate)
             if self.on_step is not None:
                 self.on_step(st.global_step)
             if guard.received is not None:
@@ -297,8 +299,9 @@ class Trainer:
                 raise Interrupted(signal.Signals(guard.received).name)
         if self.scheduler is not None:
             self.scheduler.step()
-        st.batches, st.step = None, 0
-        return {k: v / max(steps, 1) for k, v in sums.items()}
+        means = {k: v / max(len(st.batches), 1) for k, v in sums.items()}
+        st.batches, st.step, st.epoch_sums = None, 0, {}
+        return means
 
     def _cached_profiles(self) -> Tuple[Tensor, Tensor]:
         profiles, labels = self.profiles(self.splits.train_plain)
@@ -370,6 +373,8 @@ class Trainer:
                 if st.phase == len(self.phases):
                     st.complete = True
                 self.save()
+                if guard.received is not None and not st.complete:
+                    raise Interrupted(signal.Signals(guard.received).name)
         return st
 
 

@@ -1,0 +1,382 @@
+"""Explanation figures (matplotlib, Agg) and the `protoknn explain` / `protoknn prototypes` commands.
+
+* ``counterfactual_figure``: the paper's Fig. 3 for ProtoKNN runs: anchor, positive and
+  negative, d_ap^2, d_an^2 and their difference, then one row per top prototype with its
+  source patch, its contribution c_i and the blue box where it activates on each image.
+* ``looks_like_figure``: ProtoPNet's "this looks like that" for ProtoPNet runs.
+* ``prototype_grid_figure``: every projected prototype on its source image.
+
+Figures are drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through
+pyplot, so nothing global changes and no display is needed.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import Tensor
+
+from .errors import ProtoKNNError, check
+from .explain import (Box, Counterfactual, LooksLike, check_explainable, counterfactual, resolve_class,
+                      source_boxes, this_looks_like_that, _check_top)
+
+BOX_COLOR = "#0050ff"  # the paper's blue boxes
+CELL_COLOR = "#ff9900"  # the projected patch cell, dashed
+TITLE_SPACE = 1.0  # inches above the panels for a one-line figure title and the first row's titles
+TITLE_LINE = 0.25  # inches per extra title line
+FIGURE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+DPI = 110
+CELL = 1.9  # inches per image panel
+
+
+# --------------------------------------------------------------------------- drawing helpers
+
+def _display(splits, image: Tensor):
+    """Normalised (C, H, W) -> (array for imshow, imshow kwargs); grey images use cmap gray."""
+    shown = splits.denormalize(image.detach().cpu().float())
+    if shown.shape[0] == 1:
+        return shown[0].numpy(), {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
+    return shown.permute(1, 2, 0).numpy(), {}
+
+
+def _rectangle(ax, box: Box, **style) -> None:
+    x0, y0, x1, y1 = box
+    # imshow centres pixel j at j, so pixel j spans [j - 0.5, j + 0.5].
+    # clip_on=False: a box along the image border stays fully visible over the axes frame.
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, clip_on=False, **style))
+
+
+def _show(ax, splits, image: Tensor, box: Optional[Box] = None, title: str = "", fontsize: float = 9,
+          cell: Optional[Box] = None) -> None:
+    """Image with the activation box in blue and, optionally, the projected patch cell dashed."""
+    array, kwargs = _display(splits, image)
+    small = max(array.shape[:2]) < 96
+    ax.imshow(array, interpolation="nearest" if small else "antialiased", **kwargs)
+    if box is not None:
+        _rectangle(ax, box, edgecolor=BOX_COLOR, linewidth=2.2)
+    if cell is not None:
+        _rectangle(ax, cell, edgecolor=CELL_COLOR, linewidth=1.8, linestyle=(0, (2, 1.5)))
+        x0, y0, x1, y1 = cell
+        if max(x1 - x0, y1 - y0) < max(array.shape[:2]) / 12:  # too small to see: mark its centre too
+            ax.plot([(x0 + x1 - 1) / 2], [(y0 + y1 - 1) / 2], marker="+", markersize=11, markeredgewidth=2,
+                    color=CELL_COLOR)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+
+
+def _crop(image: Tensor, box: Box) -> Tensor:
+    x0, y0, x1, y1 = box
+    return image[..., y0:y1, x0:x1]
+
+
+def _text_panel(ax, text: str, fontsize: float = 10, **kwargs) -> None:
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=fontsize, transform=ax.transAxes,
+            family="monospace", **kwargs)
+
+
+def _num(value: float, sign: bool = False) -> str:
+    """Four significant digits; fixed notation where it stays short."""
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        digits = max(0, 3 - int(math.floor(math.log10(abs(value))))) if value else 3
+        return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+    return f"{value:+.3e}" if sign else f"{value:.3e}"
+
+
+def _class_name(splits, index: Optional[int]) -> str:
+    if index is None:
+        return "?"
+    classes = list(getattr(splits, "classes", []))
+    return str(classes[index]) if 0 <= index < len(classes) else f"class {index}"
+
+
+def _new_figure(width: float, height: float, rows: int, cols: int, title: str, title_size: float = 13, **space):
+    """Figure (``height`` inches for the panels, plus room for the title) with an Agg canvas,
+    its title, and a (rows, cols) grid right under the title."""
+    space_above = TITLE_SPACE + TITLE_LINE * title.count("\n")
+    height += space_above
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=title_size, fontweight="bold", y=1 - 0.2 / height, va="top")
+    grid = fig.add_gridspec(rows, cols, top=1 - space_above / height, bottom=0.02, left=0.02, right=0.98, **space)
+    return fig, grid
+
+
+def save_figure(fig: Figure, out_path) -> Path:
+    """Write ``fig`` to ``out_path`` (parent folders created); one-line errors for bad paths."""
+    path = Path(out_path)
+    if path.suffix.lower() not in FIGURE_FORMATS:
+        raise ProtoKNNError(f"cannot write figure {str(path)!r}: the name must end in "
+                            f"{', '.join(FIGURE_FORMATS)}; e.g. --out explain.png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    except OSError as err:
+        raise ProtoKNNError(f"cannot write figure {str(path)!r} ({err.strerror or err}); "
+                            "pass --out to a path you can write") from None
+    return path
+
+
+# --------------------------------------------------------------------------- figures
+
+def counterfactual_figure(cf: Counterfactual, splits, out_path) -> Path:
+    """The paper's Fig. 3 for one ``Counterfactual``; returns the written path."""
+    rows, cols = 1 + len(cf.top), 6
+    pred, neg = _class_name(splits, cf.predicted_class), _class_name(splits, cf.negative_class)
+    fig, grid = _new_figure(cols * CELL, rows * CELL * 1.15, rows, cols,
+                            f"Why '{pred}' rather than '{neg}'?  (ProtoKNN, k = 1)", hspace=0.45, wspace=0.12)
+
+    num_prototypes = len(cf.contributions)
+    summary = "\n".join([
+        f"d_ap² (anchor–positive)  = {_num(cf.d_ap2)}",
+        f"d_an² (anchor–negative)  = {_num(cf.d_an2)}",
+        f"Difference d_an² − d_ap² = {_num(cf.difference, sign=True)}",
+        "",
+        f"sum of all {num_prototypes} contributions = {_num(float(cf.contributions.sum()), sign=True)}",
+        f"sum of the top {len(cf.top)} shown      = {_num(cf.top_sum, sign=True)}",
+        "",
+        "c_i = (s_a,i − s_n,i)² − (s_a,i − s_p,i)²",
+        "blue box: where prototype i activates most",
+        "orange (dashed box or +): the patch it was projected onto",
+    ])
+    _text_panel(fig.add_subplot(grid[0, 0:3]), summary, fontsize=9.5)
+    truth = f"\ntrue: {_class_name(splits, cf.anchor_label)}" if cf.anchor_label is not None else ""
+    _show(fig.add_subplot(grid[0, 3]), splits, cf.anchor, title=f"anchor: {cf.anchor_name}{truth}", fontsize=9)
+    _show(fig.add_subplot(grid[0, 4]), splits, cf.positive,
+          title=f"positive: {pred}\n(train #{cf.positive_index})", fontsize=9)
+    _show(fig.add_subplot(grid[0, 5]), splits, cf.negative,
+          title=f"negative: {neg}\n(train #{cf.negative_index})", fontsize=9)
+
+    headers = ("prototype patch", "its source image", "contribution", "anchor", "positive", "negative")
+    images = {"anchor": cf.anchor, "positive": cf.positive, "negative": cf.negative}
+    for row, proto in enumerate(cf.top, start=1):
+        source = splits.train_plain[proto.source_index][0]
+        source_class = _class_name(splits, int(splits.train_labels[proto.source_index]))
+        first = row == 1
+        _show(fig.add_subplot(grid[row, 0]), splits, _crop(source, proto.source_box),
+              title=(headers[0] + "\n" if first else "") + f"prototype {proto.index}")
+        _show(fig.add_subplot(grid[row, 1]), splits, source, proto.source_box,
+              title=(headers[1] + "\n" if first else "") + f"train #{proto.source_index} ({source_class})",
+              cell=proto.source_cell_box)
+        _text_panel(fig.add_subplot(grid[row, 2]), f"c_{proto.index} = {_num(proto.score, sign=True)}",
+                    fontsize=10.5, fontweight="bold")
+        if first:
+            fig.axes[-1].set_title(headers[2], fontsize=9)
+        for col, key in enumerate(("anchor", "positive", "negative"), start=3):
+            ax = fig.add_subplot(grid[row, col])
+            _show(ax, splits, images[key], proto.boxes[key],
+                  title=(headers[col] + "\n" if first else "") + f"s = {_num(proto.similarity[key])}")
+    return save_figure(fig, out_path)
+
+
+def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
+    """ProtoPNet's "this looks like that": per top prototype, its box on the image, its patch and numbers."""
+    rows, cols = 1 + len(result.top), 4
+    pred = _class_name(splits, result.predicted_class)
+    fig, grid = _new_figure(cols * CELL * 1.15, rows * CELL * 1.15, rows, cols,
+                            f"This looks like that: predicted '{pred}'  (ProtoPNet)", hspace=0.45, wspace=0.15)
+    truth = f"\ntrue: {_class_name(splits, result.anchor_label)}" if result.anchor_label is not None else ""
+    _show(fig.add_subplot(grid[0, 0]), splits, result.image, title=f"{result.anchor_name}{truth}")
+    ranked = "s_i × w_i (points to the logit)" if result.ranking == "contribution" else "similarity s_i"
+    summary = "\n".join([
+        f"predicted: {pred}   logit = {_num(result.predicted_logit)}",
+        f"top {len(result.top)} prototypes ranked by {ranked}",
+        f"points of the top {len(result.top)} = {_num(sum(p.similarity['anchor'] * p.weight for p in result.top), sign=True)}",
+        "logit = sum over all prototypes of s_i × w_i",
+        "w_i: last-layer weight to the predicted class",
+        "blue box: where the prototype activates most",
+        "orange (dashed box or +): the patch it was projected onto",
+    ])
+    _text_panel(fig.add_subplot(grid[0, 1:4]), summary, fontsize=9.5)
+    for row, proto in enumerate(result.top, start=1):
+        first = row == 1
+        source = splits.train_plain[proto.source_index][0]
+        _show(fig.add_subplot(grid[row, 0]), splits, result.image, proto.boxes["anchor"],
+              title=("this (test image)\n" if first else "") + f"prototype {proto.index}")
+        _show(fig.add_subplot(grid[row, 1]), splits, _crop(source, proto.source_box),
+              title=("looks like that\n" if first else "") + f"class {_class_name(splits, proto.prototype_class)}")
+        _show(fig.add_subplot(grid[row, 2]), splits, source, proto.source_box,
+              title=("source image\n" if first else "") + f"train #{proto.source_index}", cell=proto.source_cell_box)
+        text = "\n".join([
+            f"similarity s = {_num(proto.similarity['anchor'])}",
+            f"weight w     = {_num(proto.weight, sign=True)}",
+            f"points s×w   = {_num(proto.similarity['anchor'] * proto.weight, sign=True)}",
+        ])
+        _text_panel(fig.add_subplot(grid[row, 3]), text, fontsize=9.5)
+    return save_figure(fig, out_path)
+
+
+def prototype_grid_figure(model, splits, out_path) -> Path:
+    """Every projected prototype on its source training image, its box in blue, titled with its index."""
+    check_explainable(model)
+    num = model.prototype_layer.num_prototypes
+    boxes = source_boxes(model, splits.train_plain, range(num))
+    cols = min(num, max(5, math.ceil(math.sqrt(num))))
+    rows = math.ceil(num / cols)
+    cell = 1.45
+    fig, grid = _new_figure(cols * cell, rows * cell * 1.2, rows, cols,
+                            f"{num} projected prototypes ({model.head.name}) on their source training images\n"
+                            "blue box: where the prototype activates;  "
+                            "orange (dashed box or +): the patch it was projected onto",
+                            title_size=10.5, hspace=0.45, wspace=0.1)
+    proto_class = getattr(model.head, "prototype_class", None)
+    for i in range(num):
+        src = int(model.projection.image_index[i])
+        if proto_class is not None:
+            label = f"p{i} · {_class_name(splits, int(proto_class[i]))}"
+        else:
+            label = f"p{i} · from {_class_name(splits, int(splits.train_labels[src]))}"
+        box, _, cell_region = boxes[i]
+        _show(fig.add_subplot(grid[i // cols, i % cols]), splits, splits.train_plain[src][0], box,
+              title=f"{label}\ntrain #{src}", fontsize=7.5, cell=cell_region)
+    return save_figure(fig, out_path)
+
+
+# --------------------------------------------------------------------------- commands
+
+def _load_run(run_dir):
+    """Model (eval) and checkpoint of a finished run with prototypes, or a one-line error."""
+    from .train import model_from_checkpoint
+
+    model, saved = model_from_checkpoint(run_dir)
+    head = model.head
+    if not head.uses_prototypes:
+        raise ProtoKNNError(f"run {str(run_dir)!r} uses head {head.name!r}, which has no prototypes, so it cannot be "
+                            "explained; train a protoknn or protopnet head to get explanations")
+    if not (saved.get("train_state") or {}).get("complete"):
+        raise ProtoKNNError(f"run {str(run_dir)!r} has not finished training; continue it with "
+                            "`protoknn train ... --resume`")
+    check_explainable(model)
+    return model.eval(), saved
+
+
+def _run_splits(saved, data_dir):
+    from .data import create_dataset
+
+    data = saved.get("data") or {}
+    return create_dataset(saved["dataset"], data_dir or data.get("data_dir"), limit=data.get("limit"), augment=False)
+
+
+def _query_image(splits, image: str) -> Tuple[Tensor, Optional[int], str]:
+    """A test-set INDEX or an image PATH -> (image (C, H, W), true label or None, display name)."""
+    text = str(image).strip()
+    if text.lstrip("+-").isdigit():
+        index, count = int(text), len(splits.test)
+        check(0 <= index < count, f"image index {index} is out of range: the test set has {count} images "
+                                  f"(0..{count - 1}); pass an index in range or an image path")
+        x, y = splits.test[index]
+        return x, int(y), f"test #{index}"
+    path = Path(text)
+    return splits.load_image(path), None, path.name
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def explain_command(run_dir, image, negative_class, top, data_dir, out, console) -> Path:
+    """`protoknn explain`: the counterfactual (kNN heads) or "this looks like that" (ProtoPNet) figure + table."""
+    from rich.markup import escape
+
+    top = _check_top(top)
+    model, saved = _load_run(run_dir)
+    is_knn = getattr(model.head, "knn", None) is not None
+    if not is_knn and getattr(model.head, "last_layer", None) is None:
+        raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer; "
+                            "explain supports protoknn and protopnet runs")
+    splits = _run_splits(saved, data_dir)
+    x, label, name = _query_image(splits, image)
+    model.to(_device())
+    if is_knn:
+        negative = resolve_class(negative_class, splits.classes) if negative_class is not None else None
+        cf = counterfactual(model, x, splits.train_plain, negative, top=top, label=label, name=name)
+        path = counterfactual_figure(cf, splits, out)
+        _print_counterfactual(cf, splits, console, escape)
+    else:
+        if negative_class is not None:
+            console.print("note: --negative-class applies to kNN heads only; a ProtoPNet run is explained "
+                          "by its top prototypes", markup=False)
+        result = this_looks_like_that(model, x, splits.train_plain, top=top, label=label, name=name)
+        path = looks_like_figure(result, splits, out)
+        _print_looks_like(result, splits, console, escape)
+    console.print(f"figure written to {path}", markup=False, highlight=False)
+    return path
+
+
+def _print_counterfactual(cf: Counterfactual, splits, console, escape) -> None:
+    from rich.table import Table
+
+    pred, neg = _class_name(splits, cf.predicted_class), _class_name(splits, cf.negative_class)
+    summary = Table(title=escape(f"{cf.anchor_name}: why '{pred}' rather than '{neg}' (k = 1)"))
+    summary.add_column("quantity")
+    summary.add_column("value", justify="right")
+    if cf.anchor_label is not None:
+        summary.add_row("true class", escape(_class_name(splits, cf.anchor_label)))
+    for key, value in cf.head_predictions.items():
+        summary.add_row(escape(f"head prediction [{key}]"), escape(_class_name(splits, value)))
+    summary.add_row("positive (nearest training image)", escape(f"train #{cf.positive_index} ({pred})"))
+    summary.add_row("negative (nearest of the other class)", escape(f"train #{cf.negative_index} ({neg})"))
+    summary.add_row("d_ap^2", _num(cf.d_ap2))
+    summary.add_row("d_an^2", _num(cf.d_an2))
+    summary.add_row("difference d_an^2 - d_ap^2", _num(cf.difference, sign=True))
+    summary.add_row(f"sum of all {len(cf.contributions)} contributions", _num(float(cf.contributions.sum()), sign=True))
+    summary.add_row(f"sum of the top {len(cf.top)}", _num(cf.top_sum, sign=True))
+    console.print(summary)
+    table = Table(title="top prototypes by contribution c_i = (s_a - s_n)^2 - (s_a - s_p)^2")
+    for col in ("#", "proto", "c_i", "% diff", "s_a", "s_p", "s_n", "source"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for rank, proto in enumerate(cf.top, start=1):
+        share = f"{100 * proto.score / cf.difference:.0f}" if cf.difference else "-"
+        source_class = _class_name(splits, int(splits.train_labels[proto.source_index]))
+        table.add_row(str(rank), str(proto.index), _num(proto.score, sign=True), share,
+                      *(_num(proto.similarity[k]) for k in ("anchor", "positive", "negative")),
+                      escape(f"#{proto.source_index} {source_class}"))
+    console.print(table)
+    console.print("% diff: c_i as a share of d_an^2 - d_ap^2 (other prototypes can pull the other way); "
+                  "source: training image the prototype was projected onto", markup=False, highlight=False)
+
+
+def _print_looks_like(result: LooksLike, splits, console, escape) -> None:
+    from rich.table import Table
+
+    pred = _class_name(splits, result.predicted_class)
+    truth = f", true '{_class_name(splits, result.anchor_label)}'" if result.anchor_label is not None else ""
+    table = Table(title=escape(f"{result.anchor_name}: predicted '{pred}' (logit {_num(result.predicted_logit)}){truth}; "
+                               f"ranked by {result.ranking}"))
+    for col in ("rank", "prototype", "class", "similarity", "weight", "points s*w", "source"):
+        table.add_column(col, justify="left" if col in ("class", "source") else "right")
+    for rank, proto in enumerate(result.top, start=1):
+        s = proto.similarity["anchor"]
+        table.add_row(str(rank), str(proto.index), escape(_class_name(splits, proto.prototype_class)), _num(s),
+                      _num(proto.weight, sign=True), _num(s * proto.weight, sign=True),
+                      f"train #{proto.source_index}")
+    console.print(table)
+
+
+def prototypes_command(run_dir, data_dir, out, console) -> Path:
+    """`protoknn prototypes`: the grid of every projected prototype, and a short summary."""
+    from rich.table import Table
+
+    model, saved = _load_run(run_dir)
+    splits = _run_splits(saved, data_dir)
+    model.to(_device())
+    path = prototype_grid_figure(model, splits, out)
+    sources = model.projection.image_index
+    source_classes = splits.train_labels[sources]
+    table = Table(title=f"prototypes of {model.head.name} on {saved['dataset']}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("prototypes", str(len(sources)))
+    table.add_row("distinct source images", str(len(torch.unique(sources))))
+    table.add_row("distinct source patches", str(len({(int(a), int(b)) for a, b in zip(sources, model.projection.location)})))
+    table.add_row("classes of the source images", f"{len(torch.unique(source_classes))} of {len(splits.classes)}")
+    console.print(table)
+    console.print(f"figure written to {path}", markup=False, highlight=False)
+    return path

@@ -1,0 +1,133 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from protoknn_plugin.checkpoint import load_checkpoint, save_atomic
+from protoknn_plugin.data import create_dataset
+from protoknn_plugin.errors import ProtoKNNError
+from protoknn_plugin.model import ModelConfig, PrototypeModel
+from protoknn_plugin.train import TrainConfig, Trainer, evaluate, model_from_checkpoint
+
+from conftest import TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def animals_small():
+    return create_dataset("animals", limit=200)
+
+
+def tiny_model(head="protoknn"):
+    return PrototypeModel(ModelConfig(head=head, num_classes=10, in_channels=1, num_prototypes=20, dim=16,
+                                      backbone_options={"width": 8}))
+
+
+@pytest.mark.parametrize("head", ["protoknn", "protopnet"])
+def test_training_follows_phases_and_writes_complete_checkpoint(head, animals_small, tmp_path):
+    model = tiny_model(head)
+    trainer = Trainer(model, animals_small, TrainConfig(epochs=2, steps_per_epoch=2), out_dir=str(tmp_path),
+                      progress=False)
+    state = trainer.fit()
+    assert state.complete
+    saved = load_checkpoint(tmp_path)
+    assert saved["train_state"]["complete"] and saved["model_config"]["head"] == head
+    assert model.projection is not None and (model.projection.image_index >= 0).all()
+    if head == "protoknn":
+        assert len(model.head.knn) == len(animals_small.train_plain)
+    # the checkpoint alone rebuilds the same predictions
+    rebuilt, _ = model_from_checkpoint(tmp_path)
+    a = evaluate(model, animals_small.test)
+    b = evaluate(rebuilt, animals_small.test)
+    assert {k: v for k, v in a.items() if k.startswith("acc")} == {k: v for k, v in b.items() if k.startswith("acc")}
+
+
+def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(animals_small, tmp_path, monkeypatch):
+    model = tiny_model()
+    trainer = Trainer(model, animals_small, TrainConfig(epochs=3, steps_per_epoch=2), out_dir=str(tmp_path),
+                      progress=False)
+    real_loss = model.head.loss
+    calls = {"n": 0}
+
+    def poisoned(out, labels):
+        calls["n"] += 1
+        terms = real_loss(out, labels)
+        if calls["n"] == 3:  # first step of epoch 2
+            terms["cluster"] = terms["cluster"] * float("nan")
+            terms["total"] = terms["total"] + terms["cluster"]
+        return terms
+
+    monkeypatch.setattr(model.head, "loss", poisoned)
+    with pytest.raises(ProtoKNNError, match=r"step 3 \(term 'cluster'\)"):
+        trainer.fit()
+    saved = load_checkpoint(tmp_path)
+    assert saved["train_state"]["epoch"] == 1 and not saved["train_state"]["complete"]
+    assert all(torch.isfinite(v).all() for v in saved["model"].values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_atomic({"model_config": {"head": "x"}, "value": 1}, path)
+
+    def disk_full(obj, handle, *a, **k):
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ProtoKNNError, match="disk is full"):
+        save_atomic({"model_config": {"head": "x"}, "value": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["value"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+
+
+def _final_state(run_dir):
+    return load_checkpoint(run_dir)["model"]
+
+
+def test_sigterm_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
+    args = ["train", "--head", "protoknn", *TINY]
+    args[args.index("--epochs") + 1] = "3"
+    args[args.index("--steps-per-epoch") + 1] = "8"
+    straight = tmp_path / "straight"
+    done = run_cli(*args, "--out", straight)
+    assert done.returncode == 0, done.stderr
+
+    interrupted = tmp_path / "interrupted"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "protoknn_plugin", *args, "--out", str(interrupted)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (interrupted / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    partial = load_checkpoint(interrupted)["train_state"]
+    assert not partial["complete"]
+
+    resumed = run_cli(*args, "--out", interrupted, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _final_state(straight), _final_state(interrupted)
+    assert a.keys() == b.keys()
+    tensors = [key for key in a if isinstance(a[key], torch.Tensor)]
+    assert len(tensors) > 10
+    for key in tensors:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    hist_a = load_checkpoint(straight)["train_state"]["history"]
+    hist_b = load_checkpoint(interrupted)["train_state"]["history"]
+    assert [h["total"] for h in hist_a] == pytest.approx([h["total"] for h in hist_b], rel=1e-5)
+
+
+def test_resume_with_another_head_names_the_field(tmp_path):
+    first = run_cli("train", "--head", "protoknn", *TINY, "--out", tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    other = run_cli("train", "--head", "protopnet", *TINY, "--out", tmp_path, "--resume")
+    assert other.returncode != 0 and "head='protoknn'" in other.stderr and "Traceback" not in other.stderr
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
