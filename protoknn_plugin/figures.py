@@ -241,20 +241,32 @@ def prototype_grid_figure(model, splits, out_path) -> Path:
 
 # --------------------------------------------------------------------------- commands
 
-def _load_run(run_dir):
-    """Model (eval) and checkpoint of a finished run with prototypes, or a one-line error."""
-    from .train import model_from_checkpoint
+def _check_run(run_dir):
+    """The checkpoint of a finished run whose head has prototypes, or a one-line error.
 
-    model, saved = model_from_checkpoint(run_dir)
-    head = model.head
-    if not head.uses_prototypes:
-        raise ProtoKNNError(f"run {str(run_dir)!r} uses head {head.name!r}, which has no prototypes, so it cannot be "
+    Only reads the checkpoint: bad requests fail before the (slow) model is built.
+    """
+    from .checkpoint import load_checkpoint
+    from .heads import get_head_class
+
+    saved = load_checkpoint(run_dir)
+    head = str((saved.get("model_config") or {}).get("head"))
+    if not get_head_class(head).uses_prototypes:
+        raise ProtoKNNError(f"run {str(run_dir)!r} uses head {head!r}, which has no prototypes, so it cannot be "
                             "explained; train a protoknn or protopnet head to get explanations")
     if not (saved.get("train_state") or {}).get("complete"):
         raise ProtoKNNError(f"run {str(run_dir)!r} has not finished training; continue it with "
                             "`protoknn train ... --resume`")
+    return saved
+
+
+def _load_model(run_dir):
+    """The run's model in eval mode on the GPU if there is one, with projected prototypes."""
+    from .train import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(run_dir)
     check_explainable(model)
-    return model.eval(), saved
+    return model.eval().to(_device())
 
 
 def _run_splits(saved, data_dir):
@@ -285,17 +297,22 @@ def explain_command(run_dir, image, negative_class, top, data_dir, out, console)
     """`protoknn explain`: the counterfactual (kNN heads) or "this looks like that" (ProtoPNet) figure + table."""
     from rich.markup import escape
 
+    from .heads import get_head_class
+
     top = _check_top(top)
-    model, saved = _load_run(run_dir)
-    is_knn = getattr(model.head, "knn", None) is not None
+    saved = _check_run(run_dir)
+    head_class = get_head_class(saved["model_config"]["head"])
+    is_knn = bool(head_class.uses_memory)
+    splits = _run_splits(saved, data_dir)
+    x, label, name = _query_image(splits, image)
+    negative = None
+    if is_knn and negative_class is not None:
+        negative = resolve_class(negative_class, splits.classes)
+    model = _load_model(run_dir)
     if not is_knn and getattr(model.head, "last_layer", None) is None:
         raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer; "
                             "explain supports protoknn and protopnet runs")
-    splits = _run_splits(saved, data_dir)
-    x, label, name = _query_image(splits, image)
-    model.to(_device())
     if is_knn:
-        negative = resolve_class(negative_class, splits.classes) if negative_class is not None else None
         cf = counterfactual(model, x, splits.train_plain, negative, top=top, label=label, name=name)
         path = counterfactual_figure(cf, splits, out)
         _print_counterfactual(cf, splits, console, escape)
@@ -364,9 +381,9 @@ def prototypes_command(run_dir, data_dir, out, console) -> Path:
     """`protoknn prototypes`: the grid of every projected prototype, and a short summary."""
     from rich.table import Table
 
-    model, saved = _load_run(run_dir)
+    saved = _check_run(run_dir)
     splits = _run_splits(saved, data_dir)
-    model.to(_device())
+    model = _load_model(run_dir)
     path = prototype_grid_figure(model, splits, out)
     sources = model.projection.image_index
     source_classes = splits.train_labels[sources]

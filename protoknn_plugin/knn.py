@@ -434,7 +434,7 @@ class KNNClassifier(nn.Module):
 # ---------------------------------------------------------------- helpers
 def _check_k(k, name: str) -> int:
     check(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1,
-          f"{name} must contain positive integers (number of neighbours), got {k!r}")
+          f"{name}={k!r} is not a valid number of neighbours; pass a positive integer")
     return int(k)
 
 

@@ -1,0 +1,134 @@
+"""The real CLI, end to end, in subprocesses: listings, errors, train/evaluate/benchmark/ablate."""
+import json
+
+import pytest
+
+from conftest import TINY, assert_one_line_error, run_cli
+
+
+def test_help_lists_every_command():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("datasets", "backbones", "heads", "train", "evaluate", "benchmark", "ablate", "explain", "prototypes"):
+        assert command in result.stdout
+
+
+def test_datasets_lists_animals_with_split_sizes():
+    result = run_cli("datasets")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "animals" in line)
+    assert "10" in line and "8000" in line and "2000" in line and "28x28" in line
+    for name in ("fashion-mnist", "imagefolder", "cub200", "stanford-dogs", "stanford-cars"):
+        assert name in result.stdout
+
+
+def test_datasets_reports_not_found_for_absent_paths(tmp_path):
+    result = run_cli("datasets", "--data-dir", tmp_path / "nowhere")
+    assert result.returncode == 0, result.stderr
+    assert "not found at" in result.stdout
+
+
+def test_backbones_lists_every_backbone():
+    result = run_cli("backbones")
+    assert result.returncode == 0, result.stderr
+    for name in ("resnet18", "resnet34", "resnet50", "resnet152", "vgg16", "vgg19", "densenet121", "densenet161",
+                 "efficientnet-lite0", "small-cnn"):
+        assert name in result.stdout
+
+
+def test_heads_lists_both_heads_with_losses():
+    result = run_cli("heads")
+    assert result.returncode == 0, result.stderr
+    assert "protoknn" in result.stdout and "protopnet" in result.stdout
+    assert "MarginLoss" in result.stdout and "cluster" in result.stdout
+
+
+@pytest.mark.parametrize("option,value,words", [
+    ("--dataset", "animal", ["unknown dataset", "animals"]),
+    ("--backbone", "resnt18", ["unknown backbone", "resnet18"]),
+    ("--head", "protokn", ["unknown head", "protoknn"]),
+    ("--task-loss", "marginn", ["unknown loss", "margin"]),
+])
+def test_unknown_names_are_one_line_errors_with_suggestions(option, value, words, tmp_path):
+    result = run_cli("train", *TINY, option, value, "--out", tmp_path / "run")
+    assert_one_line_error(result, *words)
+
+
+def test_missing_dataset_path_is_a_one_line_error(tmp_path):
+    result = run_cli("train", *TINY, "--dataset", "imagefolder", "--data-dir", tmp_path / "missing", "--out", tmp_path / "r")
+    assert_one_line_error(result, "missing")
+
+
+def test_fashion_mnist_absent_names_the_apt_package(tmp_path):
+    result = run_cli("train", *TINY, "--dataset", "fashion-mnist", "--data-dir", tmp_path, "--out", tmp_path / "r")
+    assert_one_line_error(result, "dataset-fashion-mnist")
+
+
+def test_per_class_larger_than_smallest_class(tmp_path):
+    result = run_cli("train", *TINY, "--per-class", "500", "--out", tmp_path / "r")
+    assert_one_line_error(result, "--per-class", "smallest class")
+
+
+def test_single_class_batches_are_refused(tmp_path):
+    result = run_cli("train", *TINY, "--batch-classes", "1", "--out", tmp_path / "r")
+    assert_one_line_error(result, "single class")
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_cli("train", *TINY, "--out", blocker / "run")
+    assert_one_line_error(result, "not writable")
+
+
+@pytest.mark.parametrize("head", ["protoknn", "protopnet", "cnn"])
+def test_train_then_evaluate_end_to_end(head, tmp_path):
+    run = tmp_path / head
+    trained = run_cli("train", "--head", head, *TINY, "--out", run)
+    assert trained.returncode == 0, trained.stderr
+    assert (run / "checkpoint.pt").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    keys = {"accuracy[k=1]", "accuracy[k=3]", "accuracy[k=5]", "accuracy[k=10]"} if head == "protoknn" else {"accuracy[top1]"}
+    assert keys <= set(metrics)
+    evaluated = run_cli("evaluate", run)
+    assert evaluated.returncode == 0, evaluated.stderr
+    again = json.loads((run / "metrics.json").read_text())
+    assert {k: again[k] for k in keys} == {k: metrics[k] for k in keys}
+
+
+def test_evaluate_missing_run_dir(tmp_path):
+    assert_one_line_error(run_cli("evaluate", tmp_path / "nope"), "no checkpoint")
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    assert_one_line_error(run_cli("evaluate", tmp_path), "corrupt")
+
+
+def test_benchmark_writes_json_csv_md_and_a_row_per_head(tmp_path):
+    result = run_cli("benchmark", "--heads", "protoknn,protopnet,cnn", *TINY, "--seeds", "0,1", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [row["label"] for row in data["summary"]] == ["protoknn", "protopnet", "cnn"]
+    assert len(data["runs"]) == 6
+    knn = data["summary"][0]
+    for key in ("accuracy[k=5]", "accuracy[k=5]_std", "prototype_spread", "train_seconds", "peak_memory_mb",
+                "images_per_second"):
+        assert key in knn
+    assert "accuracy[top1]" in data["summary"][1]
+    assert (tmp_path / "results.csv").read_text().count("\n") == 4
+    md = (tmp_path / "results.md").read_text()
+    assert "| protoknn |" in md and "±" in md
+    assert "acc k=5 %" in result.stdout  # the rich table
+
+
+def test_ablate_runs_each_variant(tmp_path):
+    result = run_cli("ablate", "--variants", "most-similar,full,full:sum", *TINY, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [row["label"] for row in data["summary"]] == ["most-similar", "full", "full:sum"]
+    assert all("prototype_spread" in row and "accuracy[k=1]" in row for row in data["summary"])
+
+
+def test_ablate_unknown_variant(tmp_path):
+    assert_one_line_error(run_cli("ablate", "--variants", "ful", *TINY, "--out", tmp_path), "unknown cluster variant", "full")
