@@ -212,8 +212,13 @@ def train(head, dataset, data_dir, limit, backbone, weights, backbone_opts, epoc
         sys.exit(130)
     metrics = evaluate(model, splits.test, device=trainer.device)
     metrics["train_seconds"] = state.train_seconds
-    write_json(Path(out) / "metrics.json", metrics)
-    _print_metrics(metrics, f"{head} on {dataset}")
+    from . import distributed
+
+    if distributed.is_main():  # under torchrun, rank 0 alone writes and reports
+        metrics["processes"] = distributed.world_size()
+        write_json(Path(out) / "metrics.json", metrics)
+        _print_metrics(metrics, f"{head} on {dataset}")
+    distributed.teardown()
 
 
 def _print_metrics(metrics, title):

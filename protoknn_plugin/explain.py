@@ -33,7 +33,7 @@ Box = Tuple[int, int, int, int]
 """(x0, y0, x1, y1) pixels, end exclusive."""
 
 RANKINGS = ("contribution", "similarity")
-MAP_BATCH = 64  # images per forward when computing similarity maps
+MAP_BATCH = 32  # images per forward when computing similarity maps
 
 
 # --------------------------------------------------------------------------- numbers
@@ -76,7 +76,8 @@ def activation_box(similarity_map: Tensor, image_size: Tuple[int, int], percenti
 def cell_box(cell: Tuple[int, int], map_size: Tuple[int, int], image_size: Tuple[int, int]) -> Box:
     """The image region under feature-map cell (row, col) of a map (H, W): the cell scaled to the image (h, w)."""
     (row, col), (H, W), (h, w) = cell, map_size, image_size
-    return (math.floor(col * w / W), math.floor(row * h / H), math.ceil((col + 1) * w / W), math.ceil((row + 1) * h / H))
+    return (math.floor(col * w / W), math.floor(row * h / H),
+            math.ceil((col + 1) * w / W), math.ceil((row + 1) * h / H))
 
 
 def resolve_class(name: str, classes: Sequence[str]) -> int:
@@ -217,7 +218,7 @@ def _check_image(model, image: Tensor) -> Tensor:
     return image
 
 
-def _check_top(top: int) -> int:
+def check_top(top: int) -> int:
     check(isinstance(top, (int, np.integer)) and not isinstance(top, bool) and top >= 1,
           f"top must be a positive number of prototypes, got {top!r}")
     return int(top)
@@ -255,21 +256,20 @@ def source_boxes(model, train_dataset, prototypes: Sequence[int]) -> Dict[int, T
     record = model.projection
     width = int(record.map_size[1])
     wanted = [int(i) for i in prototypes]
-    sources = sorted({int(record.image_index[i]) for i in wanted})
-    loaded = {s: _training_image(train_dataset, s)[0] for s in sources}
+    users: Dict[int, List[int]] = {}  # source image -> the prototypes projected onto it
+    for i in wanted:
+        users.setdefault(int(record.image_index[i]), []).append(i)
+    sources = sorted(users)
     result = {}
-    for start in range(0, len(sources), MAP_BATCH):
+    for start in range(0, len(sources), MAP_BATCH):  # a chunk at a time: 512 ImageNet-size images are big
         chunk = sources[start:start + MAP_BATCH]
-        _, maps = _forward_maps(model, torch.stack([loaded[s] for s in chunk]))
-        row_of = {s: r for r, s in enumerate(chunk)}
-        for i in wanted:
-            src = int(record.image_index[i])
-            if src in row_of:
-                size = tuple(loaded[src].shape[-2:])
-                loc = int(record.location[i])
-                cell = divmod(loc, width)
-                result[i] = (activation_box(maps[row_of[src], i], size), cell,
-                             cell_box(cell, tuple(record.map_size), size))
+        images = torch.stack([_training_image(train_dataset, src)[0] for src in chunk])
+        _, maps = _forward_maps(model, images)
+        size = tuple(images.shape[-2:])
+        for row, src in enumerate(chunk):
+            for i in users[src]:
+                cell = divmod(int(record.location[i]), width)
+                result[i] = (activation_box(maps[row, i], size), cell, cell_box(cell, tuple(record.map_size), size))
     return result
 
 
@@ -277,17 +277,19 @@ def source_boxes(model, train_dataset, prototypes: Sequence[int]) -> Dict[int, T
 
 @torch.no_grad()
 def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional[int] = None,
-                   top: int = 5, label: Optional[int] = None, name: str = "query image") -> Counterfactual:
+                   top: int = 5, label: Optional[int] = None, name: str = "query image",
+                   classes: Optional[Sequence[str]] = None) -> Counterfactual:
     """Explain a kNN head's k=1 prediction for ``image`` (C, H, W) against ``negative_class``.
 
     positive = nearest memory item (the prediction); negative = nearest memory item of
     ``negative_class``, by default of any class other than the predicted one.
     ``train_dataset`` must be the run's ``train_plain`` (indices of the memory refer to it).
+    ``label`` (the true class) and ``name`` are only shown; ``classes`` names classes in errors.
     """
     check_explainable(model)
     knn = _knn_of(model)
     image = _check_image(model, image)
-    top = _check_top(top)
+    top = check_top(top)
     num_classes = int(model.config.num_classes)
 
     anchor_profile, _ = _forward_maps(model, image[None])
@@ -305,8 +307,9 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
               and 0 <= int(negative_class) < num_classes,
               f"negative class {negative_class!r} is not a class index of this model (0..{num_classes - 1})")
         negative_class = int(negative_class)
+        shown = repr(classes[predicted]) if classes is not None and predicted < len(classes) else str(predicted)
         check(negative_class != predicted,
-              f"the negative class {negative_class} is the predicted class; choose another class to explain against")
+              f"the negative class {shown} is the predicted class; choose another class to explain against")
         an, pos = knn.nearest_of_class(query, negative_class)
         negative_memory, search_an = int(pos[0]), float(an[0])
 
@@ -357,7 +360,7 @@ def _nearest_other_class(knn, query: Tensor, predicted: int) -> Tuple[Optional[i
     k = min(len(knn), 32)
     while True:
         dist, idx = knn.search(query, k)
-        labels = knn.memory_labels[idx[0].cpu()]
+        labels = knn.memory_labels.cpu()[idx[0].cpu()]
         other = torch.nonzero(labels != predicted).flatten()
         if len(other):
             j = int(other[0])
@@ -398,7 +401,7 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
     if ranking not in RANKINGS:
         raise UnknownNameError("ranking", ranking, RANKINGS)
     image = _check_image(model, image)
-    top = _check_top(top)
+    top = check_top(top)
     profiles, maps = _forward_maps(model, image[None])
     profile = profiles[0]
     weight = last_layer.weight.detach().cpu().to(profile.dtype)  # (C, P)

@@ -12,9 +12,11 @@ pyplot, so nothing global changes and no display is needed.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -22,8 +24,8 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from .errors import ProtoKNNError, check
-from .explain import (Box, Counterfactual, LooksLike, check_explainable, counterfactual, resolve_class,
-                      source_boxes, this_looks_like_that, _check_top)
+from .explain import (Box, Counterfactual, LooksLike, check_explainable, check_top, counterfactual, resolve_class,
+                      source_boxes, this_looks_like_that)
 
 BOX_COLOR = "#0050ff"  # the paper's blue boxes
 CELL_COLOR = "#ff9900"  # the projected patch cell, dashed
@@ -109,15 +111,29 @@ def _new_figure(width: float, height: float, rows: int, cols: int, title: str, t
     return fig, grid
 
 
-def save_figure(fig: Figure, out_path) -> Path:
-    """Write ``fig`` to ``out_path`` (parent folders created); one-line errors for bad paths."""
+def check_figure_path(out_path) -> Path:
+    """A figure path with a known suffix whose folder exists (created) and is writable, or a one-line error."""
     path = Path(out_path)
     if path.suffix.lower() not in FIGURE_FORMATS:
         raise ProtoKNNError(f"cannot write figure {str(path)!r}: the name must end in "
                             f"{', '.join(FIGURE_FORMATS)}; e.g. --out explain.png")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    except OSError as err:
+        raise ProtoKNNError(f"cannot write figure {str(path)!r}: cannot create its folder ({err.strerror or err}); "
+                            "pass --out to a path you can write") from None
+    if not os.access(path.parent, os.W_OK) or path.is_dir():
+        raise ProtoKNNError(f"cannot write figure {str(path)!r}: "
+                            f"{'it is a folder' if path.is_dir() else 'its folder is not writable'}; "
+                            "pass --out to a path you can write")
+    return path
+
+
+def save_figure(fig: Figure, out_path, tight: bool = True) -> Path:
+    """Write ``fig`` to ``out_path`` (parent folders created); one-line errors for bad paths."""
+    path = check_figure_path(out_path)
+    try:
+        fig.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None, facecolor="white")
     except OSError as err:
         raise ProtoKNNError(f"cannot write figure {str(path)!r} ({err.strerror or err}); "
                             "pass --out to a path you can write") from None
@@ -185,10 +201,11 @@ def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
     truth = f"\ntrue: {_class_name(splits, result.anchor_label)}" if result.anchor_label is not None else ""
     _show(fig.add_subplot(grid[0, 0]), splits, result.image, title=f"{result.anchor_name}{truth}")
     ranked = "s_i × w_i (points to the logit)" if result.ranking == "contribution" else "similarity s_i"
+    top_points = sum(p.similarity["anchor"] * p.weight for p in result.top)
     summary = "\n".join([
         f"predicted: {pred}   logit = {_num(result.predicted_logit)}",
         f"top {len(result.top)} prototypes ranked by {ranked}",
-        f"points of the top {len(result.top)} = {_num(sum(p.similarity['anchor'] * p.weight for p in result.top), sign=True)}",
+        f"points of the top {len(result.top)} = {_num(top_points, sign=True)}",
         "logit = sum over all prototypes of s_i × w_i",
         "w_i: last-layer weight to the predicted class",
         "blue box: where the prototype activates most",
@@ -214,29 +231,66 @@ def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
 
 
 def prototype_grid_figure(model, splits, out_path) -> Path:
-    """Every projected prototype on its source training image, its box in blue, titled with its index."""
+    """Every projected prototype on its source training image, its box in blue, titled with its index.
+
+    The tiles are pasted into one mosaic drawn on a single axes: hundreds of matplotlib
+    axes (P = 512) would take minutes to lay out and draw.
+    """
     check_explainable(model)
     num = model.prototype_layer.num_prototypes
     boxes = source_boxes(model, splits.train_plain, range(num))
+    proto_class = getattr(model.head, "prototype_class", None)
+    sources = [int(model.projection.image_index[i]) for i in range(num)]
+    tiles = {src: _rgb(splits, splits.train_plain[src][0]) for src in set(sources)}
+    side = max(max(t.shape[:2]) for t in tiles.values())
     cols = min(num, max(5, math.ceil(math.sqrt(num))))
     rows = math.ceil(num / cols)
-    cell = 1.45
-    fig, grid = _new_figure(cols * cell, rows * cell * 1.2, rows, cols,
-                            f"{num} projected prototypes ({model.head.name}) on their source training images\n"
-                            "blue box: where the prototype activates;  "
-                            "orange (dashed box or +): the patch it was projected onto",
-                            title_size=10.5, hspace=0.45, wspace=0.1)
-    proto_class = getattr(model.head, "prototype_class", None)
-    for i in range(num):
-        src = int(model.projection.image_index[i])
-        if proto_class is not None:
-            label = f"p{i} · {_class_name(splits, int(proto_class[i]))}"
-        else:
-            label = f"p{i} · from {_class_name(splits, int(splits.train_labels[src]))}"
+    gap, band = max(1, round(side * 0.08)), max(4, round(side * 0.42))  # between tiles; label band above
+    mosaic = np.ones((rows * (side + band), cols * (side + gap) - gap, 3), dtype=np.float32)
+    origins = []
+    for i, src in enumerate(sources):
+        x, y = (i % cols) * (side + gap), (i // cols) * (side + band) + band
+        tile = tiles[src]
+        mosaic[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+        origins.append((x, y))
+
+    panel_width = cols * 1.45
+    panel_height = panel_width * mosaic.shape[0] / mosaic.shape[1]
+    title = (f"{num} projected prototypes ({model.head.name}) on their source training images\n"
+             "blue box: where the prototype activates;  orange (dashed box or +): the patch it was projected onto")
+    space_above = TITLE_SPACE + TITLE_LINE * title.count("\n") - 0.3
+    fig = Figure(figsize=(panel_width, panel_height + space_above), dpi=DPI)
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=10.5, fontweight="bold", y=1 - 0.15 / (panel_height + space_above), va="top")
+    ax = fig.add_axes((0.0, 0.0, 1.0, panel_height / (panel_height + space_above)))
+    ax.imshow(mosaic, interpolation="nearest" if side < 96 else "antialiased")
+    ax.set_xlim(-0.5, mosaic.shape[1] - 0.5)
+    ax.set_ylim(mosaic.shape[0] - 0.5, -0.5)
+    ax.axis("off")
+    small_cells = []
+    for i, ((x, y), src) in enumerate(zip(origins, sources)):
         box, _, cell_region = boxes[i]
-        _show(fig.add_subplot(grid[i // cols, i % cols]), splits, splits.train_plain[src][0], box,
-              title=f"{label}\ntrain #{src}", fontsize=7.5, cell=cell_region)
-    return save_figure(fig, out_path)
+        shift = lambda b: (b[0] + x, b[1] + y, b[2] + x, b[3] + y)  # noqa: E731 - tile -> mosaic pixels
+        _rectangle(ax, shift(box), edgecolor=BOX_COLOR, linewidth=1.6)
+        _rectangle(ax, shift(cell_region), edgecolor=CELL_COLOR, linewidth=1.3, linestyle=(0, (2, 1.5)))
+        if max(cell_region[2] - cell_region[0], cell_region[3] - cell_region[1]) < side / 12:
+            small_cells.append(((2 * x + cell_region[0] + cell_region[2] - 1) / 2,
+                                (2 * y + cell_region[1] + cell_region[3] - 1) / 2))
+        owner = _class_name(splits, int(proto_class[i])) if proto_class is not None else \
+            "from " + _class_name(splits, int(splits.train_labels[src]))
+        ax.text(x + side / 2, y - band * 0.08, f"p{i} · {owner}\ntrain #{src}", ha="center", va="bottom",
+                fontsize=7.5)
+    if small_cells:
+        xs, ys = zip(*small_cells)
+        ax.plot(xs, ys, linestyle="none", marker="+", markersize=9, markeredgewidth=1.8, color=CELL_COLOR)
+    return save_figure(fig, out_path, tight=False)
+
+
+def _rgb(splits, image: Tensor) -> np.ndarray:
+    """Normalised (C, H, W) -> (H, W, 3) floats in [0, 1] (grey repeated), for the mosaic."""
+    shown = splits.denormalize(image.detach().cpu().float())
+    return shown.expand(3, *shown.shape[1:]).permute(1, 2, 0).numpy() if shown.shape[0] == 1 \
+        else shown.permute(1, 2, 0).numpy()
 
 
 # --------------------------------------------------------------------------- commands
@@ -299,7 +353,8 @@ def explain_command(run_dir, image, negative_class, top, data_dir, out, console)
 
     from .heads import get_head_class
 
-    top = _check_top(top)
+    top = check_top(top)
+    check_figure_path(out)  # fail before the slow part
     saved = _check_run(run_dir)
     head_class = get_head_class(saved["model_config"]["head"])
     is_knn = bool(head_class.uses_memory)
@@ -313,7 +368,8 @@ def explain_command(run_dir, image, negative_class, top, data_dir, out, console)
         raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer; "
                             "explain supports protoknn and protopnet runs")
     if is_knn:
-        cf = counterfactual(model, x, splits.train_plain, negative, top=top, label=label, name=name)
+        cf = counterfactual(model, x, splits.train_plain, negative, top=top, label=label, name=name,
+                            classes=splits.classes)
         path = counterfactual_figure(cf, splits, out)
         _print_counterfactual(cf, splits, console, escape)
     else:
@@ -365,8 +421,8 @@ def _print_looks_like(result: LooksLike, splits, console, escape) -> None:
 
     pred = _class_name(splits, result.predicted_class)
     truth = f", true '{_class_name(splits, result.anchor_label)}'" if result.anchor_label is not None else ""
-    table = Table(title=escape(f"{result.anchor_name}: predicted '{pred}' (logit {_num(result.predicted_logit)}){truth}; "
-                               f"ranked by {result.ranking}"))
+    title = f"{result.anchor_name}: predicted '{pred}' (logit {_num(result.predicted_logit)}){truth}"
+    table = Table(title=escape(f"{title}; ranked by {result.ranking}"))
     for col in ("rank", "prototype", "class", "similarity", "weight", "points s*w", "source"):
         table.add_column(col, justify="left" if col in ("class", "source") else "right")
     for rank, proto in enumerate(result.top, start=1):
@@ -381,6 +437,7 @@ def prototypes_command(run_dir, data_dir, out, console) -> Path:
     """`protoknn prototypes`: the grid of every projected prototype, and a short summary."""
     from rich.table import Table
 
+    check_figure_path(out)  # fail before the slow part
     saved = _check_run(run_dir)
     splits = _run_splits(saved, data_dir)
     model = _load_model(run_dir)
@@ -392,7 +449,8 @@ def prototypes_command(run_dir, data_dir, out, console) -> Path:
     table.add_column("value", justify="right")
     table.add_row("prototypes", str(len(sources)))
     table.add_row("distinct source images", str(len(torch.unique(sources))))
-    table.add_row("distinct source patches", str(len({(int(a), int(b)) for a, b in zip(sources, model.projection.location)})))
+    patches = {(int(image), int(where)) for image, where in zip(sources, model.projection.location)}
+    table.add_row("distinct source patches", str(len(patches)))
     table.add_row("classes of the source images", f"{len(torch.unique(source_classes))} of {len(splits.classes)}")
     console.print(table)
     console.print(f"figure written to {path}", markup=False, highlight=False)

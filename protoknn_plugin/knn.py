@@ -44,9 +44,12 @@ DEFAULT_NPROBE = 8
 _BUFFERS = ("memory_profiles", "memory_labels", "memory_index", "memory_codes")
 
 # float32 elements in one (query chunk x memory chunk) distance block of the torch path:
-# 2**25 elements = 128 MiB, big enough for GEMM efficiency, small enough for any machine.
-TORCH_BLOCK_ELEMENTS = 2 ** 25
-TORCH_QUERY_CHUNK = 4096
+# 2**23 elements = 32 MiB (1024 queries x 8192 items): large enough that the GEMM runs at
+# full speed, small enough to stay near the CPU's last-level cache between the GEMM that
+# writes the block and the topk that reads it (measured: topk ~15% of the GEMM's time).
+# On a GPU the blocks are larger (256 MiB, 4096 x 16384), to amortise kernel launches.
+TORCH_BLOCK_ELEMENTS = {"cpu": 2 ** 23, "cuda": 2 ** 26}
+TORCH_QUERY_CHUNK = {"cpu": 1024, "cuda": 4096}
 
 
 def faiss_gpu_available() -> bool:
@@ -57,8 +60,8 @@ def faiss_gpu_available() -> bool:
 # ---------------------------------------------------------------- search kernels
 def torch_knn_search(queries: torch.Tensor, memory: torch.Tensor, k: int,
                      memory_sq_norms: Optional[torch.Tensor] = None,
-                     block_elements: int = TORCH_BLOCK_ELEMENTS,
-                     query_chunk: int = TORCH_QUERY_CHUNK) -> Tuple[torch.Tensor, torch.Tensor]:
+                     block_elements: Optional[int] = None,
+                     query_chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact kNN by squared L2: (Q, P) x (N, P) -> dist (Q, k) ascending, idx (Q, k).
 
     Uses ||q||^2 - 2 q.m + ||m||^2 in blocks of at most ``block_elements`` distances. The
@@ -66,19 +69,25 @@ def torch_knn_search(queries: torch.Tensor, memory: torch.Tensor, k: int,
     Runs on the device of ``queries`` and ``memory`` (which must match).
     """
     num_items = memory.shape[0]
+    kind = "cuda" if queries.is_cuda else "cpu"
+    block_elements = block_elements or TORCH_BLOCK_ELEMENTS[kind]
+    query_chunk = query_chunk or TORCH_QUERY_CHUNK[kind]
     if memory_sq_norms is None:
         memory_sq_norms = memory.square().sum(dim=1)
     out_dist, out_idx = [], []
     query_chunk = max(1, min(query_chunk, queries.shape[0]))
     memory_chunk = max(k, block_elements // query_chunk)
+    # one reused block buffer: a fresh 32 MiB tensor per chunk would cost page faults on CPU
+    buffer = torch.empty(query_chunk * min(memory_chunk, num_items), dtype=queries.dtype, device=queries.device)
     for q_start in range(0, queries.shape[0], query_chunk):
         q = queries[q_start:q_start + query_chunk]
         best_val = best_idx = None
         for m_start in range(0, num_items, memory_chunk):
             m = memory[m_start:m_start + memory_chunk]
+            partial = buffer[:q.shape[0] * m.shape[0]].view(q.shape[0], m.shape[0])
             # partial[i, j] = ||m_j||^2 - 2 q_i . m_j  (one fused GEMM)
-            partial = torch.addmm(memory_sq_norms[m_start:m_start + memory_chunk].unsqueeze(0),
-                                  q, m.t(), beta=1.0, alpha=-2.0)
+            torch.addmm(memory_sq_norms[m_start:m_start + memory_chunk].unsqueeze(0),
+                        q, m.t(), beta=1.0, alpha=-2.0, out=partial)
             val, idx = partial.topk(min(k, m.shape[0]), dim=1, largest=False, sorted=True)
             idx += m_start
             if best_val is None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .checkpoint import CHECKPOINT_NAME, check_compatible, ensure_writable_dir, load_checkpoint, save_atomic
 from .errors import ProtoKNNError
 from .heads.base import Phase
@@ -101,8 +102,36 @@ class IndexedDataset(Dataset):
         return image, label, i
 
 
-def plain_loader(dataset: Dataset, batch_size: int) -> DataLoader:
-    return DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=0)
+class SeededItems(Dataset):
+    """Items are fetched as ``(index, seed)`` and augmented under that seed.
+
+    Augmentations then depend only on the item's place in the global batch, not on
+    which process loads it or whether the run was resumed in between.
+    """
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.base[index]
+
+
+def item_seed(run_seed: int, global_step: int, position: int) -> int:
+    return (run_seed * 1_000_003 + global_step * 65_537 + position) % (2**62)
+
+
+def plain_loader(dataset: Dataset, batch_size: int, sharded: bool = False) -> DataLoader:
+    """Batches of (image, label, index) in dataset order; ``sharded``: only this rank's part."""
+    indexed = IndexedDataset(dataset)
+    if sharded and distributed.is_active():
+        indexed = torch.utils.data.Subset(indexed, range(distributed.rank(), len(indexed), distributed.world_size()))
+    return DataLoader(indexed, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
 def epoch_batches(labels: Tensor, config: TrainConfig) -> List[List[int]]:
@@ -181,7 +210,12 @@ class Trainer:
         self.progress = progress
         self.dataset_name = dataset_name or getattr(splits, "name", "")
         self.data_info = dict(data_info or {})  # data_dir, limit: how to rebuild the data for evaluate/explain
-        self.device = resolve_device(config.device)
+        self.device = distributed.setup(resolve_device(config.device))
+        if distributed.is_active() and self.device.type == "cuda":
+            # Global batch statistics, as one process would see them (CPU has no SyncBatchNorm).
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.model.to(self.device)
         self.phases: List[Phase] = model.head.phases(config.epochs, model.pretrained_backbone)
         self.state = TrainState()
@@ -207,7 +241,7 @@ class Trainer:
         }
 
     def save(self) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and distributed.is_main():  # one set of checkpoints per run
             save_atomic(self.checkpoint_state(), self.out_dir / CHECKPOINT_NAME)
 
     def resume(self) -> bool:
@@ -234,7 +268,7 @@ class Trainer:
 
     # ---- phases ----------------------------------------------------------------------
     def _build_optimizer(self, phase: Phase) -> None:
-        components = self.model.components()
+        components = self.components = self.model.components()
         for params in components.values():
             for p in params:
                 p.requires_grad_(False)
@@ -250,18 +284,32 @@ class Trainer:
         self.optimizer = torch.optim.Adam(groups)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, *phase.step_lr) if phase.step_lr else None
 
-    def _loader(self, batches: List[List[int]]) -> DataLoader:
+    def _loader(self, batches: List[List[int]], first_step: int) -> DataLoader:
+        """This rank's shard of each global batch, every item with its own augmentation seed."""
+        keyed = [distributed.shard([(index, item_seed(self.config.seed, first_step + j, pos))
+                                    for pos, index in enumerate(batch)])
+                 for j, batch in enumerate(batches)]
         # A private generator: creating a DataLoader iterator draws a seed, and drawing it
-        # from the global RNG would make a resumed epoch's augmentations differ.
-        return DataLoader(self.splits.train, batch_sampler=batches, num_workers=0, generator=torch.Generator())
+        # from the global RNG would shift the Gumbel draws of a resumed run.
+        return DataLoader(SeededItems(self.splits.train), batch_sampler=keyed, num_workers=0,
+                          generator=torch.Generator())
 
     def _train_step(self, images: Tensor, labels: Tensor) -> Dict[str, Tensor]:
-        single_class_guard(labels)  # labels are still on the host: no device sync
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        terms = self.model.loss(images, labels)
+        out = distributed.gather_outputs(self.model(images))
+        if distributed.is_active():
+            gathered = distributed.gather_with_grad(labels)
+            labels = gathered[distributed.unshard_order(len(gathered)).to(gathered.device)]
+        terms = self.model.head.loss(out, labels)
         self._check_finite(terms)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
+        if distributed.is_active():
+            before_gather = [p for name in ("backbone", "addon", "prototypes") for p in self.components.get(name, [])]
+            local_ids = {id(p) for p in before_gather}
+            distributed.reduce_gradients(
+                local=before_gather,
+                shared=[p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in local_ids])
         self.optimizer.step()
         return terms
 
@@ -282,7 +330,9 @@ class Trainer:
         self.model.train()
         sums = st.epoch_sums  # carries over a resumed epoch's first part
         seen, started = 0, time.perf_counter()
-        for images, labels in self._loader(st.batches[st.step:]):
+        labels_all = self.splits.train_labels
+        for j, (images, labels) in enumerate(self._loader(st.batches[st.step:], st.global_step)):
+            single_class_guard(labels_all[st.batches[st.step]])  # the global batch, on the host
             terms = self._train_step(images, labels)
             st.step += 1
             st.global_step += 1
@@ -302,6 +352,12 @@ class Trainer:
         means = {k: v / max(len(st.batches), 1) for k, v in sums.items()}
         st.batches, st.step, st.epoch_sums = None, 0, {}
         return means
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics everywhere, so every rank projects and evaluates the same model."""
+        if distributed.is_active():
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, 0)
 
     def _cached_profiles(self) -> Tuple[Tensor, Tensor]:
         profiles, labels = self.profiles(self.splits.train_plain)
@@ -362,6 +418,7 @@ class Trainer:
                     logs = self._run_epoch(phase, guard, bar)
                     st.epoch += 1
                     st.history.append({"phase": phase.name, "epoch": st.epoch, **logs})
+                    self._sync_buffers()
                     st.train_seconds = time.perf_counter() - started
                     self.save()
                     if guard.received is not None:
@@ -435,11 +492,16 @@ def evaluate(model: PrototypeModel, dataset: Dataset, batch_size: int = 256,
     model.eval()
     correct: Dict[str, int] = {}
     total, started = 0, time.perf_counter()
-    for images, labels, _ in plain_loader(dataset, batch_size):
+    # Under torchrun every rank evaluates its shard; the counts are summed over ranks.
+    for images, labels, _ in plain_loader(dataset, batch_size, sharded=True):
         preds = model.predict_all(images.to(device))
         for name, p in preds.items():
             correct[name] = correct.get(name, 0) + int((p.cpu() == labels).sum())
         total += len(labels)
+    if distributed.is_active():
+        names = sorted(correct)
+        counts = distributed.all_reduce_sum(torch.tensor([total] + [correct[n] for n in names], dtype=torch.float64))
+        total, correct = int(counts[0]), {n: int(c) for n, c in zip(names, counts[1:])}
     seconds = time.perf_counter() - started
     if total == 0:
         raise ProtoKNNError("the evaluation set is empty; check the dataset path and --limit")

@@ -12,7 +12,7 @@ from protoknn_plugin.explain import (activation_box, cell_box, contributions, co
                                      this_looks_like_that)
 from protoknn_plugin.figures import counterfactual_figure, explain_command, looks_like_figure, save_figure
 from protoknn_plugin.model import ModelConfig, PrototypeModel
-from protoknn_plugin.train import TrainConfig, Trainer, model_from_checkpoint
+from protoknn_plugin.train import TrainConfig, Trainer
 
 from conftest import assert_one_line_error
 

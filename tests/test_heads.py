@@ -132,10 +132,13 @@ def test_protoknn_beta_and_proxies_get_their_own_groups():
     assert "prototypes" not in phase.lrs and phase.after == ("project", "build_memory")
 
 
-def test_single_class_batch_is_a_clear_error(animals_small):
+def test_single_class_batch_is_a_clear_error(animals_small, monkeypatch):
+    import protoknn_plugin.train as train_module
+
     model = PrototypeModel(ModelConfig(head="protoknn", num_classes=10, in_channels=1, num_prototypes=8, dim=8,
                                        backbone_options={"width": 4}))
     trainer = Trainer(model, animals_small, TrainConfig(epochs=1), progress=False)
-    trainer._build_optimizer(trainer.phases[0])
+    first_class = (animals_small.train_labels == 0).nonzero().flatten()[:4].tolist()
+    monkeypatch.setattr(train_module, "epoch_batches", lambda labels, config: [first_class])
     with pytest.raises(ProtoKNNError, match="single class"):
-        trainer._train_step(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
+        trainer.fit()

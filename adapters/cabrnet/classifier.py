@@ -26,6 +26,7 @@ Accuracy in ``loss`` stats (CaBRNet averages them per epoch and ``--save-best`` 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -42,6 +43,22 @@ from protoknn_plugin.prototypes import PrototypeLayer, PrototypeOutputs
 # with the profile that the losses and the kNN use.
 SUPPORTED_SIMILARITY = "CosineSimilarity"
 SIMILARITY_MODULE = "cabrnet.core.utils.similarities"
+
+
+@contextmanager
+def _single_thread():
+    """One intra-op thread inside the block, then the previous count.
+
+    The hypersphere initialisation is 1000 small SGD steps; with 2 threads on a busy
+    2-core machine each step waits on thread hand-offs. Measured at load 8-13:
+    P=20, D=32 took 18 s with 2 threads and 0.9 s with 1; P=512, D=256 254 s and 25 s.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def batch_loo_accuracy(profiles: Tensor, labels: Tensor) -> float:
@@ -97,10 +114,11 @@ class ProtoKNNClassifier(CaBRNetClassifier):
         super().__init__(num_classes=num_classes, num_features=num_features)
         self.head = _make_head(num_classes, num_features, dim, num_prototypes, head_options)
         spec = self.head.prototype_spec()
-        self.prototype_layer = PrototypeLayer(
-            num_features, spec.num_prototypes, dim, similarity=spec.similarity, addon=spec.addon,
-            cost_space=spec.cost_space, init=spec.init, frozen=spec.frozen, seed=seed,
-        )
+        with _single_thread():
+            self.prototype_layer = PrototypeLayer(
+                num_features, spec.num_prototypes, dim, similarity=spec.similarity, addon=spec.addon,
+                cost_space=spec.cost_space, init=spec.init, frozen=spec.frozen, seed=seed,
+            )
         self.build_similarity(_check_similarity(similarity_config))
 
     # ------------------------------------------------------------ CaBRNet's view of the prototypes

@@ -1,0 +1,291 @@
+"""The CaBRNet adapter: lazy import without the extra, and ProtoKNN inside CaBRNet with it.
+
+Tests that need CaBRNet skip without it; tests/cabrnet_ci.sh runs this file inside
+.venv-cabrnet, where they all run.
+"""
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import protoknn_plugin.adapters.cabrnet as adapter
+from protoknn_plugin.errors import ProtoKNNError, UnknownNameError
+
+CONFIGS = Path(adapter.__file__).parent / "configs"
+
+
+# ---------------------------------------------------------------- without the extra
+@pytest.fixture
+def no_cabrnet(monkeypatch):
+    """Make `import cabrnet` fail as if the extra were not installed (None in sys.modules)."""
+    monkeypatch.setitem(sys.modules, "cabrnet", None)
+
+
+@pytest.mark.parametrize("name", ["ProtoKNNClassifier", "ProtoKNNCaBRNet"])
+def test_lazy_names_without_cabrnet_name_the_extra(no_cabrnet, name):
+    with pytest.raises(ProtoKNNError, match=r"protoknn-plugin\[cabrnet\]"):
+        getattr(adapter, name)
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError):
+        adapter.NoSuchThing  # noqa: B018
+
+
+def test_baseline_without_cabrnet_names_the_extra(no_cabrnet):
+    from protoknn_plugin.adapters.cabrnet.baseline import run_cabrnet_head
+
+    with pytest.raises(ProtoKNNError, match=r"protoknn-plugin\[cabrnet\]"):
+        run_cabrnet_head("protopnet", settings=None, splits=None, out_dir="unused", seed=0)
+
+
+def test_unknown_cabrnet_baseline_suggests_the_known_one():
+    from protoknn_plugin.adapters.cabrnet.baseline import run_cabrnet_head
+
+    with pytest.raises(UnknownNameError, match="protopnet"):
+        run_cabrnet_head("protopnets", settings=None, splits=None, out_dir="unused", seed=0)
+
+
+@pytest.mark.parametrize("epochs, warm, periods, start", [
+    (1, 0, {"joint": [0, 0]}, 0),
+    (8, 2, {"warmup": [0, 1], "joint": [2, 7]}, 7),          # pushes after the last epoch only
+    (25, 5, {"warmup": [0, 4], "joint": [5, 24]}, 4),        # pushes after epochs 4, 14, 24
+])
+def test_protopnet_schedule_matches_the_plugin_head(epochs, warm, periods, start):
+    from protoknn_plugin.adapters.cabrnet.baseline import DEFAULT_OPTIONS, protopnet_schedule
+
+    schedule = protopnet_schedule(epochs, DEFAULT_OPTIONS, pretrained=False)
+    assert schedule["warm_epochs"] == warm
+    assert {name: p["epoch_range"] for name, p in schedule["training"]["periods"].items()} == periods
+    projection = schedule["projection"]
+    assert projection["start_epoch"] == start
+    last_push = start + (epochs - 1 - start) // projection["frequency"] * projection["frequency"]
+    assert last_push == epochs - 1  # the final epoch is always followed by a push
+    # the last layer trains only after pushes, never in the warm or joint periods
+    assert all("last_layer" in p["freeze"] for p in schedule["training"]["periods"].values())
+
+
+# ---------------------------------------------------------------- with CaBRNet
+@pytest.fixture(scope="module")
+def cabrnet():
+    return pytest.importorskip("cabrnet")
+
+
+def small_classifier(**options):
+    from protoknn_plugin.adapters.cabrnet.classifier import ProtoKNNClassifier
+
+    kwargs = dict(num_classes=3, num_features=8, num_prototypes=6, dim=4, k=1, ks=(1, 3), seed=0)
+    kwargs.update(options)
+    return ProtoKNNClassifier({"name": "CosineSimilarity"}, **kwargs)
+
+
+def batch(seed=0, n=6):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, 8, 3, 3, generator=generator)
+    labels = torch.arange(n) % 3
+    return features, labels
+
+
+def test_batch_loo_accuracy_hand_cases(cabrnet):
+    from protoknn_plugin.adapters.cabrnet.classifier import batch_loo_accuracy
+
+    profiles = torch.tensor([[0.0, 0.0], [0.0, 1.0], [5.0, 5.0], [5.0, 6.0]])
+    assert batch_loo_accuracy(profiles, torch.tensor([0, 0, 1, 1])) == 1.0
+    assert batch_loo_accuracy(profiles, torch.tensor([0, 1, 0, 1])) == 0.0
+    # pairs (0, 1) and (2, 3) are mutual nearest neighbours: samples 0 and 1 are right, 2 and 3 wrong
+    assert batch_loo_accuracy(profiles, torch.tensor([0, 0, 1, 0])) == 0.5
+    assert batch_loo_accuracy(profiles[:1], torch.tensor([0])) == 0.0
+
+
+def test_loss_returns_tensor_and_stats(cabrnet):
+    from protoknn_plugin.adapters.cabrnet.classifier import batch_loo_accuracy
+
+    clf = small_classifier()
+    features, labels = batch()
+    out = clf(features)
+    loss, stats = clf.loss(out, labels)
+    assert loss.dim() == 0 and loss.requires_grad
+    assert {"loss", "task", "cluster", "aux", "accuracy"} <= set(stats)
+    assert stats["loss"] == pytest.approx(float(loss.detach()))
+    assert stats["loss"] == pytest.approx(stats["task"] + 0.1 * stats["cluster"] + 1.0 * stats["aux"], abs=1e-5)
+    assert stats["accuracy"] == batch_loo_accuracy(out.profile, labels)  # no memory yet
+    loss.backward()
+    assert clf.prototype_layer.prototypes.grad is None  # frozen: they move only by projection
+    assert clf.prototype_layer.addon.weight.grad is not None
+
+
+def test_similarities_are_cabrnet_shaped_and_match_the_profile(cabrnet):
+    clf = small_classifier()
+    features, _ = batch()
+    sims = clf.similarities(features)
+    assert sims.shape == (6, 6, 3, 3)
+    assert clf.prototypes.shape == (6, 4, 1, 1)
+    torch.testing.assert_close(sims.flatten(2).max(dim=2).values, clf(features).profile, atol=1e-5, rtol=0)
+    torch.testing.assert_close(clf.distances(features), 1 - sims)
+
+
+def test_memory_bank_survives_a_state_dict_round_trip(cabrnet):
+    clf = small_classifier().eval()
+    features, labels = batch()
+    with torch.no_grad():
+        profiles = clf(features).profile
+    clf.fit_memory(profiles, labels)
+    buffer = io.BytesIO()
+    torch.save(clf.state_dict(), buffer)  # what CaBRNet's checkpoints do
+    buffer.seek(0)
+    restored = small_classifier(seed=1).eval()  # other prototypes, empty memory
+    assert not restored.has_memory
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    knn, knn2 = clf.head.knn, restored.head.knn
+    torch.testing.assert_close(knn2.memory_profiles, knn.memory_profiles)
+    assert torch.equal(knn2.memory_labels, knn.memory_labels)
+    with torch.no_grad():
+        _, stats = restored.loss(restored(features), labels)
+    # each query is a stored profile: its 1-NN is itself, so k=1 is always right
+    assert stats["accuracy_k1"] == 1.0
+    assert stats["accuracy"] == stats["accuracy_k1"]  # k=1 is the primary k here
+    assert "accuracy_k3" in stats
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"similarity_config": {"name": "ProtoPNetSimilarity"}}, "CosineSimilarity"),
+    ({"num_classes": 1}, "num_classes >= 2"),
+    ({"no_such_option": 3}, "no_such_option"),
+    ({"compatibility_mode": True}, "compatibility_mode"),
+])
+def test_bad_configuration_is_one_clear_error(cabrnet, options, message):
+    from protoknn_plugin.adapters.cabrnet.classifier import ProtoKNNClassifier
+
+    kwargs = dict(similarity_config={"name": "CosineSimilarity"}, num_classes=3, num_features=8,
+                  num_prototypes=6, dim=4)
+    kwargs.update(options)
+    with pytest.raises(ProtoKNNError, match=message):
+        ProtoKNNClassifier(**kwargs)
+
+
+def test_labels_beyond_num_classes_are_one_clear_error(cabrnet):
+    clf = small_classifier()
+    features, _ = batch()
+    with pytest.raises(ProtoKNNError, match="num_classes=3"):
+        clf.loss(clf(features), torch.tensor([0, 1, 2, 3, 0, 1]))
+
+
+# ---------------------------------------------------------------- the whole CaBRNet model
+@pytest.fixture(scope="module")
+def model_config(cabrnet):
+    import yaml
+
+    config = yaml.safe_load((CONFIGS / "model_arch.yml").read_text())
+    config["extractor"]["backbone"]["layer"] = "layer1"  # 64 channels, cheaper
+    config["classifier"]["params"].update(num_prototypes=6, dim=8, k=1, ks=[1, 3])
+    return config
+
+
+def build(config, **kwargs):
+    import copy
+
+    from cabrnet.archs.generic.model import CaBRNet
+
+    return CaBRNet.build_from_config(copy.deepcopy(config), **kwargs)
+
+
+def image_loader(shuffle=False):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(12, 3, 16, 16, generator=generator)
+    labels = torch.arange(12) % 10
+    return DataLoader(TensorDataset(images, labels), batch_size=5, shuffle=shuffle)
+
+
+def test_packaged_config_builds_and_epilogue_projects_and_stores_memory(model_config, tmp_path):
+    from protoknn_plugin.adapters.cabrnet import ProtoKNNCaBRNet
+
+    model = build(model_config)
+    assert isinstance(model, ProtoKNNCaBRNet)
+    loader = image_loader()
+    with pytest.raises(ProtoKNNError, match="shuffle: False"):
+        model.project(image_loader(shuffle=True), device="cpu")
+    with pytest.raises(ProtoKNNError, match="no_such_option"):
+        model.epilogue({"projection_set": loader}, None, str(tmp_path), device="cpu", no_such_option=1)
+    info = model.epilogue({"projection_set": loader}, None, str(tmp_path), device="cpu")
+    assert [entry["proto_idx"] for entry in info] == list(range(6))
+    images = loader.dataset.tensors[0]
+    with torch.no_grad():
+        z = model.classifier.prototype_layer.addon(model.extractor(images))
+    for entry in info:  # eq. 14: each prototype is now the (unit) patch it names
+        patch = torch.nn.functional.normalize(z[entry["img_idx"], :, entry["h"], entry["w"]], dim=0)
+        torch.testing.assert_close(model.classifier.prototypes[entry["proto_idx"], :, 0, 0], patch)
+        assert entry["score"] <= 1.0 + 1e-6
+    assert len(model.classifier.head.knn) == 12
+
+    # a CaBRNet checkpoint round trip keeps the memory: rebuild from config + state file
+    state = tmp_path / "model_state.pth"
+    torch.save(model.state_dict(), state)
+    reloaded = build(model_config, state_dict_path=str(state)).eval()
+    torch.testing.assert_close(reloaded.classifier.head.knn.memory_profiles, model.classifier.head.knn.memory_profiles)
+    stats = reloaded.evaluate({"test_set": loader}, device="cpu")
+    assert stats["test_set/accuracy_k1"] == 1.0  # the test images are the stored ones
+
+    # counterfactual (sec. 2.4): contributions sum to d_an^2 - d_ap^2
+    result = reloaded.counterfactual(images[:1])
+    knn = reloaded.classifier.head.knn
+    with torch.no_grad():
+        anchor = reloaded(images[:1]).profile[0]
+    d_ap = (anchor - knn.memory_profiles[result["positive"]]).square().sum()
+    d_an = (anchor - knn.memory_profiles[result["negative"]]).square().sum()
+    assert result["negative_class"] != result["positive_class"]
+    assert float(result["contributions"].sum()) == pytest.approx(float(d_an - d_ap), abs=1e-4)
+    from PIL import Image
+
+    ranked = reloaded.explain(Image.new("RGB", (16, 16)), lambda _: images[0], None, device="cpu",
+                              disable_rendering=True, num_closest=3)
+    contributions = result["contributions"]
+    assert [i for i, _, _ in ranked] == torch.argsort(contributions, descending=True)[:3].tolist()
+    assert all(similar == (c > 0) for _, c, similar in ranked)
+
+
+def test_make_tiny_dataset_writes_an_image_folder_and_configs(cabrnet, tmp_path):
+    import yaml
+    from PIL import Image
+
+    from protoknn_plugin.adapters.cabrnet.make_tiny_dataset import main
+
+    assert main([str(tmp_path), "--train", "20", "--test", "10"]) == 0
+    train = tmp_path / "tiny-animals" / "train"
+    folders = sorted(p.name for p in train.iterdir())
+    assert folders == [f"{i:02d}-{c}" for i, c in enumerate(
+        ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"])]
+    assert len(list(train.glob("*/*.png"))) == 20
+    assert len(list((tmp_path / "tiny-animals" / "test").glob("*/*.png"))) == 10
+    with Image.open(next(train.glob("*/*.png"))) as img:
+        assert img.mode == "RGB" and img.size == (28, 28)
+    dataset = yaml.safe_load((tmp_path / "configs" / "dataset.yml").read_text())
+    for part in dataset.values():
+        root = Path(part["params"]["root"])
+        assert root.is_absolute() and root.is_dir()
+    assert (tmp_path / "configs" / "model_arch.yml").read_text() == (CONFIGS / "model_arch.yml").read_text()
+
+
+def test_cabrnet_protopnet_baseline_returns_a_benchmark_row(cabrnet, tmp_path):
+    from protoknn_plugin.adapters.cabrnet.baseline import run_cabrnet_head
+    from protoknn_plugin.benchmark import BenchmarkSettings
+    from protoknn_plugin.data import create_dataset
+    from protoknn_plugin.train import TrainConfig
+
+    settings = BenchmarkSettings(prototypes=10, dim=8, limit=40,
+                                 train=TrainConfig(epochs=1, batch_classes=10, per_class=2, device="cpu"),
+                                 backbone_options={"width": 8})
+    splits = create_dataset("animals", limit=40)
+    with pytest.raises(ProtoKNNError, match="warm_epoch"):
+        run_cabrnet_head("protopnet", settings, splits, tmp_path, seed=0, options={"warm_epoch": 1})
+    row = run_cabrnet_head("protopnet", settings, splits, tmp_path, seed=0, options={"last_layer_epochs": 1})
+    assert row["label"] == row["head"] == "cabrnet:protopnet" and row["seed"] == 0
+    assert 0.0 <= row["accuracy[top1]"] <= 1.0
+    assert row["test_images"] == 40
+    for key in ("train_seconds", "peak_memory_mb", "images_per_second", "prototype_spread"):
+        assert row[key] >= 0.0
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "projection_info.csv").is_file()

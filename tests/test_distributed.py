@@ -1,0 +1,95 @@
+"""N processes train like one process on the same global batch (gloo on CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from protoknn_plugin import distributed
+from protoknn_plugin.heads import create_head
+from protoknn_plugin.prototypes import PrototypeLayer
+
+from conftest import TINY
+
+
+def _setup_pieces():
+    torch.manual_seed(0)
+    layer = PrototypeLayer(6, 8, 5)
+    head = create_head("protoknn", num_classes=4, backbone_channels=6, dim=5, num_prototypes=8)
+    features = torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    return layer, head, features, labels
+
+
+def _grads(layer, head):
+    params = list(layer.addon.parameters()) + list(head.parameters())
+    return [p.grad.clone() if p.grad is not None else None for p in params]
+
+
+def _single_process_grads():
+    layer, head, features, labels = _setup_pieces()
+    torch.manual_seed(123)  # the Gumbel draws of the cluster loss
+    head.loss(layer(features), labels)["total"].backward()
+    return _grads(layer, head)
+
+
+def _worker(rank, world, init_file, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    layer, head, features, labels = _setup_pieces()
+    local = list(range(rank, len(labels), world))
+    out = distributed.gather_outputs(layer(features[local]))
+    gathered = distributed.gather_with_grad(labels[local])
+    global_labels = gathered[distributed.unshard_order(len(gathered))]
+    torch.manual_seed(123)
+    head.loss(out, global_labels)["total"].backward()
+    distributed.reduce_gradients(local=layer.addon.parameters(), shared=head.parameters())
+    if rank == 0:
+        torch.save({"grads": _grads(layer, head), "labels": global_labels}, result_file)
+    dist.destroy_process_group()
+
+
+def test_gathered_loss_and_summed_gradients_equal_single_process(tmp_path):
+    expected = _single_process_grads()
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "result.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "result.pt")
+    assert got["labels"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # global batch order restored
+    assert len(got["grads"]) == len(expected)
+    checked = 0
+    for g, e in zip(got["grads"], expected):
+        assert (g is None) == (e is None)
+        if e is not None:
+            assert torch.allclose(g, e, atol=1e-5, rtol=1e-4)
+            checked += 1
+    assert checked >= 3
+
+
+def test_shard_refuses_uneven_global_batch(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(Exception, match="split evenly"):
+        distributed.shard([1, 2, 3])
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """Tolerance: the per-epoch mean loss agrees within 3% (BatchNorm uses each rank's local
+    statistics on CPU, since torch has no CPU SyncBatchNorm; everything else is identical)."""
+    args = ["train", "--head", "protoknn", *TINY]
+    args[args.index("--epochs") + 1] = "2"
+    args[args.index("--steps-per-epoch") + 1] = "4"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "protoknn_plugin", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "protoknn_plugin",
+                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "metrics.json"]
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["test_images"] == 200
+    hist = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["train_state"]["history"] for d in ("one", "two")]
+    assert len(hist[0]) == len(hist[1]) == 2
+    for a, b in zip(*hist):
+        assert b["total"] == pytest.approx(a["total"], rel=0.03)
