@@ -262,7 +262,7 @@ def prototype_grid_figure(model, splits, out_path) -> Path:
     fig = Figure(figsize=(panel_width, panel_height + space_above), dpi=DPI)
     FigureCanvasAgg(fig)
     fig.suptitle(title, fontsize=10.5, fontweight="bold", y=1 - 0.15 / (panel_height + space_above), va="top")
-    ax = fig.add_axes((0.0, 0.0, 1.0, panel_height / (panel_height + space_above)))
+    ax = fig.add_axes((0.01, 0.005, 0.98, panel_height / (panel_height + space_above) - 0.005))
     ax.imshow(mosaic, interpolation="nearest" if side < 96 else "antialiased")
     ax.set_xlim(-0.5, mosaic.shape[1] - 0.5)
     ax.set_ylim(mosaic.shape[0] - 0.5, -0.5)
@@ -270,9 +270,8 @@ def prototype_grid_figure(model, splits, out_path) -> Path:
     small_cells = []
     for i, ((x, y), src) in enumerate(zip(origins, sources)):
         box, _, cell_region = boxes[i]
-        shift = lambda b: (b[0] + x, b[1] + y, b[2] + x, b[3] + y)  # noqa: E731 - tile -> mosaic pixels
-        _rectangle(ax, shift(box), edgecolor=BOX_COLOR, linewidth=1.6)
-        _rectangle(ax, shift(cell_region), edgecolor=CELL_COLOR, linewidth=1.3, linestyle=(0, (2, 1.5)))
+        _rectangle(ax, _offset(box, x, y), edgecolor=BOX_COLOR, linewidth=1.6)
+        _rectangle(ax, _offset(cell_region, x, y), edgecolor=CELL_COLOR, linewidth=1.3, linestyle=(0, (2, 1.5)))
         if max(cell_region[2] - cell_region[0], cell_region[3] - cell_region[1]) < side / 12:
             small_cells.append(((2 * x + cell_region[0] + cell_region[2] - 1) / 2,
                                 (2 * y + cell_region[1] + cell_region[3] - 1) / 2))
@@ -284,6 +283,11 @@ def prototype_grid_figure(model, splits, out_path) -> Path:
         xs, ys = zip(*small_cells)
         ax.plot(xs, ys, linestyle="none", marker="+", markersize=9, markeredgewidth=1.8, color=CELL_COLOR)
     return save_figure(fig, out_path, tight=False)
+
+
+def _offset(box: Box, x: int, y: int) -> Box:
+    """A tile's box in mosaic pixels, the tile's top-left corner being (x, y)."""
+    return box[0] + x, box[1] + y, box[2] + x, box[3] + y
 
 
 def _rgb(splits, image: Tensor) -> np.ndarray:

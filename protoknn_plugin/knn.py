@@ -456,7 +456,9 @@ def _check_profiles(profiles, what: str) -> torch.Tensor:
           f"{what} is empty (shape {tuple(profiles.shape)}); pass at least one profile with at least one prototype score")
     check(profiles.is_floating_point(), f"{what} have dtype {profiles.dtype}; pass floating-point prototype profiles")
     profiles = profiles.detach().to(dtype=torch.float32).contiguous()
-    bad = int((~torch.isfinite(profiles)).sum())
+    # a NaN or inf anywhere makes the sum non-finite; the sum needs no (N, P) temporary,
+    # so the exact count runs only in that (rare) case, which huge finite values may also hit
+    bad = 0 if torch.isfinite(profiles.sum()) else int((~torch.isfinite(profiles)).sum())
     check(bad == 0, f"{what} contain {bad} non-finite values (NaN or inf); check the model's outputs "
                     f"(e.g. a diverged training run) before the kNN step")
     return profiles

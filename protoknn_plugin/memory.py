@@ -101,8 +101,8 @@ def hart_condense(profiles: torch.Tensor, labels: torch.Tensor, seed: int = 0, b
     sequential rule would, in exchange for one matmul per block. Returns sorted (M,).
     """
     check(batch >= 1, f"cnn batch={batch} must be at least 1")
-    x = profiles.float()
-    y = labels.long()
+    x = profiles.detach().to("cpu", torch.float32)  # a one-off selection: CPU is fine
+    y = labels.to("cpu", torch.long)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=generator)
     in_store = torch.zeros(len(y), dtype=torch.bool)

@@ -35,7 +35,8 @@ class ModelConfig:
 class PrototypeModel(nn.Module):
     """backbone (B, C_in, H, W) -> (B, C, h, w) -> prototype layer -> head."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, for_loading: bool = False):
+        """``for_loading``: weights come from a checkpoint next, so skip the costly prototype init."""
         super().__init__()
         self.config = config
         # Seed before building so every head compared under one seed starts from the
@@ -55,7 +56,8 @@ class PrototypeModel(nn.Module):
             spec = self.head.prototype_spec()
             self.prototype_layer = PrototypeLayer(
                 self.backbone.out_channels, spec.num_prototypes, config.dim, similarity=spec.similarity,
-                addon=spec.addon, cost_space=spec.cost_space, init=spec.init, frozen=spec.frozen, seed=config.seed,
+                addon=spec.addon, cost_space=spec.cost_space, init="random" if for_loading else spec.init,
+                frozen=spec.frozen, seed=config.seed,
             )
         self.projection: Optional[ProjectionRecord] = None
 

@@ -69,17 +69,17 @@ def _hypersphere_init(num_prototypes: int, dim: int, steps: int, lr: float, mome
     protos = F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=1)
     if num_prototypes < 2:
         return protos.float()
-    protos.requires_grad_(True)
-    optimizer = torch.optim.SGD([protos], lr=lr, momentum=momentum)
     off_diagonal = ~torch.eye(num_prototypes, dtype=torch.bool)
+    velocity = torch.zeros_like(protos)
+    # Plain SGD with momentum, written out: torch.optim pulls in torch._dynamo (seconds of import).
     for _ in range(steps):
+        protos.requires_grad_(True)
         cos = protos @ protos.t()
         loss = cos.masked_select(off_diagonal).view(num_prototypes, -1).max(dim=1).values.mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        (grad,) = torch.autograd.grad(loss, protos)
         with torch.no_grad():
-            protos.copy_(F.normalize(protos, dim=1))
+            velocity.mul_(momentum).add_(grad)
+            protos = F.normalize(protos.detach() - lr * velocity, dim=1)
     return protos.detach()
 
 

@@ -478,7 +478,7 @@ def model_from_checkpoint(path) -> Tuple[PrototypeModel, Dict[str, Any]]:
     saved = load_checkpoint(path)
     cfg = dict(saved["model_config"])
     cfg["weights"] = "none"  # the trained weights come from the checkpoint, not from the original source
-    model = PrototypeModel(ModelConfig(**cfg))
+    model = PrototypeModel(ModelConfig(**cfg), for_loading=True)
     load_model_state(model, saved)
     model.config.weights = saved["model_config"].get("weights")
     return model, saved

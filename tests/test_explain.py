@@ -10,7 +10,8 @@ from protoknn_plugin.data import create_dataset
 from protoknn_plugin.errors import ProtoKNNError, UnknownNameError
 from protoknn_plugin.explain import (activation_box, cell_box, contributions, counterfactual, resolve_class,
                                      this_looks_like_that)
-from protoknn_plugin.figures import counterfactual_figure, explain_command, looks_like_figure, save_figure
+from protoknn_plugin.figures import (counterfactual_figure, explain_command, looks_like_figure, prototype_grid_figure,
+                                     save_figure)
 from protoknn_plugin.model import ModelConfig, PrototypeModel
 from protoknn_plugin.train import TrainConfig, Trainer
 
@@ -229,6 +230,20 @@ def test_figures_write_pngs_and_bad_paths_are_one_line_errors(runs, splits, tmp_
 
     with pytest.raises(ProtoKNNError, match=r"must end in"):
         save_figure(Figure(), tmp_path / "figure.txt")
+
+
+def test_prototype_grid_refuses_unprojected_models_and_draws_projected_ones(runs, splits, tmp_path):
+    from PIL import Image
+
+    path = prototype_grid_figure(runs["protopnet"][1], splits, tmp_path / "grid.png")
+    with Image.open(path) as png:
+        assert png.width > 500 and png.height > 400
+    unprojected = PrototypeModel(ModelConfig(head="protopnet", num_classes=10, in_channels=1, num_prototypes=20,
+                                             dim=16, backbone_options={"width": 8}))
+    with pytest.raises(ProtoKNNError, match="never projected"):
+        prototype_grid_figure(unprojected, splits, tmp_path / "none.png")
+    with pytest.raises(ProtoKNNError, match="no prototypes"):
+        prototype_grid_figure(runs["cnn"][1], splits, tmp_path / "none.png")
 
 
 def test_explain_command_accepts_an_image_path(runs, splits, tmp_path):
