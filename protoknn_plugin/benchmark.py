@@ -213,7 +213,14 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
             if console is not None:
                 console.print(f"[bold]{spec.label}[/] seed {seed}")
             run_dir = out_dir / "runs" / f"{spec.label.replace(':', '-').replace('/', '-')}-seed{seed}"
-            runs.append(run_one(spec, seed, settings, splits, run_dir, progress=progress))
+            if spec.head.startswith("cabrnet:"):
+                # CaBRNet's own implementation as a baseline row (extra `protoknn-plugin[cabrnet]`).
+                from protoknn_plugin.adapters.cabrnet.baseline import run_cabrnet_head
+
+                runs.append(run_cabrnet_head(spec.head.split(":", 1)[1], settings, splits, run_dir, seed,
+                                             label=spec.label, options=spec.head_options, progress=progress))
+            else:
+                runs.append(run_one(spec, seed, settings, splits, run_dir, progress=progress))
     summary = summarise(runs)
     meta = {"dataset": settings.dataset, "backbone": settings.backbone, "seeds": list(settings.seeds),
             "epochs": settings.train.epochs, "prototypes": settings.prototypes, "dim": settings.dim,

@@ -265,7 +265,8 @@ def _comparison_settings(dataset, data_dir, limit, backbone, weights, backbone_o
 
 @cli.command()
 @click.option("--heads", "head_names", default="protoknn,protopnet,cnn", show_default=True,
-              help="Comma-separated heads; `cnn` is the plain CNN reference row.")
+              help="Comma-separated heads; `cnn` is the plain CNN reference row; cabrnet:protopnet runs "
+                   "CaBRNet's own ProtoPNet (extra protoknn-plugin[cabrnet]).")
 @training_options
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--out", default="runs/benchmark", show_default=True, type=click.Path(), help="Output directory.")
@@ -282,8 +283,13 @@ def benchmark(head_names, dataset, data_dir, limit, backbone, weights, backbone_
     specs = [RunSpec(name, name) for name in _split_list(head_names)]
     from .heads import get_head_class
 
-    for spec in specs:
-        get_head_class(spec.head)  # fail fast on an unknown name, before any training
+    for spec in specs:  # fail fast on an unknown name, before any training
+        if spec.head.startswith("cabrnet:"):
+            from protoknn_plugin.adapters.cabrnet import require_cabrnet
+
+            require_cabrnet()
+        else:
+            get_head_class(spec.head)
     settings = _comparison_settings(dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
                                     prototypes, dim, steps_per_epoch, device, seeds)
     run_comparison(specs, settings, out, title=f"heads on {dataset} ({backbone}, {epochs} epochs)", console=console)

@@ -195,6 +195,8 @@ def test_errors_are_one_line_and_name_the_problem():
     one_line_error(lambda: KNNClassifier().fit(bad, y), "non-finite")
     one_line_error(lambda: knn.predict(bad[:5]), "non-finite")
     one_line_error(lambda: knn.search(torch.full((2, 8), float("inf")), 1), "non-finite")
+    huge = torch.full((4, 2), 3e38)  # finite, though their sum overflows: still accepted
+    assert len(KNNClassifier(k=1).fit(huge, torch.arange(4))) == 4
     one_line_error(lambda: KNNClassifier().fit(torch.empty(0, 8), torch.empty(0, dtype=torch.long)), "empty")
     one_line_error(lambda: knn.nearest_of_class(q, 7), "class 7")
     one_line_error(lambda: KNNClassifier().fit(x, y[:-1]), "labels")

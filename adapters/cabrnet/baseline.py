@@ -101,7 +101,8 @@ def protopnet_schedule(epochs: int, options: Dict[str, Any], pretrained: bool) -
         periods["warmup"] = {"epoch_range": [0, warm - 1], "freeze": ["backbone", "last_layer"],
                              "optimizers": "warm_optimizer"}
     if epochs > warm:
-        periods["joint"] = {"epoch_range": [warm, epochs - 1], "freeze": ["last_layer"], "optimizers": "joint_optimizer"}
+        periods["joint"] = {"epoch_range": [warm, epochs - 1], "freeze": ["last_layer"],
+                            "optimizers": "joint_optimizer"}
     training = {
         "param_groups": {"backbone": "extractor.convnet", "add_on": "extractor.add_on",
                          "prototypes": "classifier.prototypes", "last_layer": "classifier.last_layer"},
@@ -155,7 +156,8 @@ def run_cabrnet_protopnet(settings: Any, splits: Any, out_dir: Path | str, seed:
 
     unknown = sorted(set(options or {}) - set(DEFAULT_OPTIONS))
     if unknown:
-        raise ProtoKNNError(f"unknown cabrnet:protopnet option(s) {', '.join(unknown)}; valid: {', '.join(DEFAULT_OPTIONS)}")
+        raise ProtoKNNError(f"unknown cabrnet:protopnet option(s) {', '.join(unknown)}; "
+                            f"valid: {', '.join(DEFAULT_OPTIONS)}")
     opts = {**DEFAULT_OPTIONS, **(options or {})}
     test_images = len(splits.test)
     check(test_images > 0, "the evaluation set is empty; check the dataset path and --limit")

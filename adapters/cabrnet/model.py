@@ -228,7 +228,8 @@ class ProtoKNNCaBRNet(CaBRNet):
                        f"vs class {result['negative_class']} (training image {result['negative_index']})"))
             for proto_idx, contribution, _ in relevant:
                 patch_path = os.path.join(output_dir, "test_patches", f"proto_similarity_{proto_idx}.png")
-                visualizer.forward(img=image, img_tensor=img_tensor, proto_idx=proto_idx, device=device).save(patch_path)
+                patch = visualizer.forward(img=image, img_tensor=img_tensor, proto_idx=proto_idx, device=device)
+                patch.save(patch_path)
                 graph.add_similarity(
                     prototype_img_path=os.path.join(prototype_dir, f"prototype_{proto_idx}.png"),
                     test_patch_img_path=patch_path,
