@@ -516,32 +516,37 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 # ---------------------------------------------------------------- command line
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    ap.add_argument("--backbone", default="small-cnn", help="a registered backbone (small-cnn, resnet50, ...)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    ap.add_argument("--backbone", default="small-cnn", help="a registered backbone (default: %(default)s)")
     ap.add_argument("--image-size", type=int, default=None, help="square input side (default: the backbone's own)")
     ap.add_argument("--in-channels", type=int, default=None, help="default: 1 for small-cnn, else 3")
-    ap.add_argument("--batch-classes", type=int, default=10)
-    ap.add_argument("--per-class", type=int, default=11)
+    ap.add_argument("--batch-classes", type=int, default=10, help="classes per batch (default: %(default)s)")
+    ap.add_argument("--per-class", type=int, default=11, help="images per class (default: %(default)s)")
     ap.add_argument("--num-classes", type=int, default=None,
-                    help="classes of the model (default: --batch-classes); ProtoPNet has P / classes per class")
-    ap.add_argument("--prototypes", type=int, default=100)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--weights", default="none", help="backbone weights: none (random), imagenet or PATH")
-    ap.add_argument("--heads", nargs="+", default=list(HEADS), help="heads to time, in this order")
-    ap.add_argument("--epochs", type=int, default=20, help="epochs the phases are laid out for (picks the phase)")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2, help="rounds before timing (>= 1; the first primes)")
+                    help="classes of the model (default: --batch-classes); ProtoPNet keeps P / classes "
+                         "prototypes per class when that divides, else 10 per class")
+    ap.add_argument("--prototypes", type=int, default=100, help="P (default: %(default)s)")
+    ap.add_argument("--dim", type=int, default=64, help="D, the add-on's output channels (default: %(default)s)")
+    ap.add_argument("--weights", default="none", help="backbone weights: none (random), imagenet or PATH "
+                                                      "(default: %(default)s)")
+    ap.add_argument("--heads", nargs="+", default=list(HEADS), help="heads to time, in this order "
+                                                                    "(default: %(default)s)")
+    ap.add_argument("--epochs", type=int, default=20,
+                    help="epochs the phases are laid out for; picks the phase (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="rounds before timing, >= 1; the first primes the optimiser (default: %(default)s)")
     ap.add_argument("--tf32", choices=("default", "on", "off"), default="default",
                     help="CUDA only: TF32 for matmuls and convolutions (default: torch's, as the trainer runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="model, batch and sampling seed (default: %(default)s)")
     ap.add_argument("--target", type=float, default=None,
                     help="ratio target (default: 1.25 for small-cnn, 1.05 otherwise)")
     ap.add_argument("--profile", choices=("none", "cprofile", "torch"), default="none",
-                    help="also profile one full step of protoknn and protopnet; text next to --out")
-    ap.add_argument("--out", type=Path, default=Path("bench-out/step.json"))
+                    help="also profile one full step of protoknn and protopnet; text next to --out "
+                         "(default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=Path("bench-out/step.json"), help="JSON (default: %(default)s)")
     args = ap.parse_args(argv)
 
     backbone_cls = BACKBONES.get(args.backbone)  # an unknown name raises with close matches

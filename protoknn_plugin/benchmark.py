@@ -42,6 +42,7 @@ class BenchmarkSettings:
     prototypes: int = 100
     dim: int = 64
     limit: Optional[int] = None
+    strict: bool = False
     seeds: Sequence[int] = (0,)
     train: TrainConfig = field(default_factory=TrainConfig)
     backbone_options: Dict[str, Any] = field(default_factory=dict)
@@ -206,7 +207,7 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
         raise ProtoKNNError("nothing to compare: pass at least one head or variant")
     out_dir = ensure_writable_dir(out)
     if splits is None:
-        splits = create_dataset(settings.dataset, settings.data_dir, limit=settings.limit)
+        splits = create_dataset(settings.dataset, settings.data_dir, limit=settings.limit, strict=settings.strict)
     runs = []
     for seed in settings.seeds:
         for spec in specs:

@@ -31,6 +31,7 @@ def _split_list(value: str, cast=str) -> List:
 
 def dataset_options(fn):
     """--dataset/--data-dir/--limit, shared by every command that reads data."""
+    fn = click.option("--strict", is_flag=True, help="Fail on a corrupt image instead of skipping it (skips are counted).")(fn)
     fn = click.option("--limit", type=int, default=None, help="Keep this many images per split (stratified), for quick runs.")(fn)
     fn = click.option("--data-dir", type=click.Path(), default=None, help="Folder of datasets read from disk.")(fn)
     fn = click.option("--dataset", default="animals", show_default=True, help="Dataset name (see `protoknn datasets`).")(fn)
@@ -173,13 +174,14 @@ def heads():
               help="ProtoKNN cluster loss: most-similar, sampling, debias, linear-assignment, full.")
 @click.option("--cluster-reduction", default="mean", show_default=True, help="ProtoKNN: mean (per sample) or sum.")
 @click.option("--memory", default="full", show_default=True, help="ProtoKNN kNN memory: full, condensed or ivfpq.")
+@click.option("--k", "k", type=int, default=5, show_default=True, help="ProtoKNN: k of the reported prediction (k = 1, 3, 5, 10 are always evaluated).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Use torch's deterministic algorithms (GPU).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory.")
 @run_cli
-def train(head, dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
-          steps_per_epoch, device, threads, task_loss, aux_loss, cluster_variant, cluster_reduction, memory, seed,
+def train(head, dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
+          steps_per_epoch, device, threads, task_loss, aux_loss, cluster_variant, cluster_reduction, memory, k, seed,
           deterministic, resume, out):
     """Train one head. Writes OUT/checkpoint.pt after every epoch (atomically) and OUT/metrics.json
     with test accuracy at the end. Cost: about epochs x (training set / batch) steps; on this 2-core
@@ -190,11 +192,12 @@ def train(head, dataset, data_dir, limit, backbone, weights, backbone_opts, epoc
     from .train import Trainer, evaluate, write_json
 
     _setup_threads(threads)
-    splits = create_dataset(dataset, data_dir, limit=limit)
+    splits = create_dataset(dataset, data_dir, limit=limit, strict=strict)
+    _report_skipped(splits)
     head_options = {}
     if head == "protoknn":
         head_options = dict(task_loss=task_loss, aux_loss=aux_loss, cluster_variant=cluster_variant,
-                            cluster_reduction=cluster_reduction, memory=memory)
+                            cluster_reduction=cluster_reduction, memory=memory, k=k)
     config = ModelConfig(head=head, backbone=backbone, num_classes=len(splits.classes), in_channels=splits.channels,
                          num_prototypes=prototypes, dim=dim, weights=weights, head_options=head_options, seed=seed,
                          backbone_options=parse_options(backbone_opts))
@@ -219,6 +222,13 @@ def train(head, dataset, data_dir, limit, backbone, weights, backbone_opts, epoc
         write_json(Path(out) / "metrics.json", metrics)
         _print_metrics(metrics, f"{head} on {dataset}")
     distributed.teardown()
+
+
+def _report_skipped(splits) -> None:
+    skipped = getattr(splits, "skipped", None) or []
+    if skipped:
+        err_console.print(f"warning: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}; "
+                          "pass --strict to stop on them instead", markup=False)
 
 
 def _print_metrics(metrics, title):
@@ -253,12 +263,12 @@ def evaluate(run_dir, data_dir, device):
     _print_metrics(metrics, f"{saved['model_config']['head']} on {saved['dataset']}")
 
 
-def _comparison_settings(dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
+def _comparison_settings(dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
                          dim, steps_per_epoch, device, seeds):
     from .benchmark import BenchmarkSettings
 
     return BenchmarkSettings(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
-                             prototypes=prototypes, dim=dim, limit=limit, seeds=_split_list(seeds, int),
+                             prototypes=prototypes, dim=dim, limit=limit, strict=strict, seeds=_split_list(seeds, int),
                              backbone_options=parse_options(backbone_opts),
                              train=_train_config(epochs, batch_classes, per_class, steps_per_epoch, device))
 
@@ -271,7 +281,7 @@ def _comparison_settings(dataset, data_dir, limit, backbone, weights, backbone_o
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--out", default="runs/benchmark", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
-def benchmark(head_names, dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
+def benchmark(head_names, dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
               dim, steps_per_epoch, device, threads, seeds, out):
     """Train and evaluate every head on the same data, backbone initialisation and budget, and print one
     table (mean ± std over seeds): accuracy (per k for kNN heads), prototype spread, train seconds, peak
@@ -290,7 +300,7 @@ def benchmark(head_names, dataset, data_dir, limit, backbone, weights, backbone_
             require_cabrnet()
         else:
             get_head_class(spec.head)
-    settings = _comparison_settings(dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
+    settings = _comparison_settings(dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
                                     prototypes, dim, steps_per_epoch, device, seeds)
     run_comparison(specs, settings, out, title=f"heads on {dataset} ({backbone}, {epochs} epochs)", console=console)
 
@@ -302,7 +312,7 @@ def benchmark(head_names, dataset, data_dir, limit, backbone, weights, backbone_
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--out", default="runs/ablate", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
-def ablate(variants, dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
+def ablate(variants, dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
            steps_per_epoch, device, threads, seeds, out):
     """The paper's Table 7 on any dataset: ProtoKNN with each cluster-loss variant, accuracy at k = 1, 3, 5
     and prototype spread. Writes OUT/results.json, results.csv, results.md. Cost: one ProtoKNN training
@@ -320,7 +330,7 @@ def ablate(variants, dataset, data_dir, limit, backbone, weights, backbone_opts,
         if reduction not in ("", "mean", "sum"):
             raise ProtoKNNError(f"unknown reduction {reduction!r} in {item!r}; use VARIANT, VARIANT:mean or VARIANT:sum")
         specs.append(RunSpec(item, "protoknn", {"cluster_variant": variant, "cluster_reduction": reduction or "mean"}))
-    settings = _comparison_settings(dataset, data_dir, limit, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
+    settings = _comparison_settings(dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
                                     prototypes, dim, steps_per_epoch, device, seeds)
     run_comparison(specs, settings, out, title=f"cluster-loss ablation on {dataset}", console=console)
 
@@ -355,6 +365,13 @@ def prototypes(run_dir, data_dir, out):
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    import warnings
+
+    from .data.base import DatasetWarning
+
+    warnings.filterwarnings("ignore", category=DatasetWarning)  # the CLI reports skipped images itself
+    # Library warnings as one line each, like our errors.
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
         cli.main(args=argv, prog_name="protoknn", standalone_mode=True)
     except KeyboardInterrupt:

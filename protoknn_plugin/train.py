@@ -217,6 +217,7 @@ class Trainer:
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model.to(self.device)
+        model.head.check_data(splits.train_labels)  # fail now, not after hours of training
         self.phases: List[Phase] = model.head.phases(config.epochs, model.pretrained_backbone)
         self.state = TrainState()
         self.optimizer: Optional[torch.optim.Optimizer] = None

@@ -83,6 +83,8 @@ class Head(nn.Module):
         return {}
 
     # ---- training --------------------------------------------------------------
+    def check_data(self, labels: Tensor) -> None:
+        """Raise ProtoKNNError before training if this head cannot work on these training labels (N,)."""
     def loss(self, out: PrototypeOutputs, labels: Tensor) -> Dict[str, Tensor]:
         """Named loss terms plus ``total`` (the one to backpropagate)."""
         raise NotImplementedError

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cluster import ProtoKNNClusterLoss
+from ..errors import ProtoKNNError
 from ..knn import KNNClassifier
 from ..losses import create_metric_loss
 from ..prototypes import PrototypeOutputs
@@ -72,7 +73,8 @@ class ProtoKNNHead(Head):
         )
         # The aux embedding g exists only when the aux loss is on (Table 5's `none` row has none).
         self.aux_embedding = nn.Linear(backbone_channels, dim) if self.aux_loss.enabled else None
-        self.knn = KNNClassifier(k=k, ks=tuple(ks), memory=memory, num_classes=num_classes)
+        ks = tuple(sorted(set(ks) | {k}))
+        self.knn = KNNClassifier(k=k, ks=ks, memory=memory, num_classes=num_classes)
         self.primary = f"k={k}"
 
     @classmethod
@@ -104,7 +106,24 @@ class ProtoKNNHead(Head):
         preds = self.knn.predict_many(out.profile.detach().float())
         return {f"k={k}": p for k, p in preds.items()}
 
+    def check_data(self, labels: Tensor) -> None:
+        """Fail before training when k cannot work on this training set (labels (N,))."""
+        largest_k = max(self.knn.ks + (self.knn.k,))
+        if largest_k > len(labels):
+            raise ProtoKNNError(
+                f"k={largest_k} is larger than the {len(labels)} training profiles in the kNN memory; lower --k or use more data"
+            )
+        counts = torch.bincount(labels.cpu(), minlength=self.num_classes)
+        smallest = int(counts[counts > 0].min())
+        if self.knn.k > smallest:
+            raise ProtoKNNError(
+                f"k={self.knn.k} is larger than the smallest class in the kNN memory ({smallest} images), so that class "
+                "can never win a majority vote; lower --k"
+            )
+
     def fit_memory(self, profiles: Tensor, labels: Tensor) -> None:
+        """Store the training profiles (N, P) as the kNN memory; every k must fit the memory."""
+        self.check_data(labels)
         self.knn.fit(profiles.float(), labels)
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
