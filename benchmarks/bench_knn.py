@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import faiss
-import numpy as np
 import sklearn
 import torch
 from rich.console import Console
@@ -42,7 +41,7 @@ from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from protoknn_plugin.knn import KNNClassifier, majority_vote, torch_knn_search  # noqa: E402
+from protoknn_plugin.knn import KNNClassifier, majority_vote  # noqa: E402
 
 Search = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -151,17 +150,18 @@ def build_methods(memory: torch.Tensor, labels: torch.Tensor, k: int) -> Dict[st
 
 
 def timed(fn: Callable[[], object], repeats: int = 1) -> Tuple[float, object]:
+    """Fastest of ``repeats`` runs (the least disturbed by other processes) and the output."""
     times, out = [], None
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    return min(times), out
 
 
 # ---------------------------------------------------------------- main comparison
 def compare(num_items: int, num_queries: int, dim: int, k: int, classes: int, seed: int,
-            methods: Optional[List[str]], console: Console) -> List[dict]:
+            methods: Optional[List[str]], repeats: int, console: Console) -> List[dict]:
     memory, labels, queries, query_labels = make_profiles(num_items, num_queries, dim, classes, seed)
     rows, reference = [], None
     for name, (build, extra) in build_methods(memory, labels, k).items():
@@ -170,7 +170,7 @@ def compare(num_items: int, num_queries: int, dim: int, k: int, classes: int, se
         with PeakRSS() as peak:
             build_s, search = timed(build)
             search(queries[:64])  # warm-up: lazy initialisation, thread pools
-            search_s, (dist, idx) = timed(lambda: search(queries))
+            search_s, (dist, idx) = timed(lambda: search(queries), repeats)
         pred = majority_vote(labels[idx], classes)
         if reference is None:
             reference = (idx, pred)
@@ -312,6 +312,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="timed searches per method (the fastest counts)")
     parser.add_argument("--methods", nargs="*", default=None, help="subset of method names (default: all)")
     parser.add_argument("--gemm-items", type=int, default=100_000)
     parser.add_argument("--gemm-queries", type=int, default=2_000)
@@ -327,7 +328,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     rows = []
     with threadpool_limits(args.threads):  # sklearn's OpenMP/BLAS pools
         for n in sizes:
-            rows += compare(n, args.queries, args.dim, args.k, args.classes, args.seed, args.methods, console)
+            rows += compare(n, args.queries, args.dim, args.k, args.classes, args.seed, args.methods,
+                            args.repeats, console)
         gemm = None if args.skip_gemm else gemm_check(args.gemm_items, args.gemm_queries, args.dim, args.k,
                                                       args.classes, args.seed, args.gemm_repeats, console)
     print_table(rows, gemm, console)

@@ -59,6 +59,11 @@ def faiss_gpu_available() -> bool:
 
 
 # ---------------------------------------------------------------- search kernels
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """(N, P) -> (N,) ||x_i||^2 without an (N, P) temporary (x.square() would copy the bank)."""
+    return torch.linalg.vector_norm(x, dim=1).square()
+
+
 def torch_knn_search(queries: torch.Tensor, memory: torch.Tensor, k: int,
                      memory_sq_norms: Optional[torch.Tensor] = None,
                      block_elements: Optional[int] = None,
@@ -74,10 +79,14 @@ def torch_knn_search(queries: torch.Tensor, memory: torch.Tensor, k: int,
     block_elements = block_elements or TORCH_BLOCK_ELEMENTS[kind]
     query_chunk = query_chunk or TORCH_QUERY_CHUNK[kind]
     if memory_sq_norms is None:
-        memory_sq_norms = memory.square().sum(dim=1)
+        memory_sq_norms = squared_norms(memory)
     out_dist, out_idx = [], []
     query_chunk = max(1, min(query_chunk, queries.shape[0]))
     memory_chunk = max(k, block_elements // query_chunk)
+    if memory_chunk > 256:
+        # a multiple of 256 keeps the GEMM on its fast aligned kernels (1000 queries x 4194
+        # items measured 1.25x slower than 1000 x 4096)
+        memory_chunk -= memory_chunk % 256
     # one reused block buffer: a fresh 32 MiB tensor per chunk would cost page faults on CPU
     buffer = torch.empty(query_chunk * min(memory_chunk, num_items), dtype=queries.dtype, device=queries.device)
     for q_start in range(0, queries.shape[0], query_chunk):
@@ -98,7 +107,7 @@ def torch_knn_search(queries: torch.Tensor, memory: torch.Tensor, k: int,
                 merged_idx = torch.cat([best_idx, idx], dim=1)
                 best_val, order = merged_val.topk(k, dim=1, largest=False, sorted=True)
                 best_idx = merged_idx.gather(1, order)
-        dist = (best_val + q.square().sum(dim=1, keepdim=True)).clamp_min_(0.0)
+        dist = (best_val + squared_norms(q).unsqueeze(1)).clamp_min_(0.0)
         out_dist.append(dist)
         out_idx.append(best_idx)
     return torch.cat(out_dist), torch.cat(out_idx)
@@ -311,7 +320,7 @@ class KNNClassifier(nn.Module):
     def _torch_memory(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         if device not in self._torch_cache:
             memory = self.memory_profiles.to(device, torch.float32).contiguous()
-            self._torch_cache[device] = (memory, memory.square().sum(dim=1))
+            self._torch_cache[device] = (memory, squared_norms(memory))
         return self._torch_cache[device]
 
     def _numpy_memory(self) -> np.ndarray:

@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 import torch
 
-from .errors import ProtoKNNError, check
+from .errors import check
 from .registry import Registry
 
 MEMORY_SELECTORS: Registry = Registry("kNN memory")

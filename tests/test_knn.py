@@ -77,6 +77,9 @@ def test_torch_search_chunks_agree_with_one_block():
     chunked = torch_knn_search(q, x, 7, block_elements=5 * 64, query_chunk=5)
     assert torch.equal(whole[1], chunked[1])
     torch.testing.assert_close(whole[0], chunked[0])
+    # memory chunk 300 // 1 rounds down to 256 (aligned GEMM): chunks 256 + 1 of 257 items
+    aligned = torch_knn_search(q, x, 7, block_elements=300, query_chunk=1)
+    assert torch.equal(whole[1], aligned[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
