@@ -273,6 +273,11 @@ def transport_plan(
     others get T = 0 anyway); it changes the speed, not the plan.
     """
     _check_matrix(cost, "cost")
+    if not bool(torch.isfinite(cost).all()):
+        raise ProtoKNNError(
+            "non-finite values (NaN or inf) in the transport cost; check the feature maps and "
+            "prototypes upstream, or lower the learning rate"
+        )
     _check_labels(labels, cost.shape[0])
     _check_matrix(affiliation, "affiliation", "(Y, P)")
     if solver not in SOLVERS:

@@ -38,14 +38,13 @@ class SinkhornResult:
     converged: bool
 
 
-def _logsumexp(x: Tensor, dim: int) -> Tensor:
-    """log sum exp over ``dim``; a slice of only -inf gives -inf (not NaN).
-
-    Measured a little faster than torch.logsumexp on CPU here, which matters
-    because Sinkhorn spends nearly all its time in these two reductions.
+def _logsumexp_(x: Tensor, dim: int) -> Tensor:
+    """log sum exp over ``dim``, overwriting ``x`` (a scratch buffer); a slice of only
+    -inf gives -inf, not NaN. Working in place saves an allocation and a pass per
+    call, which matters because Sinkhorn spends nearly all its time here.
     """
     m = x.amax(dim, keepdim=True).clamp_(min=torch.finfo(x.dtype).min)
-    return (x - m).exp_().sum(dim).log_().add_(m.squeeze(dim))
+    return x.sub_(m).exp_().sum(dim).log_().add_(m.squeeze(dim))
 
 
 @torch.no_grad()
@@ -70,21 +69,25 @@ def log_sinkhorn_batched(
     """
     if check_every is None:
         check_every = 5 if cost.device.type == "cpu" else 10
-    # Work in (N, Y, P): the column update then reduces over the outermost axis,
-    # i.e. over N contiguous (Y, P) slabs, much faster than a strided middle axis.
-    log_k = cost.transpose(0, 1) / (-reg)  # (N, Y, P), contiguous
+    # Work in (N, Y, P), laid out contiguously (a plain transpose-then-divide would
+    # keep the (Y, N, P) memory order): the column update then reduces over the
+    # outermost axis, i.e. over N contiguous (Y, P) slabs, not a strided middle axis.
+    y, n, p = cost.shape
+    log_k = torch.empty((n, y, p), dtype=cost.dtype, device=cost.device)  # never a view of cost
+    torch.div(cost.transpose(0, 1), -reg, out=log_k)
     log_a = log_a.transpose(0, 1)  # (N, Y)
     a = log_a.exp()
+    buf = torch.empty_like(log_k)  # scratch for every log-sum-exp
     v = torch.zeros_like(log_b)
     # row log-sums of K diag(exp v); reused by the next u-update and the error check
-    row_lse = _logsumexp(log_k + v, dim=2)  # (N, Y)
+    row_lse = _logsumexp_(torch.add(log_k, v, out=buf), dim=2)  # (N, Y)
     err = float("inf")
     n_iter = 0
     while n_iter < max_iter:
         n_iter += 1
         u = log_a - row_lse
-        v = log_b - _logsumexp(log_k + u.unsqueeze(2), dim=0)
-        row_lse = _logsumexp(log_k + v, dim=2)
+        v = log_b - _logsumexp_(torch.add(log_k, u.unsqueeze(2), out=buf), dim=0)
+        row_lse = _logsumexp_(torch.add(log_k, v, out=buf), dim=2)
         if n_iter % check_every == 0 or n_iter == max_iter:
             # row sums of the current plan are exp(u + row_lse); padded rows give 0 - 0
             err = float((torch.exp(u + row_lse) - a).abs().amax())
@@ -94,5 +97,5 @@ def log_sinkhorn_batched(
     # in the loss) even when max_iter stops an unconverged solve; the column
     # marginals carry the remaining error.
     u = log_a - row_lse
-    plan = (log_k + u.unsqueeze(2) + v).exp_().transpose(0, 1)
+    plan = log_k.add_(u.unsqueeze(2)).add_(v).exp_().transpose(0, 1)  # log_k is ours
     return SinkhornResult(plan=plan, marginal_error=err, n_iter=n_iter, converged=err < tol)

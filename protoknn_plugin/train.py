@@ -31,7 +31,7 @@ from .model import ModelConfig, PrototypeModel
 class TrainConfig:
     """How to train. ``steps_per_epoch=None`` means len(train) // batch size."""
 
-    epochs: int = 8
+    epochs: int = 4
     batch_classes: int = 10
     per_class: int = 11
     steps_per_epoch: Optional[int] = None

@@ -235,6 +235,16 @@ def test_plan_rejects_wrong_classes_and_solver():
         transport_plan(gap, labels, classes, affil, solver="pot_loop")
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 4), (3, 1, 4)])
+def test_sinkhorn_leaves_its_inputs_untouched(shape):
+    cost = torch.rand(*shape, generator=gen())
+    before = cost.clone()
+    b = torch.full((shape[0], shape[2]), shape[1] / shape[2])
+    res = log_sinkhorn_batched(cost, torch.zeros(shape[:2]), b.log(), reg=0.05)
+    assert torch.equal(cost, before)
+    assert torch.allclose(res.plan.sum(2), torch.ones(shape[:2]), atol=1e-6)
+
+
 def test_sinkhorn_zero_mass_rows_and_columns_give_zero_not_nan():
     cost = torch.rand(2, 3, 4, generator=gen())
     log_a = torch.tensor([[0.0, 0.0, -math.inf], [0.0, -math.inf, -math.inf]])
