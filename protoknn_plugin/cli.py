@@ -286,7 +286,7 @@ def benchmark(head_names, dataset, data_dir, limit, strict, backbone, weights, b
     """Train and evaluate every head on the same data, backbone initialisation and budget, and print one
     table (mean ± std over seeds): accuracy (per k for kNN heads), prototype spread, train seconds, peak
     memory, test images/s. Writes OUT/results.json, results.csv, results.md and OUT/runs/<head>-seed<N>/.
-    Cost with no options: 3 heads x 3 seeds x 4 epochs on `animals`, about BENCH_MINUTES minutes on a 2-core CPU."""
+    Cost with no options: 3 heads x 3 seeds x 4 epochs on `animals`, about 8 minutes on a 2-core CPU."""
     from .benchmark import RunSpec, run_comparison
 
     _setup_threads(threads)
