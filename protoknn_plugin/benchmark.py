@@ -43,6 +43,7 @@ class BenchmarkSettings:
     dim: int = 64
     limit: Optional[int] = None
     strict: bool = False
+    crop: bool = False
     seeds: Sequence[int] = (0,)
     train: TrainConfig = field(default_factory=TrainConfig)
     backbone_options: Dict[str, Any] = field(default_factory=dict)
@@ -99,7 +100,7 @@ def run_one(spec: RunSpec, seed: int, settings: BenchmarkSettings, splits, out_d
     model = PrototypeModel(config)
     trainer = Trainer(model, splits, train_config, out_dir=str(out_dir), progress=progress,
                       dataset_name=settings.dataset,
-                      data_info={"data_dir": settings.data_dir, "limit": settings.limit})
+                      data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop})
     with PeakMemory(trainer.device) as peak:
         started = time.perf_counter()
         trainer.fit()
@@ -207,7 +208,8 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
         raise ProtoKNNError("nothing to compare: pass at least one head or variant")
     out_dir = ensure_writable_dir(out)
     if splits is None:
-        splits = create_dataset(settings.dataset, settings.data_dir, limit=settings.limit, strict=settings.strict)
+        splits = create_dataset(settings.dataset, settings.data_dir, limit=settings.limit, strict=settings.strict,
+                                crop=settings.crop)
     runs = []
     for seed in settings.seeds:
         for spec in specs:

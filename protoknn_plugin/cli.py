@@ -31,6 +31,7 @@ def _split_list(value: str, cast=str) -> List:
 
 def dataset_options(fn):
     """--dataset/--data-dir/--limit, shared by every command that reads data."""
+    fn = click.option("--crop", is_flag=True, help="Crop images to their bounding boxes (cub200, stanford-dogs, stanford-cars).")(fn)
     fn = click.option("--strict", is_flag=True, help="Fail on a corrupt image instead of skipping it (skips are counted).")(fn)
     fn = click.option("--limit", type=int, default=None, help="Keep this many images per split (stratified), for quick runs.")(fn)
     fn = click.option("--data-dir", type=click.Path(), default=None, help="Folder of datasets read from disk.")(fn)
@@ -42,6 +43,9 @@ def training_options(fn):
     """Budget, model size and device options, shared by train, benchmark and ablate."""
     options = [
         click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
+        click.option("--preset", default=None, callback=_apply_preset, expose_value=False, is_eager=False,
+                     help="The paper's settings: paper-cub-full, paper-cub-crop, paper-cars-crop, paper-dogs-full; "
+                          "options given explicitly win."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--steps-per-epoch", type=int, default=None, help="Batches per epoch (default: training set / batch)."),
         click.option("--dim", type=int, default=64, show_default=True, help="Prototype dimension D (add-on output channels)."),
@@ -64,6 +68,42 @@ def _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, see
 
     return TrainConfig(epochs=epochs, batch_classes=batch_classes, per_class=per_class,
                        steps_per_epoch=steps_per_epoch, device=device, seed=seed, deterministic=deterministic)
+
+
+def with_preset(fn):
+    """Apply --preset to the options the user left at their defaults, then call ``fn``."""
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        return fn(**_preset_wins(click.get_current_context(), kwargs))
+
+    return wrapper
+
+
+def _apply_preset(ctx: click.Context, param, value):
+    """Fill every option the user left at its default from the named preset."""
+    if value is None:
+        return None
+    from .presets import get_preset
+
+    try:
+        preset = get_preset(value)
+    except ProtoKNNError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        sys.exit(err.exit_code)
+    ctx.ensure_object(dict)["preset"] = preset
+    return value
+
+
+def _preset_wins(ctx: click.Context, params: dict) -> dict:
+    """Options from --preset replace those still at their defaults."""
+    preset = (ctx.obj or {}).get("preset") or {}
+    from click.core import ParameterSource
+
+    for key, value in preset.items():
+        if key in params and ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+            params[key] = value
+    return params
 
 
 def parse_options(pairs) -> dict:
@@ -100,6 +140,16 @@ def run_cli(fn):
         except ProtoKNNError as err:
             err_console.print(f"error: {err}", markup=False, highlight=False)
             sys.exit(err.exit_code)
+        except (KeyboardInterrupt, SystemExit, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as err:  # a bug or an unforeseen failure: still one line, traceback on request
+            if os.environ.get("PROTOKNN_DEBUG"):
+                raise
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            err_console.print(f"error: unexpected {type(err).__name__}: {first} "
+                              "(rerun with PROTOKNN_DEBUG=1 for the traceback and report it)", markup=False,
+                              highlight=False)
+            sys.exit(1)
 
     return wrapper
 
@@ -180,7 +230,8 @@ def heads():
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory.")
 @run_cli
-def train(head, dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
+@with_preset
+def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
           steps_per_epoch, device, threads, task_loss, aux_loss, cluster_variant, cluster_reduction, memory, k, seed,
           deterministic, resume, out):
     """Train one head. Writes OUT/checkpoint.pt after every epoch (atomically) and OUT/metrics.json
@@ -192,7 +243,7 @@ def train(head, dataset, data_dir, limit, strict, backbone, weights, backbone_op
     from .train import Trainer, evaluate, write_json
 
     _setup_threads(threads)
-    splits = create_dataset(dataset, data_dir, limit=limit, strict=strict)
+    splits = create_dataset(dataset, data_dir, limit=limit, strict=strict, crop=crop)
     _report_skipped(splits)
     head_options = {}
     if head == "protoknn":
@@ -204,7 +255,7 @@ def train(head, dataset, data_dir, limit, strict, backbone, weights, backbone_op
     model = PrototypeModel(config)
     trainer = Trainer(model, splits, _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed,
                                                    deterministic), out_dir=out, dataset_name=dataset,
-                      data_info={"data_dir": data_dir, "limit": limit})
+                      data_info={"data_dir": data_dir, "limit": limit, "crop": crop})
     from .train import Interrupted
 
     try:
@@ -256,19 +307,20 @@ def evaluate(run_dir, data_dir, device):
     if not saved["train_state"].get("complete"):
         raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
     limit = (saved.get("data") or {}).get("limit")
-    splits = create_dataset(saved["dataset"], data_dir or (saved.get("data") or {}).get("data_dir"), limit=limit)
+    splits = create_dataset(saved["dataset"], data_dir or (saved.get("data") or {}).get("data_dir"), limit=limit,
+                            crop=bool((saved.get("data") or {}).get("crop")))
     dev = resolve_device(device)
     metrics = evaluate_model(model.to(dev), splits.test, device=dev)
     write_json(Path(run_dir) / "metrics.json", metrics)
     _print_metrics(metrics, f"{saved['model_config']['head']} on {saved['dataset']}")
 
 
-def _comparison_settings(dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
+def _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
                          dim, steps_per_epoch, device, seeds):
     from .benchmark import BenchmarkSettings
 
     return BenchmarkSettings(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
-                             prototypes=prototypes, dim=dim, limit=limit, strict=strict, seeds=_split_list(seeds, int),
+                             prototypes=prototypes, dim=dim, limit=limit, strict=strict, crop=crop, seeds=_split_list(seeds, int),
                              backbone_options=parse_options(backbone_opts),
                              train=_train_config(epochs, batch_classes, per_class, steps_per_epoch, device))
 
@@ -281,7 +333,8 @@ def _comparison_settings(dataset, data_dir, limit, strict, backbone, weights, ba
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--out", default="runs/benchmark", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
-def benchmark(head_names, dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
+@with_preset
+def benchmark(head_names, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
               dim, steps_per_epoch, device, threads, seeds, out):
     """Train and evaluate every head on the same data, backbone initialisation and budget, and print one
     table (mean ± std over seeds): accuracy (per k for kNN heads), prototype spread, train seconds, peak
@@ -300,7 +353,7 @@ def benchmark(head_names, dataset, data_dir, limit, strict, backbone, weights, b
             require_cabrnet()
         else:
             get_head_class(spec.head)
-    settings = _comparison_settings(dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
+    settings = _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
                                     prototypes, dim, steps_per_epoch, device, seeds)
     run_comparison(specs, settings, out, title=f"heads on {dataset} ({backbone}, {epochs} epochs)", console=console)
 
@@ -312,7 +365,8 @@ def benchmark(head_names, dataset, data_dir, limit, strict, backbone, weights, b
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--out", default="runs/ablate", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
-def ablate(variants, dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
+@with_preset
+def ablate(variants, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
            steps_per_epoch, device, threads, seeds, out):
     """The paper's Table 7 on any dataset: ProtoKNN with each cluster-loss variant, accuracy at k = 1, 3, 5
     and prototype spread. Writes OUT/results.json, results.csv, results.md. Cost: one ProtoKNN training
@@ -330,7 +384,7 @@ def ablate(variants, dataset, data_dir, limit, strict, backbone, weights, backbo
         if reduction not in ("", "mean", "sum"):
             raise ProtoKNNError(f"unknown reduction {reduction!r} in {item!r}; use VARIANT, VARIANT:mean or VARIANT:sum")
         specs.append(RunSpec(item, "protoknn", {"cluster_variant": variant, "cluster_reduction": reduction or "mean"}))
-    settings = _comparison_settings(dataset, data_dir, limit, strict, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
+    settings = _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
                                     prototypes, dim, steps_per_epoch, device, seeds)
     run_comparison(specs, settings, out, title=f"cluster-loss ablation on {dataset}", console=console)
 

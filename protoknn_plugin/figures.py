@@ -331,7 +331,8 @@ def _run_splits(saved, data_dir):
     from .data import create_dataset
 
     data = saved.get("data") or {}
-    return create_dataset(saved["dataset"], data_dir or data.get("data_dir"), limit=data.get("limit"), augment=False)
+    return create_dataset(saved["dataset"], data_dir or data.get("data_dir"), limit=data.get("limit"), augment=False,
+                          crop=bool(data.get("crop")))
 
 
 def _query_image(splits, image: str) -> Tuple[Tensor, Optional[int], str]:

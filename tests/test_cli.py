@@ -132,3 +132,22 @@ def test_ablate_runs_each_variant(tmp_path):
 
 def test_ablate_unknown_variant(tmp_path):
     assert_one_line_error(run_cli("ablate", "--variants", "ful", *TINY, "--out", tmp_path), "unknown cluster variant", "full")
+
+
+def test_preset_fills_defaults_and_explicit_options_win(tmp_path):
+    # the paper's CUB preset points at cub200, which is absent here: the error shows the preset was applied
+    result = run_cli("train", "--preset", "paper-cub-full", "--data-dir", tmp_path / "nocub", "--out", tmp_path / "r")
+    assert_one_line_error(result, "cub")
+    explicit = run_cli("train", "--preset", "paper-cub-full", "--dataset", "animals", *TINY, "--weights", "none",
+                       "--backbone", "small-cnn", "--batch-classes", "10", "--per-class", "11",
+                       "--out", tmp_path / "r2")
+    assert explicit.returncode == 0, explicit.stderr
+    from protoknn_plugin.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "r2")
+    assert saved["model_config"]["num_prototypes"] == 20  # --prototypes 20 from TINY wins over the preset's 512
+    assert saved["dataset"] == "animals"
+
+
+def test_unknown_preset(tmp_path):
+    assert_one_line_error(run_cli("train", "--preset", "cub-ful", "--out", tmp_path), "unknown preset", "cub-full")

@@ -131,3 +131,18 @@ def test_resume_with_another_head_names_the_field(tmp_path):
     other = run_cli("train", "--head", "protopnet", *TINY, "--out", tmp_path, "--resume")
     assert other.returncode != 0 and "head='protoknn'" in other.stderr and "Traceback" not in other.stderr
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_same_seed_same_weights_and_metrics_other_seed_differs(animals_small):
+    def train(seed):
+        model = PrototypeModel(ModelConfig(head="protoknn", num_classes=10, in_channels=1, num_prototypes=20, dim=16,
+                                           backbone_options={"width": 8}, seed=seed))
+        Trainer(model, animals_small, TrainConfig(epochs=1, steps_per_epoch=3, seed=seed), progress=False).fit()
+        return model, evaluate(model, animals_small.test)
+
+    (a, ma), (b, mb), (c, _) = train(0), train(0), train(1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    tensors = [k for k in sa if isinstance(sa[k], torch.Tensor) and sa[k].is_floating_point()]
+    assert all(torch.equal(sa[k], sb[k]) for k in tensors)
+    assert {k: v for k, v in ma.items() if k.startswith("acc")} == {k: v for k, v in mb.items() if k.startswith("acc")}
+    assert any(not torch.equal(sa[k], sc[k]) for k in tensors if sa[k].shape == sc[k].shape)
