@@ -40,6 +40,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     deterministic: bool = False
     threads: Optional[int] = None
+    # Steps between host syncs (loss check, progress bar). None: every step on CPU, where a
+    # sync is free, and every 10 on GPU, where it stalls the queue.
+    sync_every: Optional[int] = None
 
     @property
     def batch_size(self) -> int:
@@ -223,6 +226,8 @@ class Trainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
         self.on_step = on_step
+        self.sync_every = config.sync_every or (1 if self.device.type == "cpu" else 10)
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._cached: Optional[Tuple[Tensor, Tensor]] = None
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -302,7 +307,10 @@ class Trainer:
             gathered = distributed.gather_with_grad(labels)
             labels = gathered[distributed.unshard_order(len(gathered)).to(gathered.device)]
         terms = self.model.head.loss(out, labels)
-        self._check_finite(terms)
+        if self.sync_every == 1:  # check before the update, so the weights stay finite
+            self._check_finite(terms, self.state.global_step + 1)
+        else:  # remember on the device; checked at the next sync point
+            self._nonfinite = self._nonfinite | ~torch.isfinite(terms["total"].detach())
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         if distributed.is_active():
@@ -314,12 +322,12 @@ class Trainer:
         self.optimizer.step()
         return terms
 
-    def _check_finite(self, terms: Dict[str, Tensor]) -> None:
-        if bool(torch.isfinite(terms["total"])):
+    def _check_finite(self, terms: Dict[str, Tensor], step: int) -> None:
+        if bool(torch.isfinite(terms["total"])) and not bool(self._nonfinite):
             return
         bad = next((k for k, v in terms.items() if k != "total" and not bool(torch.isfinite(v).all())), "total")
         raise ProtoKNNError(
-            f"non-finite loss at step {self.state.global_step + 1} (term {bad!r}); the last good checkpoint is kept; "
+            f"non-finite loss {'at' if self.sync_every == 1 else 'by'} step {step} (term {bad!r}); the last good checkpoint is kept; "
             "lower the learning rate or check the data for NaN"
         )
 
@@ -329,7 +337,8 @@ class Trainer:
             st.batches = epoch_batches(self.splits.train_labels, self.config)
             st.step = 0
         self.model.train()
-        sums = st.epoch_sums  # carries over a resumed epoch's first part
+        # Loss sums stay on the device between sync points (no per-step .item()).
+        sums: Dict[str, Any] = dict(st.epoch_sums)  # carries over a resumed epoch's first part
         seen, started = 0, time.perf_counter()
         labels_all = self.splits.train_labels
         for j, (images, labels) in enumerate(self._loader(st.batches[st.step:], st.global_step)):
@@ -339,10 +348,15 @@ class Trainer:
             st.global_step += 1
             seen += len(labels)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if bar is not None:
-                rate = seen / max(time.perf_counter() - started, 1e-9)
-                bar.update(phase.name, st, len(st.batches), {k: v / st.step for k, v in sums.items()}, rate)
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            at_sync = st.step % self.sync_every == 0 or st.step == len(st.batches) or guard.received is not None
+            if at_sync:
+                self._check_finite(terms, st.global_step)
+                st.epoch_sums = {k: float(v) for k, v in sums.items()}
+                if bar is not None:
+                    rate = seen / max(time.perf_counter() - started, 1e-9)
+                    bar.update(phase.name, st, len(st.batches), {k: v / st.step for k, v in st.epoch_sums.items()},
+                               rate)
             if self.on_step is not None:
                 self.on_step(st.global_step)
             if guard.received is not None:
@@ -350,7 +364,7 @@ class Trainer:
                 raise Interrupted(signal.Signals(guard.received).name)
         if self.scheduler is not None:
             self.scheduler.step()
-        means = {k: v / max(len(st.batches), 1) for k, v in sums.items()}
+        means = {k: v / max(len(st.batches), 1) for k, v in st.epoch_sums.items()}
         st.batches, st.step, st.epoch_sums = None, 0, {}
         return means
 
