@@ -5,6 +5,7 @@ A crash or a full disk during the write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -36,10 +37,14 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 def save_atomic(state: Dict[str, Any], path: str | os.PathLike) -> None:
     """torch.save ``state`` to ``path`` atomically (temp file + fsync + os.replace)."""
     path = Path(path)
+    # Serialise in memory first: torch's writer turns a failed write (a full disk) into a
+    # RuntimeError about stream positions; plain file writes give an honest OSError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            handle.write(buffer.getbuffer())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -49,7 +54,8 @@ def save_atomic(state: Dict[str, Any], path: str | os.PathLike) -> None:
         except OSError:
             pass
         if isinstance(err, OSError):
-            reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+            full = err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            reason = "the disk is full" if full else (err.strerror or str(err))
             raise ProtoKNNError(
                 f"could not write checkpoint {str(path)!r}: {reason}; the previous checkpoint is intact, free space and rerun with --resume"
             ) from None

@@ -144,3 +144,29 @@ def test_zero_feature_maps_give_finite_profiles_and_losses():
         assert torch.isfinite(value).all()
     loss = ProtoKNNClusterLoss()(out.profile, out.cost, out.gap_cost, torch.tensor([0, 0, 1, 1]))
     assert torch.isfinite(loss)
+
+
+def test_disk_filling_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    """The real CLI with a file-size limit (RLIMIT_FSIZE) just above the existing checkpoint:
+    the next, larger checkpoint write fails like a full disk would, mid-write."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    done = run_cli("train", "--head", "protoknn", *TINY, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    limit = len(before) + 512  # the epoch checkpoint of a new run also holds the optimiser state
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "protoknn_plugin", "train", "--head", "protoknn", *TINY,
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            preexec_fn=limited, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert_one_line_error(result, "could not write checkpoint", "previous checkpoint is intact")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.json"]  # no temp file left

@@ -73,11 +73,30 @@ def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_atomic({"model_config": {"head": "x"}, "value": 1}, path)
 
-    def disk_full(obj, handle, *a, **k):
-        handle.write(b"partial")
-        raise OSError(28, "No space left on device")
+    import os
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        """A file whose write stores a few bytes and then fails like a full disk."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(bytes(data[:7]))
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
     with pytest.raises(ProtoKNNError, match="disk is full"):
         save_atomic({"model_config": {"head": "x"}, "value": 2}, path)
     monkeypatch.undo()
