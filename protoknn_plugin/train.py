@@ -306,7 +306,11 @@ class Trainer:
         if distributed.is_active():
             gathered = distributed.gather_with_grad(labels)
             labels = gathered[distributed.unshard_order(len(gathered)).to(gathered.device)]
-        terms = self.model.head.loss(out, labels)
+        try:
+            terms = self.model.head.loss(out, labels)
+        except ProtoKNNError as err:  # e.g. the cluster loss refusing NaN profiles: say when
+            kept = "; the last good checkpoint is kept" if "non-finite" in str(err) else ""
+            raise ProtoKNNError(f"at step {self.state.global_step + 1}: {err}{kept}") from None
         if self.sync_every == 1:  # check before the update, so the weights stay finite
             self._check_finite(terms, self.state.global_step + 1)
         else:  # remember on the device; checked at the next sync point

@@ -170,3 +170,21 @@ def test_disk_filling_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_
     assert_one_line_error(result, "could not write checkpoint", "previous checkpoint is intact")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.json"]  # no temp file left
+
+
+def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(tmp_path):
+    """A weights file with NaN in it makes the very first loss non-finite."""
+    from protoknn_plugin.backbones import create_backbone
+
+    run = tmp_path / "run"
+    done = run_cli("train", "--head", "protoknn", *TINY, "--out", run)
+    assert done.returncode == 0, done.stderr
+    before = (run / "checkpoint.pt").read_bytes()
+    net = create_backbone("small-cnn", in_channels=1, width=8)
+    state = net.trunk.state_dict()  # a weights file holds the trunk, as torchvision's do
+    first = next(k for k in state if k.endswith("conv.weight"))
+    state[first] = torch.full_like(state[first], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    result = run_cli("train", "--head", "protoknn", *TINY, "--weights", tmp_path / "nan.pt", "--out", run)
+    assert_one_line_error(result, "at step 1", "non-finite", "cluster loss", "last good checkpoint")
+    assert (run / "checkpoint.pt").read_bytes() == before
