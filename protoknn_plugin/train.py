@@ -424,7 +424,7 @@ class Trainer:
             seed_everything(self.config.seed)
         st = self.state
         started = time.perf_counter() - st.train_seconds
-        bar = _ProgressBar(self.phases) if self.progress else None
+        bar = _ProgressBar(self.phases) if self.progress and distributed.is_main() else None
         with _SignalGuard() as guard, (bar or _NullContext()):
             while st.phase < len(self.phases):
                 phase = self.phases[st.phase]
