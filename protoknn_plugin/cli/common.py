@@ -26,8 +26,18 @@ def _split_list(value: str, cast=str) -> List:
         raise ProtoKNNError(f"cannot read {value!r} as a comma-separated list of {cast.__name__}; e.g. 0,1,2") from None
 
 
+def _allow_download(ctx, param, value):
+    if value:
+        from ..data.cifar10 import allow_download
+
+        allow_download(True)
+    return value
+
+
 def dataset_options(fn):
     """--dataset/--data-dir/--limit, shared by every command that reads data."""
+    fn = click.option("--download", is_flag=True, expose_value=False, callback=_allow_download,
+                      help="cifar10: fetch cifar-10-batches-py (163 MB) into --data-dir when it is absent (needs internet).")(fn)
     fn = click.option("--crop", is_flag=True, help="Crop images to their bounding boxes (cub200, stanford-dogs, stanford-cars).")(fn)
     fn = click.option("--strict", is_flag=True, help="Fail on a corrupt image instead of skipping it (skips are counted).")(fn)
     fn = click.option("--limit", type=int, default=None, help="Keep this many images per split (stratified), for quick runs.")(fn)
