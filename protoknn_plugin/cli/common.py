@@ -46,6 +46,20 @@ def dataset_options(fn):
     return fn
 
 
+def frozen_backbone_options(fn):
+    """--frozen-backbone/--cache-dir/--image-size: train every head on cached backbone maps."""
+    fn = click.option("--cache-dir", type=click.Path(), default=None,
+                      help="Feature cache folder (default $PROTOKNN_CACHE or ~/.cache/protoknn/features).")(fn)
+    fn = click.option("--frozen-backbone", is_flag=True,
+                      help="Freeze the backbone and compute its maps once per split into a feature cache (float16 on "
+                           "disk, reused while data, image size and weights are unchanged); the add-on, prototypes and "
+                           "head then train on the cache. Costs one backbone pass over train and test.")(fn)
+    fn = click.option("--image-size", type=int, default=None,
+                      help="Resize images to this side (default: the dataset's own; cifar10 at 128 gives "
+                           "efficientnet-lite0 a 4x4 map).")(fn)
+    return fn
+
+
 def training_options(fn):
     """Budget, model size and device options, shared by train, benchmark and ablate."""
     options = [
