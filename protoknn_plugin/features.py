@@ -98,6 +98,8 @@ class FeatureCache:
             self.reused.append(folder)
             self.log(f"feature cache: reused {identity.get('split')} ({len(cached)} maps) from {folder}")
             return cached
+        if folder.exists():  # complete once, then damaged or edited by hand: replace it
+            shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
         self._build(backbone, dataset, identity, folder, device)
         self.built.append(folder)
@@ -173,15 +175,13 @@ class FeatureCache:
 
 
 def _publish(tmp: Path, folder: Path) -> None:
-    """Rename the finished folder into place (atomic); if another process won the race, keep theirs."""
+    """Rename the finished folder into place (atomic); if another process published it first, keep theirs."""
     try:
         os.rename(tmp, folder)
     except OSError:
-        if not (folder / MANIFEST).is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # a damaged cache (no manifest): replace it
-            os.rename(tmp, folder)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_abandoned(root: Path, name: str) -> None:
