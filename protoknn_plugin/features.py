@@ -75,11 +75,18 @@ class CachedFeatures(Dataset):
 class FeatureCache:
     """Builds or reuses the maps of one split; ``built``/``reused`` list the folders this instance touched."""
 
-    def __init__(self, root: Optional[os.PathLike] = None, dtype: str = "float16", batch_size: int = 128,
-                 progress: bool = True, log: Optional[Callable[[str], None]] = None):
+    def __init__(self, root: Optional[os.PathLike] = None, dtype: str = "float16", batch_size: int = 16,
+                 progress: bool = True, log: Optional[Callable[[str], None]] = None, channels_last: bool = True):
+        """``channels_last``: run the backbone in that memory layout while building, about 1.5x faster
+        for EfficientNet's depthwise convolutions on CPU; the maps then differ from the default
+        layout's by float32 rounding (~1e-7 relative), far below float16 storage's 2^-11.
+        ``batch_size`` 16: on CPU a larger batch gains nothing and its activations (67 MB per
+        tensor at 128 px x 128 images) are mmap'd and zeroed anew by malloc, which doubled the
+        CPU time (EfficientNet-Lite0 at 128 px: 30 img/CPU-s at 128, 60 at 32, 72 at 16)."""
         check(dtype in DTYPES, f"feature cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self.dtype, self.batch_size, self.progress = dtype, batch_size, progress
+        self.channels_last = channels_last
         self.log = log if log is not None else (lambda message: None)
         self.built: list = []
         self.reused: list = []
@@ -149,6 +156,8 @@ class FeatureCache:
         was_training = backbone.training
         backbone.eval()
         device = device or next(iter(backbone.parameters()), torch.zeros(())).device
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        backbone.to(memory_format=layout)  # the parameters' layout only: their values stay
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=0)
         maps = None
         labels = np.empty(len(dataset), dtype=np.int64)
@@ -156,7 +165,7 @@ class FeatureCache:
         try:
             with _progress(self.progress, f"caching {split} maps", len(dataset)) as advance:
                 for images, y in loader:
-                    out = backbone(images.to(device)).float().cpu().numpy()
+                    out = backbone(images.to(device).contiguous(memory_format=layout)).float().cpu().numpy()
                     if maps is None:
                         maps = np.lib.format.open_memmap(tmp / "maps.npy", mode="w+", dtype=self.dtype,
                                                          shape=(len(dataset), *out.shape[1:]))
@@ -165,6 +174,7 @@ class FeatureCache:
                     start += len(out)
                     advance(len(out))
         finally:
+            backbone.to(memory_format=torch.contiguous_format)
             backbone.train(was_training)
         check(maps is not None and start == len(dataset), f"the {split} split is empty; nothing to cache")
         maps.flush()
@@ -240,14 +250,14 @@ def _image_splits(splits) -> Dict[str, Dataset]:
 
 def prepare_feature_cache(model, splits, *, dataset: str, data_dir=None, limit=None, crop: bool = False,
                           cache_dir=None, dtype: str = "float16", device=None, progress: bool = True,
-                          log: Optional[Callable[[str], None]] = None) -> FrozenBackbone:
+                          log: Optional[Callable[[str], None]] = None, channels_last: bool = True) -> FrozenBackbone:
     """Cache the maps of ``model.backbone`` for every split of ``splits``; see ``FrozenBackbone``.
 
     The training split is cached without augmentation, which makes it the same samples in
     the same order as ``train_plain`` (``DatasetSplits``' contract), so it shares that cache.
     ``dataset``/``data_dir``/``limit``/``crop`` are how the splits were made (part of the key).
     """
-    cache = FeatureCache(cache_dir, dtype=dtype, progress=progress, log=log)
+    cache = FeatureCache(cache_dir, dtype=dtype, progress=progress, log=log, channels_last=channels_last)
     backbone = model.backbone
     if device is not None:
         backbone.to(device)

@@ -69,7 +69,8 @@ BATCH = list(range(0, LIMIT, 5))  # 20 images, 2 per class
 
 def test_float32_cache_holds_the_backbone_maps_and_gives_the_same_loss_exactly(splits, tmp_path):
     model = tiny_model()
-    frozen = prepare(model, splits, tmp_path, dtype="float32")
+    # The default memory layout, as on the image path (channels_last would round differently).
+    frozen = prepare(model, splits, tmp_path, dtype="float32", channels_last=False)
     images, _ = images_and_labels(splits.train_plain, range(LIMIT))
     with torch.no_grad():
         expected = model.backbone.eval()(images)
@@ -79,6 +80,18 @@ def test_float32_cache_holds_the_backbone_maps_and_gives_the_same_loss_exactly(s
     from_images, from_maps = loss_on_batch(model, frozen, splits, BATCH)
     for term in ("task", "cluster", "aux", "total"):
         assert torch.equal(from_images[term], from_maps[term]), term
+
+
+def test_channels_last_build_matches_up_to_float32_rounding_and_leaves_weights_alone(splits, tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    plain = prepare(model, splits, tmp_path / "a", dtype="float32", channels_last=False)
+    fast = prepare(model, splits, tmp_path / "b", dtype="float32")  # channels_last is the default
+    a, _ = images_and_labels(plain.splits.test, range(LIMIT))
+    b, _ = images_and_labels(fast.splits.test, range(LIMIT))
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # another summation order, same maps
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in after)
 
 
 def test_float16_cache_rounds_each_value_and_the_loss_stays_within_fp16_precision(splits, tmp_path):
