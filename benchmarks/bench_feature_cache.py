@@ -31,7 +31,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from protoknn_plugin.data import create_dataset  # noqa: E402
 from protoknn_plugin.data.catalog import KNOWN_SIZES  # noqa: E402
-from protoknn_plugin.features import prepare_feature_cache  # noqa: E402
+from protoknn_plugin.frozen import prepare_feature_cache  # noqa: E402
 from protoknn_plugin.model import ModelConfig, PrototypeModel  # noqa: E402
 from protoknn_plugin.train import TrainConfig, Trainer  # noqa: E402
 

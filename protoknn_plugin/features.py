@@ -4,7 +4,7 @@ With a frozen backbone every epoch would run the same images through the same we
 ``FeatureCache`` runs them once (eval mode, no augmentation, batched) and stores the maps
 (N, C, h, w) as a memory-mapped ``.npy`` (float16 by default, float32 on request) with the
 labels and a JSON manifest. Training then reads maps instead of images, inside
-``model.backbone_bypassed()``, for every head alike.
+``model.backbone_bypassed()``, for every head alike (``protoknn_plugin.frozen`` wires it up).
 
 A split's cache lives in ``<cache dir>/<dataset>-<split>-<key>/``; the key hashes what the
 maps depend on: dataset name, data folder, limit, crop, image size, split, its labels,
@@ -17,7 +17,6 @@ Cache folder: ``cache_dir`` argument, else ``$PROTOKNN_CACHE``, else ``~/.cache/
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -70,6 +69,28 @@ class CachedFeatures(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Tensor, int]:
         return torch.from_numpy(np.array(self.maps[index], dtype=np.float32)), int(self.labels[index])
+
+    def subset(self, indices) -> "CachedFeatures":
+        """The items at ``indices``, in that order (e.g. a validation split carved from train)."""
+        return _CachedSubset(self, torch.as_tensor(indices, dtype=torch.long))
+
+    def with_transform(self, transform) -> "CachedFeatures":
+        """Maps take no image transform (no augmentation in frozen mode): the same dataset."""
+        return self
+
+
+class _CachedSubset(CachedFeatures):
+    """A view of some items of a ``CachedFeatures``; the maps stay memory-mapped, not copied."""
+
+    def __init__(self, base: CachedFeatures, indices: Tensor):
+        super().__init__(base.maps, base.labels, base.folder)
+        self.indices, self.labels = indices, base.labels[indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, int]:
+        return torch.from_numpy(np.array(self.maps[int(self.indices[index])], dtype=np.float32)), int(self.labels[index])
 
 
 class FeatureCache:
@@ -222,70 +243,4 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[
         yield lambda n: bar.update(task, advance=n)
 
 
-# --------------------------------------------------------------------------- for callers
-
-@dataclasses.dataclass
-class FrozenBackbone:
-    """What ``prepare_feature_cache`` returns: cached splits, and the mode to train them in.
-
-    ``splits``: the original ``DatasetSplits`` with every split replaced by its cached maps
-    (same labels, classes and order). ``info``: add it to the run's data info.
-    ``bypassed()``: the context in which the model takes maps (``model.backbone_bypassed()``).
-    """
-
-    model: Any
-    splits: Any
-    info: Dict[str, Any]
-    cache: FeatureCache
-
-    def bypassed(self):
-        return self.model.backbone_bypassed()
-
-
-def _image_splits(splits) -> Dict[str, Dataset]:
-    """Every Dataset-valued field of ``splits`` (train, train_plain, test, and a validation split if any)."""
-    return {f.name: getattr(splits, f.name) for f in dataclasses.fields(splits)
-            if isinstance(getattr(splits, f.name), Dataset)}
-
-
-def prepare_feature_cache(model, splits, *, dataset: str, data_dir=None, limit=None, crop: bool = False,
-                          cache_dir=None, dtype: str = "float16", device=None, progress: bool = True,
-                          log: Optional[Callable[[str], None]] = None, channels_last: bool = True) -> FrozenBackbone:
-    """Cache the maps of ``model.backbone`` for every split of ``splits``; see ``FrozenBackbone``.
-
-    The training split is cached without augmentation, which makes it the same samples in
-    the same order as ``train_plain`` (``DatasetSplits``' contract), so it shares that cache.
-    ``dataset``/``data_dir``/``limit``/``crop`` are how the splits were made (part of the key).
-    """
-    cache = FeatureCache(cache_dir, dtype=dtype, progress=progress, log=log, channels_last=channels_last)
-    backbone = model.backbone
-    if device is not None:
-        backbone.to(device)
-    common = {
-        "dataset": dataset, "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None,
-        "limit": limit, "crop": bool(crop), "image_size": getattr(splits, "image_size", None),
-        "backbone": model.config.backbone, "backbone_options": dict(model.config.backbone_options),
-        "weights": model.config.weights, "in_channels": model.config.in_channels,
-        "weights_digest": weights_digest(backbone),
-    }
-    parts = _image_splits(splits)
-    cached: Dict[str, CachedFeatures] = {}
-    for name, part in parts.items():
-        if name == "train" and "train_plain" in parts:
-            continue
-        labels = getattr(part, "labels", None)
-        identity = {**common, "split": name, "size": len(part),
-                    "labels_digest": labels_digest(labels) if labels is not None else None}
-        cached[name] = cache.load_or_build(backbone, part, identity, device=device)
-    if "train" in parts and "train_plain" in parts:
-        cached["train"] = cached["train_plain"]
-    for name, part in cached.items():
-        expected = getattr(parts[name], "labels", None)
-        check(expected is None or torch.equal(part.labels, torch.as_tensor(expected)),
-              f"the cached {name} labels differ from the data's; delete {part.folder} and run again")
-    info = {"frozen_backbone": True, "feature_cache": str(cache.root), "feature_dtype": dtype}
-    return FrozenBackbone(model, dataclasses.replace(splits, **cached), info, cache)
-
-
-__all__ = ["CachedFeatures", "FeatureCache", "FrozenBackbone", "default_cache_dir", "prepare_feature_cache",
-           "weights_digest"]
+__all__ = ["CachedFeatures", "FeatureCache", "default_cache_dir", "labels_digest", "weights_digest"]

@@ -10,7 +10,8 @@ from conftest import TINY, run_cli
 from protoknn_plugin.checkpoint import load_checkpoint
 from protoknn_plugin.data import create_dataset
 from protoknn_plugin.errors import ProtoKNNError
-from protoknn_plugin.features import FeatureCache, prepare_feature_cache, weights_digest
+from protoknn_plugin.features import FeatureCache, weights_digest
+from protoknn_plugin.frozen import prepare_feature_cache
 from protoknn_plugin.model import ModelConfig, PrototypeModel
 from protoknn_plugin.train import TrainConfig, Trainer, evaluate
 
@@ -122,6 +123,9 @@ def test_cached_splits_keep_labels_classes_and_order(splits, tmp_path):
     x, y = cached.test[3]  # small-cnn width 8: 8-16-32-32 channels, 28 px -> 7x7
     assert x.dtype == torch.float32 and x.shape == (32, 7, 7) and y == int(splits.test_labels[3])
     assert frozen.info["frozen_backbone"] is True
+    part = cached.train.subset([7, 2])  # e.g. a validation split carved from train
+    assert len(part) == 2 and part.labels.tolist() == [int(splits.train_labels[7]), int(splits.train_labels[2])]
+    assert torch.equal(part[0][0], cached.train[7][0])
 
 
 def test_cache_is_reused_when_nothing_changes(splits, tmp_path):

@@ -55,7 +55,7 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     data_info = {"data_dir": data_dir, "limit": limit, "crop": crop, "image_size": image_size}
     frozen = None
     if frozen_backbone:
-        from ..features import prepare_feature_cache
+        from ..frozen import prepare_feature_cache
         from ..train import resolve_device
 
         frozen = prepare_feature_cache(model, splits, dataset=dataset, data_dir=data_dir, limit=limit, crop=crop,

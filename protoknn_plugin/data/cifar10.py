@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import pickle
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
