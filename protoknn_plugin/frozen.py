@@ -57,6 +57,7 @@ def prepare_feature_cache(model, splits, *, dataset: str, data_dir=None, limit=N
     common = {
         "dataset": dataset, "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None,
         "limit": limit, "crop": bool(crop), "image_size": getattr(splits, "image_size", None),
+        "mean": list(getattr(splits, "mean", ()) or ()), "std": list(getattr(splits, "std", ()) or ()),
         "backbone": model.config.backbone, "backbone_options": dict(model.config.backbone_options),
         "weights": model.config.weights, "in_channels": model.config.in_channels,
         "weights_digest": weights_digest(backbone),
