@@ -55,7 +55,14 @@ def _schur_solve(plan: Tensor, r: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
     on = rows_on.to(plan.dtype)
     # gauge: + 1 1^T on the active rows; inactive rows become identity rows (x = 0)
     schur = schur + on.unsqueeze(2) * on.unsqueeze(1) + torch.diag_embed(1.0 - on)
-    x = torch.linalg.solve(schur, (rhs * on).unsqueeze(2)).squeeze(2) * on
+    rhs = (rhs * on).unsqueeze(2)
+    x, failed = torch.linalg.solve_ex(schur, rhs)
+    if bool(failed.any()):
+        # a plan whose support splits into pieces (entries exactly 0) leaves one gauge per
+        # piece, so S + 1 1^T stays singular; the system is still consistent, and the
+        # minimum-norm solution gives the same dL/dC
+        x = torch.where((failed != 0)[:, None, None], torch.linalg.pinv(schur, hermitian=True) @ rhs, x)
+    x = x.squeeze(2) * on
     y = inv_col * (c - (plan.transpose(1, 2) @ x.unsqueeze(2)).squeeze(2))
     return x, y
 
