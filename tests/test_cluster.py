@@ -456,3 +456,13 @@ def test_plan_cost_cost_solves_on_c_and_weights_the_gap_cost():
 def test_implicit_variants_need_our_solver():
     with pytest.raises(ProtoKNNError, match="solver='torch'"):
         ProtoKNNClusterLoss("full-implicit", solver="pot")
+
+
+def test_implicit_plan_on_c_sends_the_plan_gradient_to_c_and_t_over_b_to_the_gap_cost():
+    s, cost, gap, labels = realistic_batch(dtype=torch.float64)
+    loss = ProtoKNNClusterLoss("full-implicit", plan_cost="cost", reg=0.2, tol=1e-12, max_iter=100000)
+    c, g = cost.clone().requires_grad_(True), gap.clone().requires_grad_(True)
+    loss(s, c, g, labels, generator=gen(4)).backward()
+    plan = loss.plan(s, cost, gap, labels, generator=gen(4))
+    assert torch.allclose(g.grad, plan / labels.shape[0], atol=1e-12)  # T* does not depend on C^
+    assert c.grad is not None and float(c.grad.abs().max()) > 1e-4 and bool(torch.isfinite(c.grad).all())
