@@ -51,3 +51,14 @@ def test_new_variants_train_one_step(variant):
     labels = torch.tensor([splits.train[i][1] for i in batch])
     terms = trainer._train_step(images, labels)
     assert torch.isfinite(terms["cluster"]) and torch.isfinite(terms["total"])
+
+
+def test_yes_no_options_read_command_line_text():
+    # KEY=VALUE parsers hand over "false" as text, and bool("false") is True
+    assert model_with(frozen_prototypes="false").head.frozen_prototypes is False
+    assert model_with(frozen_prototypes="True").head.frozen_prototypes is True
+    assert model_with(straight_through="1").head.cluster_loss.straight_through is True
+    from protoknn_plugin.errors import ProtoKNNError
+
+    with pytest.raises(ProtoKNNError, match="frozen_prototypes must be true or false"):
+        model_with(frozen_prototypes="maybe")

@@ -23,6 +23,18 @@ from . import register_head
 from .base import Head, Phase, PrototypeSpec
 
 
+def _flag(name: str, value) -> bool:
+    """A yes/no head option given as a bool or as text from the command line ("false", "0", ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ProtoKNNError(f"protoknn head option {name} must be true or false, got {value!r}")
+
+
 @register_head("protoknn")
 class ProtoKNNHead(Head):
     name = "protoknn"
@@ -65,9 +77,11 @@ class ProtoKNNHead(Head):
             cluster_reduction=cluster_reduction, cluster_weight=cluster_weight, aux_weight=aux_weight, tau=tau,
             reg=reg, margin=margin, beta=beta, cost_space=cost_space, ks=tuple(ks), k=k, memory=memory,
         )
+        frozen_prototypes = _flag("frozen_prototypes", frozen_prototypes)
+        straight_through = _flag("straight_through", straight_through)
         self.options.update(plan_cost=plan_cost, tau_soft=tau_soft, straight_through=straight_through,
                             frozen_prototypes=frozen_prototypes, prototype_lr=prototype_lr)
-        self.frozen_prototypes, self.prototype_lr = bool(frozen_prototypes), float(prototype_lr)
+        self.frozen_prototypes, self.prototype_lr = frozen_prototypes, float(prototype_lr)
         self.cluster_weight, self.aux_weight = cluster_weight, aux_weight
         self.cost_space = cost_space
         self.lr, self.beta_lr, self.proxy_lr_scale = lr, beta_lr, proxy_lr_scale
