@@ -29,6 +29,10 @@ class ModelConfig:
     backbone_options: Dict[str, object] = field(default_factory=dict)
     head_options: Dict[str, object] = field(default_factory=dict)
     seed: int = 0
+    # The normalisation of the images the model is fed (the dataset's mean/std per channel).
+    # When set, the backbone converts them to its own (e.g. EfficientNet-Lite0's 127/128).
+    input_mean: Optional[Tuple[float, ...]] = None
+    input_std: Optional[Tuple[float, ...]] = None
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -49,6 +53,8 @@ class PrototypeModel(nn.Module):
         weights = {} if config.weights is None else {"weights": config.weights}
         self.backbone = create_backbone(config.backbone, in_channels=config.in_channels,
                                         **weights, **config.backbone_options)
+        if config.input_mean is not None and config.input_std is not None:
+            self.backbone.set_input_normalization(tuple(config.input_mean), tuple(config.input_std))
         self.head: Head = create_head(
             config.head, num_classes=config.num_classes, backbone_channels=self.backbone.out_channels,
             dim=config.dim, num_prototypes=config.num_prototypes, **config.head_options,
