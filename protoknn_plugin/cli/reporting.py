@@ -70,3 +70,25 @@ def print_faithfulness(result) -> None:
 
 def _ratio(value) -> str:
     return "n/a" if value is None or value != value else f"{value:.2f}x"
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Folder for the site (created).")
+@click.option("--images", type=int, default=24, show_default=True,
+              help="Test images given a page (misclassified first); each costs a few figures' worth of time.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image sample.")
+@click.option("--faithfulness/--no-faithfulness", default=True, show_default=True,
+              help="Show RUN_DIR/faithfulness.json, computing it when absent.")
+@click.option("--data-dir", type=click.Path(), default=None, help="Override the dataset folder stored in the run.")
+@run_cli
+def report(run_dir, out, images, seed, faithfulness, data_dir):
+    """Write a static HTML report of a finished run into OUT: index.html (config, metrics, faithfulness
+    table, learning curves), prototypes.html (each prototype's source patch and 10 nearest training
+    patches) and one page per sampled test image (ProtoKNN: counterfactuals against the 3 runner-up
+    classes; ProtoPNet: "this looks like that"). Opens from disk, no server or JavaScript. Cost: one
+    pass over the training set, plus the faithfulness measurement when RUN_DIR has none."""
+    from ..report import write_report
+
+    path = write_report(run_dir, out, images=images, data_dir=data_dir, seed=seed, faithfulness=faithfulness)
+    console.print(f"report written to {path}", markup=False, highlight=False)
