@@ -7,6 +7,10 @@ boxes and the decisions can be worked out by hand.
 """
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,7 +27,7 @@ from protoknn_plugin.faithfulness import (consistency, covered_parts, create_sco
                                           occlude, purity, random_boxes_like, stability)
 from protoknn_plugin.model import ModelConfig, PrototypeModel
 
-from conftest import TINY, assert_one_line_error, run_cli
+from conftest import TINY, assert_one_line_error
 
 torch.set_num_threads(1)
 CELL = 4  # pixels per feature-map cell in the hand-built models
@@ -313,38 +317,61 @@ def test_covered_parts_needs_visible_parts_inside_the_box():
 
 # --------------------------------------------------------------------------- the real CLI on tiny runs
 
+def _parallel(cases, timeout=900):
+    """Run CLI cases {name: args} at once (each pays the import cost); {name: CompletedProcess}."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+    procs = {name: subprocess.Popen([sys.executable, "-m", "protoknn_plugin", *map(str, args)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for name, args in cases.items()}
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=timeout)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return results
+
+
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
+def cli(tmp_path_factory):
+    """Tiny runs of three heads, then every faithfulness case; protoknn twice into two copies of its run."""
     root = tmp_path_factory.mktemp("faith")
-    runs = {}
-    for head in ("protoknn", "protopnet", "cnn"):
-        result = run_cli("train", "--head", head, *TINY, "--out", root / head)
-        assert result.returncode == 0, result.stderr
-        runs[head] = root / head
-    return runs
+    heads = ("protoknn", "protopnet", "cnn")
+    trained = _parallel({head: ["train", "--head", head, *TINY, "--out", root / head] for head in heads})
+    for head in heads:
+        assert trained[head].returncode == 0, trained[head].stderr
+    shutil.copytree(root / "protoknn", root / "protoknn-again")
+    cases = {
+        "first": ["faithfulness", root / "protoknn", "--images", "40", "--sigma", "0"],
+        "again": ["faithfulness", root / "protoknn-again", "--images", "40", "--sigma", "0"],
+        "linear": ["faithfulness", root / "protopnet", "--images", "20", "--m", "1,2"],
+        "cnn": ["faithfulness", root / "cnn"],
+        "zero": ["faithfulness", root / "protoknn", "--images", "0"],
+        "sigma": ["faithfulness", root / "protoknn", "--sigma", "-1"],
+        "missing": ["faithfulness", root / "nope"],
+    }
+    return root, _parallel(cases)
 
 
-def test_cli_faithfulness_writes_json_and_repeats_exactly(tiny_runs):
-    run = tiny_runs["protoknn"]
-    first = run_cli("faithfulness", run, "--images", "40", "--sigma", "0")
+def test_cli_faithfulness_writes_json_and_repeats_exactly(cli):
+    root, results = cli
+    first = results["first"]
     assert first.returncode == 0, first.stderr
     for words in ("deletion test", "ratio vs protos", "stability", "purity", "faithfulness.json"):
         assert words in first.stdout, first.stdout
-    saved = json.loads((run / "faithfulness.json").read_text())
+    saved = json.loads((root / "protoknn" / "faithfulness.json").read_text())
     assert saved["images"] == 40 and saved["head"] == "protoknn" and saved["stability"] == 1.0  # sigma 0
     assert saved["deletion"]["score"] == "d_an^2 - d_ap^2" and set(saved["deletion"]["by_m"]) == {"1", "3", "5"}
-    again = run_cli("faithfulness", run, "--images", "40", "--sigma", "0")
-    assert again.returncode == 0, again.stderr
-    assert json.loads((run / "faithfulness.json").read_text()) == saved
+    assert results["again"].returncode == 0, results["again"].stderr
+    again = json.loads((root / "protoknn-again" / "faithfulness.json").read_text())
+    assert {k: v for k, v in again.items() if k != "run"} == {k: v for k, v in saved.items() if k != "run"}
 
 
-def test_cli_faithfulness_linear_head_and_bad_inputs(tiny_runs):
-    result = run_cli("faithfulness", tiny_runs["protopnet"], "--images", "20", "--m", "1,2")
-    assert result.returncode == 0, result.stderr
-    saved = json.loads((tiny_runs["protopnet"] / "faithfulness.json").read_text())
+def test_cli_faithfulness_linear_head_and_bad_inputs(cli):
+    root, results = cli
+    assert results["linear"].returncode == 0, results["linear"].stderr
+    saved = json.loads((root / "protopnet" / "faithfulness.json").read_text())
     assert saved["deletion"]["score"] == "logit of the predicted class" and set(saved["deletion"]["by_m"]) == {"1", "2"}
     assert 0.0 < saved["purity"] <= 1.0
-    assert_one_line_error(run_cli("faithfulness", tiny_runs["cnn"]), "no prototypes")
-    assert_one_line_error(run_cli("faithfulness", tiny_runs["protoknn"], "--images", "0"), "positive")
-    assert_one_line_error(run_cli("faithfulness", tiny_runs["protoknn"], "--sigma", "-1"), "sigma")
-    assert_one_line_error(run_cli("faithfulness", tiny_runs["protoknn"].parent / "nope"), "no checkpoint")
+    assert_one_line_error(results["cnn"], "no prototypes")
+    assert_one_line_error(results["zero"], "positive")
+    assert_one_line_error(results["sigma"], "sigma")
+    assert_one_line_error(results["missing"], "no checkpoint")

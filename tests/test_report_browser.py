@@ -110,15 +110,15 @@ def test_index_reaches_a_misclassified_example_and_back_by_keyboard(site, browse
     assert wrong.count() == 1, "the index lists no misclassified example"
     link = wrong.locator("a")
     link.focus()
-    page.keyboard.press("Enter")
-    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
     assert page.url.split("/")[-1].startswith("test-")
     assert page.locator("text=misclassified").count() >= 1
     assert page.locator("h2").count() >= 1  # counterfactual sections
     back = page.get_by_role("link", name="Run overview")
     back.focus()
-    page.keyboard.press("Enter")
-    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
     assert page.url.endswith("index.html")
     assert page.locator("h1").inner_text().startswith("Report:")
 

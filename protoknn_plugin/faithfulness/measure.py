@@ -27,6 +27,16 @@ PartReader = Callable[[Sequence[int]], Tensor]
 """test indices -> parts (N, K, 3): x, y in the test tensors' pixels, visible (0/1)."""
 
 
+def check_options(n: int, sigma: float, ms: Sequence[int]) -> None:
+    """One-line errors for a bad image count, noise level or list of m, before any slow work."""
+    check(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+          f"the number of test images must be a positive integer, got {n!r}")
+    check(isinstance(sigma, (int, float)) and sigma >= 0 and math.isfinite(sigma),
+          f"sigma must be a finite number >= 0, got {sigma!r}")
+    check(len(ms) > 0 and all(isinstance(m, int) and m >= 1 for m in ms),
+          f"m must be positive numbers of prototypes, e.g. 1,3,5; got {list(ms)!r}")
+
+
 def sample_indices(count: int, n: int, seed: int) -> Tensor:
     """``n`` of ``count`` indices drawn with a generator seeded by ``seed``, ascending (all if n >= count)."""
     check(isinstance(n, int) and n >= 1, f"the number of test images must be a positive integer, got {n!r}")
@@ -60,9 +70,7 @@ def evaluate_faithfulness(model, splits, n: int = DEFAULT_IMAGES, seed: int = 0,
     if not model.head.uses_prototypes or model.prototype_layer is None:
         raise ProtoKNNError(f"head {model.head.name!r} has no prototypes, so its explanations cannot be measured; "
                             "use a protoknn or protopnet run")
-    check(sigma >= 0 and math.isfinite(sigma), f"sigma must be a finite number >= 0, got {sigma!r}")
-    check(all(isinstance(m, int) and m >= 1 for m in ms) and len(ms) > 0,
-          f"m must be positive numbers of prototypes, got {list(ms)!r}")
+    check_options(n, sigma, ms)
     if len(splits.test) == 0:
         raise ProtoKNNError("the test set is empty; check the dataset path and --limit")
     indices = sample_indices(len(splits.test), n, seed)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
-from .measure import DEFAULT_IMAGES, DEFAULT_MS, DEFAULT_SIGMA, evaluate_faithfulness
+from .measure import DEFAULT_IMAGES, DEFAULT_MS, DEFAULT_SIGMA, check_options, evaluate_faithfulness
 
 RESULT_NAME = "faithfulness.json"
 
@@ -30,6 +30,7 @@ def measure_run(run_dir, splits=None, n: int = DEFAULT_IMAGES, seed: int = 0, si
     from ..figures import _check_run, _load_model, _run_splits
     from ..train import write_json
 
+    check_options(n, sigma, tuple(ms))
     saved = _check_run(run_dir)
     splits = splits if splits is not None else _run_splits(saved, data_dir)
     model = model if model is not None else _load_model(run_dir)
