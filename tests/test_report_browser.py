@@ -6,7 +6,7 @@ from the index to a misclassified example and back, and that it reads without Ja
 Skips when no browser is found, except under CI=true (CI installs Chromium), where it fails.
 
 PROTOKNN_REPORT_RUN=RUN_DIR reports on that run instead of a tiny one, and
-PROTOKNN_SCREENSHOT=PATH keeps the index's screenshot there (docs/report.png was made so).
+PROTOKNN_SCREENSHOT=PATH keeps the screenshot of a misclassified example's page there (docs/report.png was made so).
 """
 import os
 import shutil
@@ -100,9 +100,9 @@ def test_every_page_loads_without_errors_and_every_image_shows(site, browser):
         assert "<script" not in html.read_text()  # nothing needs JavaScript
 
 
-def test_index_reaches_a_misclassified_example_and_back_by_keyboard(site, browser):
+def test_index_reaches_a_misclassified_example_and_back_by_keyboard(site, browser, tmp_path):
     folder = site[1]
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
     page.goto((folder / "index.html").as_uri())
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
@@ -115,6 +115,10 @@ def test_index_reaches_a_misclassified_example_and_back_by_keyboard(site, browse
     assert page.url.split("/")[-1].startswith("test-")
     assert page.locator("text=misclassified").count() >= 1
     assert page.locator("h2").count() >= 1  # counterfactual sections
+    shot = Path(os.environ.get("PROTOKNN_SCREENSHOT") or tmp_path / "example.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     back = page.get_by_role("link", name="Run overview")
     back.focus()
     with page.expect_navigation():
@@ -123,7 +127,7 @@ def test_index_reaches_a_misclassified_example_and_back_by_keyboard(site, browse
     assert page.locator("h1").inner_text().startswith("Report:")
 
 
-def test_reads_without_javascript_and_saves_a_screenshot(site, browser, tmp_path):
+def test_reads_without_javascript(site, browser, tmp_path):
     folder = site[1]
     context = browser.new_context(java_script_enabled=False, viewport={"width": 1200, "height": 900})
     page = context.new_page()
@@ -131,8 +135,7 @@ def test_reads_without_javascript_and_saves_a_screenshot(site, browser, tmp_path
     text = page.inner_text("main")
     for words in ("Metrics", "Faithfulness of the explanations", "deletion test", "Test images"):
         assert words in text
-    out = Path(os.environ.get("PROTOKNN_SCREENSHOT") or tmp_path / "report.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "index.png"
     page.screenshot(path=str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     context.close()

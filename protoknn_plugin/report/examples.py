@@ -95,7 +95,7 @@ def _counterfactual_section(model, splits, tiles, index, image, label, negative)
                                f"{who}: s={_num(p.similarity[who])}"))
         rows.append(f"<h3>{rank}. {_proto_link(model, splits, p.index)}: c = {esc(_num(p.score, sign=True))}</h3>"
                     f'<div class="row">{"".join(pics)}</div>')
-    return (f'<section><h2 id="vs-{cf.negative_class}">{esc(title)}</h2><div class="row">{trio}</div>{numbers}'
+    return (f'<section><h2 id="vs-{cf.negative_class}">{esc(title)}</h2><div class="row">{trio}{numbers}</div>'
             "<p>c<sub>i</sub> = (s<sub>a,i</sub> − s<sub>n,i</sub>)² − (s<sub>a,i</sub> − s<sub>p,i</sub>)²; "
             "the contributions of all prototypes sum to the difference. Blue: where the prototype activates; "
             "orange: the patch it was projected onto.</p>" + "".join(rows) + "</section>")

@@ -31,12 +31,12 @@ def nearest_boxes(model, train_dataset, nearest) -> Dict[Tuple[int, int], tuple]
 
 
 def prototype_label(model, splits, i: int) -> str:
-    """"prototype 7 (class bear)" for ProtoPNet; "prototype 7 (from a bear image)" for shared prototypes."""
+    """"prototype 7 (class bear)" for ProtoPNet; "prototype 7 (source: bear)" for shared prototypes."""
     own = getattr(model.head, "prototype_class", None)
     if own is not None:
         return f"prototype {i} (class {_class_name(splits, int(own[i]))})"
     source = int(model.projection.image_index[i])
-    return f"prototype {i} (from a {_class_name(splits, int(splits.train_labels[source]))} image)"
+    return f"prototype {i} (source: {_class_name(splits, int(splits.train_labels[source]))})"
 
 
 def write_gallery(out, model, splits, nearest, tiles, nav, purity) -> str:

@@ -19,7 +19,7 @@ a{color:#0645ad}
 a:focus,a:hover{outline:3px solid #ff9900;outline-offset:2px}
 .skip{position:absolute;left:-999px}
 .skip:focus{left:.5rem;top:.5rem;background:#fff;color:#000;padding:.3rem}
-table{border-collapse:collapse;margin:.6rem 0}
+table{border-collapse:collapse;margin:.6rem 1rem .6rem 0}
 th,td{border:1px solid #bbb;padding:.25rem .5rem;text-align:right;vertical-align:top}
 th[scope=row],td.l{text-align:left}
 figure{display:inline-block;margin:.2rem .4rem .6rem 0;text-align:center;font-size:.8rem;max-width:9rem}

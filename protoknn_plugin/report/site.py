@@ -115,9 +115,9 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
     from ..faithfulness import RESULT_NAME, measure_run, nearest_patches, purity
     from ..figures import _check_run, _load_model, _run_splits
 
-    run_dir, out = Path(run_dir), ensure_writable_dir(out)
-    if not isinstance(images, int) or images < 0:
+    if not isinstance(images, int) or isinstance(images, bool) or images < 0:
         raise ProtoKNNError(f"--images must be a number >= 0, got {images!r}")
+    run_dir, out = Path(run_dir), ensure_writable_dir(out)
     saved = _check_run(run_dir)
     splits = _run_splits(saved, data_dir)
     model = _load_model(run_dir)
