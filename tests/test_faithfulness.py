@@ -368,7 +368,8 @@ def test_cli_faithfulness_writes_json_and_repeats_exactly(cli):
 def test_cli_faithfulness_linear_head_and_bad_inputs(cli):
     root, results = cli
     assert results["linear"].returncode == 0, results["linear"].stderr
-    saved = json.loads((root / "protopnet" / "faithfulness.json").read_text())
+    text = (root / "protopnet" / "faithfulness.json").read_text()
+    saved = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in faithfulness.json: not valid JSON"))
     assert saved["deletion"]["score"] == "logit of the predicted class" and set(saved["deletion"]["by_m"]) == {"1", "2"}
     assert 0.0 < saved["purity"] <= 1.0
     assert_one_line_error(results["cnn"], "no prototypes")

@@ -87,8 +87,9 @@ def evaluate_faithfulness(model, splits, n: int = DEFAULT_IMAGES, seed: int = 0,
                 "drop": {c: stats.drop[c][m] for c in CONDITIONS},
                 "flip": {c: stats.flip[c][m] for c in CONDITIONS},
                 "area": {c: stats.area[c][m] for c in CONDITIONS},
-                "ratio_random_prototypes": stats.ratio("random_prototypes", m),
-                "ratio_random_boxes": stats.ratio("random_boxes", m),
+                # None, not NaN, where the control's drop is <= 0: NaN is not valid JSON
+                "ratio_random_prototypes": _finite(stats.ratio("random_prototypes", m)),
+                "ratio_random_boxes": _finite(stats.ratio("random_boxes", m)),
             } for m in ms},
         },
         "stability": stability(model, images, sigma=sigma, seed=seed),
@@ -118,8 +119,8 @@ def flat_metrics(result: Dict[str, object]) -> Dict[str, Optional[float]]:
         for condition in CONDITIONS:
             flat[f"del_drop{SHORT[condition]}[m={m}]"] = row["drop"][condition]
             flat[f"del_flip{SHORT[condition]}[m={m}]"] = row["flip"][condition]
-        flat[f"del_ratio_proto[m={m}]"] = _finite(row["ratio_random_prototypes"])
-        flat[f"del_ratio_box[m={m}]"] = _finite(row["ratio_random_boxes"])
+        flat[f"del_ratio_proto[m={m}]"] = row["ratio_random_prototypes"]
+        flat[f"del_ratio_box[m={m}]"] = row["ratio_random_boxes"]
     for key in ("stability", "consistency", "purity"):
         flat[key] = result.get(key)
     return flat

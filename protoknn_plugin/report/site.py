@@ -194,6 +194,6 @@ def write_comparison_report(run_dirs: Dict[str, str], out, images: int = DEFAULT
                           *(link(f"{label}/{page_name(index)}", f"{label}") for label in labels)))
     body = ("<h2>Runs</h2>" + table(("run", "best accuracy", "deletion ratio vs boxes (m=1)", "flips (m=1)",
                                      "stability", "purity"), rows, raw=True)
-            + f'<h2 id="examples">The same test images under each run</h2>'
+            + '<h2 id="examples">The same test images under each run</h2>'
             + table(("image", "true class", *labels), per_image, raw=True))
     return write_page(out / INDEX, "Report: runs side by side", body, [(INDEX, "All runs")])

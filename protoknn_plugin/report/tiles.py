@@ -6,7 +6,7 @@ projected onto (dashed in figures, a thinner line here).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
