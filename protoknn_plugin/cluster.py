@@ -328,8 +328,8 @@ class ProtoKNNClusterLoss(nn.Module):
     we take "the same definition" to mean the same eq. 10 solved on the cost that
     the loss weights (C^ for ``full``), so the plan and the loss always use one cost.
 
-    ``reduction``: ``"mean"`` divides by the batch size B (our default, METHOD.md
-    step 6), ``"sum"`` is the paper's literal sum. Sampling (eqs. 2-3) and the plan
+    ``reduction``: ``"mean"`` divides by the batch size B (our default, see
+    docs/method.md), ``"sum"`` is the paper's literal sum. Sampling (eqs. 2-3) and the plan
     carry no gradient (appendix B); the gradient reaches only the weighted cost.
 
     forward(profiles (B, P), cost (B, P), gap_cost (B, P), labels (B,), generator=None)
