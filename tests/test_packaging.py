@@ -121,7 +121,7 @@ def test_declared_extras_match_the_code_and_constraints_satisfy_the_ranges():
             req = Requirement(line)
             pins[req.name.lower().replace("_", "-")] = next(iter(req.specifier)).version
     ranges = [Requirement(r) for r in project["dependencies"]]
-    ranges += [Requirement(r) for name in ("pretrained", "test") for r in extras[name]]
+    ranges += [Requirement(r) for name in ("pretrained", "tensorboard", "test") for r in extras[name]]
     for req in ranges:  # every range admits the version that `make` installs
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} has no pin in constraints.txt"

@@ -66,7 +66,7 @@ grep -q "protoknn" heads.out || fail "protoknn heads lists no protoknn head"
 "$WORK/venv/bin/protoknn" datasets > datasets.out
 grep -q "animals" datasets.out || fail "protoknn datasets lists no animals"
 step "protoknn train --limit 200 --epochs 1, then evaluate"
-"$WORK/venv/bin/protoknn" train --head protoknn --dataset animals --limit 200 --epochs 1 --prototypes 20 --dim 16 \
+"$WORK/venv/bin/protoknn" train --head protoknn --dataset animals --limit 200 --epochs 1 --prototypes 20 --dim 16 --backbone-opt width=8 \
     --batch-classes 10 --per-class 4 --device cpu --out run > train.out 2>&1 || { tail -n 20 train.out; fail "train failed"; }
 [ -f run/checkpoint.pt ] || fail "train wrote no run/checkpoint.pt"
 "$WORK/venv/bin/protoknn" evaluate run --device cpu > evaluate.out 2>&1 || { tail -n 20 evaluate.out; fail "evaluate failed"; }
