@@ -30,7 +30,6 @@ test: setup
 
 # sdist + wheel into dist/ (what CI installs into a fresh venv)
 wheel: setup
-	$(PIP) build
 	rm -rf dist && $(BIN)/python -m build --outdir dist .
 
 clean:

@@ -83,21 +83,18 @@ for task, aux, variant in matrix:
 EOF
 
 # -- 4. cabrnet train + evaluate, per combination -----------------------------------
-run_combination() {  # $1 = task+aux+variant; writes $WORK/$1/{train,evaluate}.out and seconds
-    local dir="$WORK/$1" t0 t1 t2 status=ok
-    t0=$(date +%s)
-    if ! OMP_NUM_THREADS=1 "$VENV/bin/cabrnet" train -c "$dir/configs" -o "$dir/run" --device cpu --overwrite \
-            --seed 0 --save-best val_set/accuracy max > "$dir/train.out" 2>&1; then
+run_combination() {  # $1 = task+aux+variant; writes $WORK/$1/{train,evaluate}.{out,time} and status
+    local dir="$WORK/$1" status=ok TIMEFORMAT="%R %U %S"  # wall, user and system seconds
+    if ! { time OMP_NUM_THREADS=1 "$VENV/bin/cabrnet" train -c "$dir/configs" -o "$dir/run" --device cpu \
+            --overwrite --seed 0 --save-best val_set/accuracy max > "$dir/train.out" 2>&1; } 2> "$dir/train.time"; then
         status="train-failed"
     fi
-    t1=$(date +%s)
-    if [ "$status" = ok ] && ! OMP_NUM_THREADS=1 "$VENV/bin/cabrnet" evaluate -c "$dir/run/final" --device cpu \
-            > "$dir/evaluate.out" 2>&1; then
+    if [ "$status" = ok ] && ! { time OMP_NUM_THREADS=1 "$VENV/bin/cabrnet" evaluate -c "$dir/run/final" \
+            --device cpu > "$dir/evaluate.out" 2>&1; } 2> "$dir/evaluate.time"; then
         status="evaluate-failed"
     fi
-    t2=$(date +%s)
-    echo "$status $(( t1 - t0 )) $(( t2 - t1 ))" > "$dir/status"
-    echo "  done $1: $status (train $(( t1 - t0 )) s, evaluate $(( t2 - t1 )) s)"
+    echo "$status" > "$dir/status"
+    echo "  done $1: $status"
 }
 step "cabrnet train (1 epoch) + cabrnet evaluate per combination, $JOBS at a time"
 while read -r task aux variant; do
@@ -116,12 +113,23 @@ def number(pattern, text):
     found = re.findall(pattern, text, re.M)
     return float(found[-1]) if found else None
 
-failed = 0
-print(f"  {'task loss':<15}{'aux loss':<14}{'cluster':<19}{'train s':>8}{'eval s':>7}"
+failed, totals = 0, [0.0, 0.0]
+print("  seconds as wall/cpu (cpu = user + system of the command)")
+print(f"  {'task loss':<15}{'aux loss':<14}{'cluster':<19}{'train s':>9}{'eval s':>8}"
       f"{'val kNN':>9}{'test kNN':>9}{'reloaded':>9}  result")
 for task, aux, variant in matrix:
     d = work / f"{task}+{aux}+{variant}"
-    status, train_s, eval_s = (d / "status").read_text().split()
+    status = (d / "status").read_text().strip()
+    # (wall, cpu) seconds of each command; cpu = user + system, what a quiet machine needs
+    secs = {}
+    for part in ("train", "evaluate"):
+        f = d / f"{part}.time"
+        wall, user, system = map(float, f.read_text().split()[-3:]) if f.exists() else (0.0, 0.0, 0.0)
+        secs[part] = (wall, user + system)
+    totals[0] += secs["train"][0] + secs["evaluate"][0]
+    totals[1] += secs["train"][1] + secs["evaluate"][1]
+    train_s = f"{secs['train'][0]:.0f}/{secs['train'][1]:.0f}"
+    eval_s = f"{secs['evaluate'][0]:.0f}/{secs['evaluate'][1]:.0f}"
     train = (d / "train.out").read_text()
     evaluate = (d / "evaluate.out").read_text() if (d / "evaluate.out").exists() else ""
     val = number(r"val_set/accuracy: ([0-9.]+)", train)
@@ -133,11 +141,12 @@ for task, aux, variant in matrix:
     elif status == "ok" and abs(test - reloaded) > 0.0051:
         status = "reloaded-accuracy-differs"
     fmt = lambda x: "-" if x is None else f"{x:.3f}"
-    print(f"  {task:<15}{aux:<14}{variant:<19}{train_s:>8}{eval_s:>7}{fmt(val):>9}{fmt(test):>9}{fmt(reloaded):>9}  {status}")
+    print(f"  {task:<15}{aux:<14}{variant:<19}{train_s:>9}{eval_s:>8}{fmt(val):>9}{fmt(test):>9}{fmt(reloaded):>9}  {status}")
     if status != "ok":
         failed += 1
         log = d / ("evaluate.out" if status == "evaluate-failed" else "train.out")
         print("\n".join("      " + line for line in log.read_text().splitlines()[-15:]))
+print(f"  train + evaluate, all combinations: {totals[0]:.0f} s wall summed over runs, {totals[1]:.0f} s cpu")
 print(f"  {len(matrix) - failed} passed, {failed} failed" if failed else f"  all {len(matrix)} combinations passed")
 sys.exit(1 if failed else 0)
 EOF

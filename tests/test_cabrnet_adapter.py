@@ -433,7 +433,7 @@ def test_train_epoch_uses_class_balanced_batches_and_validates_with_the_knn(mode
     optimizer = OptimizerManager.build_from_config(config=packaged_training_config(), model=model)
     train = ClassBalancedImageFolder(str(tiny / "train"), per_class=2, transform=to_tensor())
     seen = []
-    model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    model.extractor.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     plain = {"train_set": DataLoader(train, batch_size=10, shuffle=True),
              "projection_set": DataLoader(ImageFolder(str(tiny / "train"), transform=to_tensor()), batch_size=16)}
     model.train_epoch(plain, optimizer, device="cpu")
