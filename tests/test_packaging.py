@@ -149,7 +149,10 @@ def test_installing_the_wheel_keeps_the_torch_already_in_the_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
-    setup = subprocess.run([*pip, "install", "-q", *OTHER_TORCH], capture_output=True, text=True, timeout=1800)
+    # the venv sees only itself: a PYTHONPATH (this tree, its egg-info) would count as installed
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    setup = subprocess.run([*pip, "install", "-q", *OTHER_TORCH], capture_output=True, text=True, timeout=1800,
+                           env=env, cwd=tmp_path)
     if setup.returncode != 0:
         pytest.skip(f"cannot install {' '.join(OTHER_TORCH)} here: {setup.stderr.strip().splitlines()[-1:]}")
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -158,14 +161,15 @@ def test_installing_the_wheel_keeps_the_torch_already_in_the_venv(tmp_path):
     wheel = next((tmp_path / "dist").glob("protoknn_plugin-*.whl"))
     report = tmp_path / "report.json"
     plan = subprocess.run([*pip, "install", "--dry-run", "--report", str(report), "-q", str(wheel)],
-                          capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=1800, cwd=tmp_path, env=env)
     assert plan.returncode == 0, plan.stderr
     planned = {normalised(item["metadata"]["name"]) for item in json.loads(report.read_text())["install"]}
     assert "protoknn-plugin" in planned and not planned & {"torch", "torchvision"}, sorted(planned)
     install = subprocess.run([*pip, "install", "-q", str(wheel)], capture_output=True, text=True, timeout=1800,
-                             cwd=tmp_path)
+                             cwd=tmp_path, env=env)
     assert install.returncode == 0, install.stderr
-    shown = subprocess.run([*pip, "list", "--format=json"], capture_output=True, text=True, timeout=300)
+    shown = subprocess.run([*pip, "list", "--format=json"], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path, env=env)
     versions = {normalised(d["name"]): d["version"] for d in json.loads(shown.stdout)}
     assert versions["torch"] == "2.13.0+cpu" and versions["torchvision"] == "0.28.0"
     assert versions["protoknn-plugin"] == "0.1.0"
