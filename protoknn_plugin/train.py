@@ -25,6 +25,7 @@ from .errors import ProtoKNNError
 from .heads.base import Phase
 from .losses import single_class_guard
 from .model import ModelConfig, PrototypeModel
+from .schedules import build_optimizer, steps_per_epoch_schedule
 
 
 @dataclass
@@ -43,6 +44,9 @@ class TrainConfig:
     # Steps between host syncs (loss check, progress bar). None: every step on CPU, where a
     # sync is free, and every 10 on GPU, where it stalls the queue.
     sync_every: Optional[int] = None
+    # Share of the training set held out as a validation split (stratified, fixed seed, the
+    # same for every run seed so that paired comparisons see the same data). 0: none.
+    val_fraction: float = 0.0
 
     @property
     def batch_size(self) -> int:
@@ -171,6 +175,10 @@ class TrainState:
     batches: Optional[List[List[int]]] = None  # the current epoch's batch order
     epoch_sums: Dict[str, float] = field(default_factory=dict)  # loss sums so far in this epoch (for logging)
     history: List[Dict[str, Any]] = field(default_factory=list)
+    # Accuracy at phase boundaries (e.g. ProtoPNet before push, after push, after last layer).
+    stages: List[Dict[str, Any]] = field(default_factory=list)
+    # Optimiser and scheduler states kept across phases that share an optimizer_key.
+    optimizer_states: Dict[str, Any] = field(default_factory=dict)
     complete: bool = False
     train_seconds: float = 0.0
 
@@ -207,8 +215,14 @@ class Trainer:
 
     def __init__(self, model: PrototypeModel, splits, config: TrainConfig, out_dir: Optional[str] = None,
                  progress: bool = True, dataset_name: str = "", on_step: Optional[Callable[[int], None]] = None,
-                 data_info: Optional[Dict[str, Any]] = None):
+                 data_info: Optional[Dict[str, Any]] = None, stage_eval: Optional[Dataset] = None):
+        """``stage_eval``: a dataset scored at every phase boundary (recorded in ``state.stages``)."""
+        from .data.base import carve_validation
+
+        if config.val_fraction and getattr(splits, "val", None) is None:
+            splits = carve_validation(splits, config.val_fraction)
         self.model, self.splits, self.config = model, splits, config
+        self.stage_eval = stage_eval
         self.out_dir = ensure_writable_dir(out_dir) if out_dir else None
         self.progress = progress
         self.dataset_name = dataset_name or getattr(splits, "name", "")
@@ -227,6 +241,7 @@ class Trainer:
         self.scheduler = None
         self.on_step = on_step
         self.sync_every = config.sync_every or (1 if self.device.type == "cpu" else 10)
+        self.steps_per_epoch = config.steps_per_epoch or max(1, len(splits.train_labels) // config.batch_size)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._cached: Optional[Tuple[Tensor, Tensor]] = None
 
@@ -274,21 +289,21 @@ class Trainer:
 
     # ---- phases ----------------------------------------------------------------------
     def _build_optimizer(self, phase: Phase) -> None:
-        components = self.components = self.model.components()
-        for params in components.values():
-            for p in params:
-                p.requires_grad_(False)
-        groups = []
-        for name, lr in phase.lrs.items():
-            params = components.get(name, [])
-            for p in params:
-                p.requires_grad_(True)
-            if params:
-                groups.append({"params": params, "lr": lr, "name": name})
-        if not groups:
-            raise ProtoKNNError(f"phase {phase.name!r} trains nothing: no parameters in {sorted(phase.lrs)}")
-        self.optimizer = torch.optim.Adam(groups)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, *phase.step_lr) if phase.step_lr else None
+        """The phase's optimiser; a phase sharing an earlier one's optimizer_key continues its state."""
+        self.components = self.model.components()
+        self.optimizer, self.scheduler = build_optimizer(phase, self.components, self.steps_per_epoch)
+        self._step_schedule = steps_per_epoch_schedule(phase)
+        kept = self.state.optimizer_states.get(phase.optimizer_key) if phase.optimizer_key else None
+        if kept:
+            self.optimizer.load_state_dict(kept["optimizer"])
+            if self.scheduler is not None and kept.get("scheduler"):
+                self.scheduler.load_state_dict(kept["scheduler"])
+
+    def _keep_optimizer(self, phase: Phase) -> None:
+        if phase.optimizer_key and self.optimizer is not None:
+            self.state.optimizer_states[phase.optimizer_key] = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
 
     def _loader(self, batches: List[List[int]], first_step: int) -> DataLoader:
         """This rank's shard of each global batch, every item with its own augmentation seed."""
@@ -324,6 +339,8 @@ class Trainer:
                 local=before_gather,
                 shared=[p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in local_ids])
         self.optimizer.step()
+        if self.scheduler is not None and self._step_schedule:
+            self.scheduler.step()
         return terms
 
     def _check_finite(self, terms: Dict[str, Tensor], step: int) -> None:
@@ -366,9 +383,10 @@ class Trainer:
             if guard.received is not None:
                 self.save()
                 raise Interrupted(signal.Signals(guard.received).name)
-        if self.scheduler is not None:
+        if self.scheduler is not None and not self._step_schedule:
             self.scheduler.step()
         means = {k: v / max(len(st.batches), 1) for k, v in st.epoch_sums.items()}
+        means["lr"] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         st.batches, st.step, st.epoch_sums = None, 0, {}
         return means
 
@@ -407,7 +425,36 @@ class Trainer:
                 terms["total"].backward()
                 self.optimizer.step()
 
+    @torch.no_grad()
+    def score(self, dataset: Dataset) -> Dict[str, float]:
+        """Accuracy of every named prediction on ``dataset`` with the model as it is now.
+
+        A kNN head first gets a memory of the current training profiles, so its score is
+        meaningful mid-training (the final memory is built the same way after projection).
+        """
+        if self.model.head.uses_memory:
+            self.model.head.fit_memory(*self.profiles(self.splits.train_plain))
+        metrics = evaluate(self.model, dataset, self.config.eval_batch_size, self.device)
+        self.model.train()
+        return {k: v for k, v in metrics.items() if k.startswith("accuracy[")}
+
+    def _validation(self) -> Dict[str, float]:
+        """Validation accuracies as ``val_accuracy[...]`` plus ``val_accuracy`` (the head's primary)."""
+        val = getattr(self.splits, "val", None)
+        if val is None:
+            return {}
+        scores = {"val_" + k: v for k, v in self.score(val).items()}
+        scores["val_accuracy"] = scores.get(f"val_accuracy[{self.model.head.primary}]", float("nan"))
+        return scores
+
+    def _record_stage(self, phase: Phase, when: str) -> None:
+        if self.stage_eval is not None:
+            self.state.stages.append({"phase": phase.name, "phase_index": self.state.phase, "when": when,
+                                      **self.score(self.stage_eval)})
+
     def _after(self, phase: Phase) -> None:
+        if phase.after:
+            self._record_stage(phase, "before " + "+".join(phase.after))
         for action in phase.after:
             if action == "project":
                 self.model.project_prototypes(plain_loader(self.splits.train_plain, self.config.eval_batch_size))
@@ -416,6 +463,7 @@ class Trainer:
                 self.model.head.fit_memory(profiles, labels)
             else:
                 raise ProtoKNNError(f"phase {phase.name!r} asks for unknown action {action!r}")
+        self._record_stage(phase, "end")
 
     def fit(self, resume: bool = False) -> TrainState:
         if resume:
@@ -436,12 +484,15 @@ class Trainer:
                 while st.epoch < phase.epochs:
                     logs = self._run_epoch(phase, guard, bar)
                     st.epoch += 1
-                    st.history.append({"phase": phase.name, "epoch": st.epoch, **logs})
                     self._sync_buffers()
+                    logs.update(self._validation())
+                    st.history.append({"phase": phase.name, "epoch": st.epoch, "global_step": st.global_step,
+                                       "seconds": time.perf_counter() - started, **logs})
                     st.train_seconds = time.perf_counter() - started
                     self.save()
                     if guard.received is not None:
                         raise Interrupted(signal.Signals(guard.received).name)
+                self._keep_optimizer(phase)
                 self._after(phase)
                 st.phase, st.epoch = st.phase + 1, 0
                 self.optimizer, self.scheduler = None, None

@@ -7,7 +7,7 @@ Every dataset item is ``(image: float Tensor (C, H, W), label: int)``.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -296,6 +296,9 @@ class DatasetSplits:
     cropped: bool = False
     skipped: List[str] = field(default_factory=list)
     """Image files left out because they could not be read (see ``imagefolder``)."""
+    val: Optional[Dataset] = None
+    """A validation split carved from the training set (test transform), or None."""
+    val_labels: Optional[torch.Tensor] = None
 
     @property
     def num_classes(self) -> int:
@@ -355,6 +358,25 @@ def limit_splits(splits: DatasetSplits, limit: int) -> DatasetSplits:
     splits.train_labels = splits.train_labels[train_idx]
     splits.test_labels = splits.test_labels[test_idx]
     return splits
+
+
+def carve_validation(splits: DatasetSplits, fraction: float, seed: int = SPLIT_SEED) -> DatasetSplits:
+    """Hold out ``fraction`` of each class of the training set as ``splits.val``.
+
+    Stratified and seeded; the rest stays ``train``/``train_plain``. The validation images
+    use the test transform. Returns a new ``DatasetSplits``; the test split is untouched, so
+    choices made on validation accuracy never look at it.
+    """
+    check(0.0 < fraction < 1.0, f"--val-fraction must be in (0, 1), got {fraction}; e.g. 0.1.")
+    for part in ("train", "train_plain"):
+        check(hasattr(getattr(splits, part), "subset"),
+              f"dataset {splits.name} cannot hold out a validation split (its {part} has no subset method).")
+    keep, held = stratified_split(splits.train_labels, fraction, seed)
+    check(len(held) > 0 and len(keep) > 0,
+          f"--val-fraction {fraction} leaves no validation or no training images in {splits.name}; change it.")
+    return replace(splits, train=splits.train.subset(keep), train_plain=splits.train_plain.subset(keep),
+                   train_labels=splits.train_labels[keep], val=splits.train_plain.subset(held),
+                   val_labels=splits.train_labels[held])
 
 
 def warn_skipped(name: str, skipped: Sequence[str]) -> None:

@@ -96,3 +96,21 @@ def grey_test_transform(native_size: int, size: int, mean: Sequence[float], std:
 def grey_file_transform(size: int, mean: Sequence[float], std: Sequence[float]):
     """PIL "L" image of any size (a user's file) -> Tensor (1, size, size) like the test images."""
     return T.Compose([T.Resize((size, size), interpolation=_BILINEAR), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def small_rgb_train_transform(native_size: int, size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                              std: Sequence[float] = IMAGENET_STD):
+    """PIL RGB image of ``native_size`` px (CIFAR) -> augmented Tensor (3, size, size).
+
+    The usual CIFAR augmentation: a random crop after padding by 1/8 of the side, and a
+    horizontal flip, both at the native size; then the upsampling a pretrained backbone needs.
+    """
+    return T.Compose([T.RandomCrop(native_size, padding=max(1, native_size // 8), padding_mode="reflect"),
+                      T.RandomHorizontalFlip(), T.Resize((size, size), interpolation=_BILINEAR),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+def small_rgb_test_transform(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    """PIL RGB image of any size -> Tensor (3, size, size), resized whole (no crop: tiny images
+    have no margin to spare)."""
+    return T.Compose([T.Resize((size, size), interpolation=_BILINEAR), T.ToTensor(), T.Normalize(mean, std)])

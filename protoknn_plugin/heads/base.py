@@ -6,7 +6,7 @@ declares its training phases as data that the trainer follows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -28,6 +28,13 @@ class Phase:
     cached_profiles: train on cached training profiles instead of images
         (valid when nothing before the head trains, e.g. ProtoPNet's last-layer phase).
     step_lr: (step_size, gamma) of a StepLR schedule, or None.
+    weight_decay: component -> Adam weight decay (coupled L2); absent means 0.
+    schedule: ``constant``, ``step`` (needs ``step_lr``) or ``cosine`` (linear warm-up over
+        ``warmup_epochs``, then cosine decay to 0, stepped every optimiser step). None picks
+        ``step`` when ``step_lr`` is set, else ``constant``.
+    optimizer_key: phases with the same key share one optimiser and schedule state: a
+        later phase continues where the earlier one stopped instead of restarting Adam
+        (ProtoPNet's joint cycles between pushes).
     """
 
     name: str
@@ -36,6 +43,16 @@ class Phase:
     after: Tuple[str, ...] = ()
     cached_profiles: bool = False
     step_lr: Tuple[int, float] | None = None
+    weight_decay: Dict[str, float] = field(default_factory=dict)
+    schedule: Optional[str] = None
+    warmup_epochs: float = 0.0
+    optimizer_key: Optional[str] = None
+
+    @property
+    def schedule_name(self) -> str:
+        if self.schedule is not None:
+            return self.schedule
+        return "step" if self.step_lr else "constant"
 
 
 @dataclass

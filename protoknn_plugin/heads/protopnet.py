@@ -6,6 +6,7 @@ last-layer-only as data the trainer follows.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List
 
 import torch
@@ -116,9 +117,11 @@ class ProtoPNetHead(Head):
         push_points = [e for e in range(self.push_start, epochs, self.push_every) if e > done] + [epochs]
         for point in push_points:
             if point > done:
-                phases.append(Phase("joint", point - done, joint_lrs, after=("project",), step_lr=self.joint_step))
+                # One Adam and StepLR across joint cycles, as in the reference code (not restarted after a push).
+                phases.append(Phase("joint", point - done, joint_lrs, after=("project",), step_lr=self.joint_step,
+                                    optimizer_key="joint"))
                 done = point
             else:
-                phases[-1] = Phase(phases[-1].name, phases[-1].epochs, phases[-1].lrs, after=("project",), step_lr=phases[-1].step_lr)
+                phases[-1] = dataclasses.replace(phases[-1], after=("project",))
             phases.append(push_and_last)
         return phases
