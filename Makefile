@@ -1,21 +1,25 @@
 # Quick start:  make bench   (set up, then run the side-by-side head benchmark on `animals`)
 #               make test    (set up, then run the test suite; .ci/run calls this)
-# Setup is idempotent: the venv is rebuilt only when pyproject.toml changes.
+# Setup is idempotent: the venv is rebuilt only when pyproject.toml or constraints.txt change.
+# It installs the package (editable) with the extra `all` (every extra but cabrnet, which
+# tests/cabrnet_ci.sh puts in a venv of its own), at the exact versions of constraints.txt.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip install -q --progress-bar off -c constraints.txt
 
-.PHONY: setup bench test clean
+.PHONY: setup bench test wheel clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# Exact pins: pip takes these from local disk; a looser range downloads several GB.
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# torch first: constraints.txt names the versions that lie on local disk (a looser
+	# choice downloads several GB).
+	$(PIP) torch torchvision
+	$(PIP) -e '.[all]'
 	touch $(STAMP)
 
 bench: setup
@@ -24,5 +28,9 @@ bench: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# sdist + wheel into dist/ (what CI installs into a fresh venv)
+wheel: setup
+	rm -rf dist && $(BIN)/python -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) runs bench-out
+	rm -rf $(VENV) runs bench-out dist

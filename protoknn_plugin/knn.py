@@ -1,6 +1,6 @@
 """ProtoKNN's classifier: majority vote of the k nearest stored training profiles.
 
-Distances are squared Euclidean (METHOD.md, "ProtoKNN inference"). Ties between classes
+Distances are squared Euclidean (docs/method.md, "Prediction"). Ties between classes
 go to the tied class whose nearest member is closest. One search at the largest k serves
 every k of ``predict_many`` (the paper reports k = 1, 3, 5, 10).
 

@@ -90,7 +90,7 @@ def create_metric_loss(
 ) -> MetricLoss:
     """Build a PML loss by name.
 
-    ``margin`` defaults follow METHOD.md: MarginLoss(margin=0.2, beta=1.2, learn_beta=True,
+    ``margin`` defaults follow docs/method.md (eq. 1): MarginLoss(margin=0.2, beta=1.2, learn_beta=True,
     num_classes=C) with a batch-hard miner, both on LpDistance(p=2, power=1,
     normalize_embeddings=...). ``proxy-anchor``: alpha 32, delta 0.1, no miner.
     """

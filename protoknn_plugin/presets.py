@@ -1,7 +1,7 @@
 """The paper's training settings by name (``--preset``).
 
 Each preset fills the options a user did not set on the command line. Learning rates
-follow METHOD.md: with pretrained weights the backbone trains at 1e-5 and the rest at
+follow docs/method.md: with pretrained weights the backbone trains at 1e-5 and the rest at
 1e-3 (the heads pick these when the backbone is pretrained).
 """
 from __future__ import annotations

@@ -254,13 +254,16 @@ def test_make_tiny_dataset_writes_an_image_folder_and_configs(cabrnet, tmp_path)
 
     from protoknn_plugin.adapters.cabrnet.make_tiny_dataset import main
 
-    assert main([str(tmp_path), "--train", "20", "--test", "10"]) == 0
+    assert main([str(tmp_path), "--train", "20", "--val", "10", "--test", "10"]) == 0
     train = tmp_path / "tiny-animals" / "train"
     folders = sorted(p.name for p in train.iterdir())
     assert folders == [f"{i:02d}-{c}" for i, c in enumerate(
         ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"])]
     assert len(list(train.glob("*/*.png"))) == 20
     assert len(list((tmp_path / "tiny-animals" / "test").glob("*/*.png"))) == 10
+    val = {p.relative_to(tmp_path / "tiny-animals" / "val") for p in (tmp_path / "tiny-animals" / "val").glob("*/*.png")}
+    assert len(val) == 10 and not val & {p.relative_to(train) for p in train.glob("*/*.png")}  # disjoint from train
+    assert sorted({p.parent.name for p in val}) == folders  # one per class
     with Image.open(next(train.glob("*/*.png"))) as img:
         assert img.mode == "RGB" and img.size == (28, 28)
     dataset = yaml.safe_load((tmp_path / "configs" / "dataset.yml").read_text())
@@ -289,3 +292,160 @@ def test_cabrnet_protopnet_baseline_returns_a_benchmark_row(cabrnet, tmp_path):
     for key in ("train_seconds", "peak_memory_mb", "images_per_second", "prototype_spread"):
         assert row[key] >= 0.0
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "projection_info.csv").is_file()
+
+
+def test_classifier_opt_sets_model_arch_params(cabrnet, tmp_path):
+    import yaml
+
+    from protoknn_plugin.adapters.cabrnet.make_tiny_dataset import main
+
+    assert main([str(tmp_path), "--train", "20", "--val", "10", "--test", "10",
+                 "--classifier-opt", "aux_loss=none", "--classifier-opt", "k=3"]) == 0
+    params = yaml.safe_load((tmp_path / "configs" / "model_arch.yml").read_text())["classifier"]["params"]
+    assert params["aux_loss"] == "none" and params["k"] == 3 and params["task_loss"] == "margin"
+
+
+# ---------------------------------------------------------------- parameter groups under CaBRNet
+TASK_LOSSES = ["margin", "triplet-margin", "proxy-anchor"]
+AUX_LOSSES = ["margin", "proxy-anchor", "none"]
+
+
+def packaged_training_config():
+    import yaml
+
+    return yaml.safe_load((CONFIGS / "training.yml").read_text())
+
+
+def optimiser_groups(model, training_config):
+    """{group name: (lr, [parameter names])} of the optimiser CaBRNet builds from training_config."""
+    from cabrnet.core.utils.optimizers import OptimizerManager
+
+    model.register_training_params(training_config)  # what `cabrnet train` does first
+    manager = OptimizerManager.build_from_config(config=training_config, model=model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimiser = manager.optimizers["main_optimizer"]
+    group_names = list(training_config["optimizers"]["main_optimizer"]["groups"])
+    return {name: (group["lr"], [names[id(p)] for p in group["params"]])
+            for name, group in zip(group_names, optimiser.param_groups)}
+
+
+@pytest.mark.parametrize("task", TASK_LOSSES)
+@pytest.mark.parametrize("aux", AUX_LOSSES)
+def test_every_loss_combination_gets_its_optimiser_from_the_shipped_training_yml(model_config, task, aux):
+    # CaBRNet 1.2 crashed (NameError) on groups that matched nothing, e.g. aux_loss none
+    config = {**model_config, "classifier": {**model_config["classifier"], "params": {
+        **model_config["classifier"]["params"], "task_loss": task, "aux_loss": aux}}}
+    model = build(config)
+    groups = optimiser_groups(model, packaged_training_config())
+    placed = [name for _, names in groups.values() for name in names]
+    assert len(placed) == len(set(placed))  # no parameter in two groups
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(placed) == trainable  # everything trains, the frozen prototypes do not
+    assert "classifier.prototype_layer.prototypes" not in placed
+    assert bool(groups["head"][1]) == (aux != "none")
+    assert bool(groups["beta"][1]) == ("margin" in (task, aux))
+    assert bool(groups["proxies"][1]) == ("proxy-anchor" in (task, aux))
+    assert all(name.endswith(".beta") for name in groups["beta"][1])
+    assert all(name.endswith(".proxies") for name in groups["proxies"][1])
+
+
+def test_proxies_train_at_100x_the_base_rate_under_cabrnet(model_config):
+    config = {**model_config, "classifier": {**model_config["classifier"], "params": {
+        **model_config["classifier"]["params"], "aux_loss": "proxy-anchor"}}}
+    model = build(config)
+    groups = optimiser_groups(model, packaged_training_config())
+    proxies = "classifier.head.aux_loss.loss.proxies"
+    proxy_lr = [lr for lr, names in groups.values() if proxies in names]
+    base_lr = [lr for lr, names in groups.values() if "classifier.prototype_layer.addon.weight" in names]
+    assert proxy_lr == [pytest.approx(100 * base_lr[0])]  # in exactly one group, at 100x the add-on's 1e-3
+    assert groups["beta"][0] == pytest.approx(5e-4) and proxies not in groups["beta"][1]
+    # the same rates as `protoknn train` gives this head
+    phase = model.classifier.head.phases(1, pretrained_backbone=False)[0]
+    assert proxy_lr[0] == pytest.approx(phase.lrs["proxies"]) and base_lr[0] == pytest.approx(phase.lrs["addon"])
+
+
+def test_include_that_matches_nothing_is_one_clear_error_not_cabrnets_name_error(model_config):
+    config = {**model_config, "classifier": {**model_config["classifier"], "params": {
+        **model_config["classifier"]["params"], "aux_loss": "none"}}}
+    model = build(config)
+    training = packaged_training_config()
+    training["param_groups"]["head"] = "classifier.head.aux_embedding"  # the old shipped pattern
+    with pytest.raises(ProtoKNNError, match=r"param_groups\.head includes 'classifier\.head\.aux_embedding'"):
+        model.register_training_params(training)
+
+
+def test_proxies_sharing_the_beta_group_is_one_clear_error(model_config):
+    config = {**model_config, "classifier": {**model_config["classifier"], "params": {
+        **model_config["classifier"]["params"], "aux_loss": "proxy-anchor"}}}
+    model = build(config)
+    training = packaged_training_config()
+    # the old shipped groups: proxies fell into `beta` at 5e-4
+    training["param_groups"] = {"backbone": "extractor.convnet", "addon": "classifier.prototype_layer.addon",
+                                "head": "classifier.head.aux_embedding",
+                                "beta": ["classifier.head.task_loss", "classifier.head.aux_loss"]}
+    with pytest.raises(ProtoKNNError, match=r"param_groups\.beta mixes the proxy-anchor proxies"):
+        model.register_training_params(training)
+
+
+# ---------------------------------------------------------------- class-balanced batches, kNN validation
+@pytest.fixture(scope="module")
+def tiny(cabrnet, tmp_path_factory):
+    from protoknn_plugin.adapters.cabrnet.make_tiny_dataset import write_image_folder
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_image_folder(root, train=40, test=10, val=10)
+    return root / "tiny-animals"
+
+
+def to_tensor():
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])
+
+
+def test_class_balanced_loader_draws_per_class_images_of_distinct_classes(tiny):
+    from protoknn_plugin.adapters.cabrnet.sampler import ClassBalancedImageFolder, class_balanced_loader
+
+    dataset = ClassBalancedImageFolder(str(tiny / "train"), per_class=2, transform=to_tensor())
+    loader = class_balanced_loader(DataLoader(dataset, batch_size=8, shuffle=True))
+    epochs = [[labels for _, labels in loader] for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == 40 // 8  # one epoch = N // batch_size batches
+        for labels in batches:
+            counts = torch.bincount(labels, minlength=10)
+            assert sorted(counts[counts > 0].tolist()) == [2, 2, 2, 2]  # 4 classes x 2 images
+    assert any(not torch.equal(a, b) for a, b in zip(*epochs))  # each epoch draws anew
+    with pytest.raises(ProtoKNNError, match="multiple of per_class"):
+        class_balanced_loader(DataLoader(dataset, batch_size=7))
+    with pytest.raises(ProtoKNNError, match="asks for 12 classes"):
+        class_balanced_loader(DataLoader(dataset, batch_size=24))
+    with pytest.raises(ProtoKNNError, match="per_class >= 2"):
+        ClassBalancedImageFolder(str(tiny / "train"), per_class=1)
+
+
+def test_train_epoch_uses_class_balanced_batches_and_validates_with_the_knn(model_config, tiny):
+    from cabrnet.core.utils.optimizers import OptimizerManager
+    from torchvision.datasets import ImageFolder
+
+    from protoknn_plugin.adapters.cabrnet.sampler import ClassBalancedImageFolder
+
+    model = build(model_config)
+    optimizer = OptimizerManager.build_from_config(config=packaged_training_config(), model=model)
+    train = ClassBalancedImageFolder(str(tiny / "train"), per_class=2, transform=to_tensor())
+    seen = []
+    model.extractor.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    plain = {"train_set": DataLoader(train, batch_size=10, shuffle=True),
+             "projection_set": DataLoader(ImageFolder(str(tiny / "train"), transform=to_tensor()), batch_size=16)}
+    model.train_epoch(plain, optimizer, device="cpu")
+    assert not model.classifier.has_memory  # no val_set: the memory waits for the epilogue
+    assert seen[:4] == [10, 10, 10, 10]
+    loaders = {**plain, "val_set": DataLoader(ImageFolder(str(tiny / "val"), transform=to_tensor()), batch_size=16)}
+    stats = model.train_epoch(loaders, optimizer, device="cpu")
+    assert "train_set/accuracy" in stats
+    assert len(model.classifier.head.knn) == 40  # memory = the projection set's profiles
+    val = model.evaluate(loaders, "val_set", device="cpu")  # what CaBRNet runs after each epoch
+    assert {"val_set/accuracy", "val_set/accuracy_k1", "val_set/accuracy_k3"} <= set(val)
+    # kNN accuracy by hand: the val profiles against the stored ones, at the primary k (1 here)
+    profiles, labels = model.profiles(loaders["val_set"], device="cpu")
+    by_hand = float((model.classifier.head.knn.predict(profiles) == labels).float().mean())
+    assert val["val_set/accuracy"] == pytest.approx(by_hand)

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import importlib
 
-from protoknn_plugin.errors import ProtoKNNError
+from protoknn_plugin.extras import require_extra
 
 _LAZY = {"ProtoKNNClassifier": ".classifier", "ProtoKNNCaBRNet": ".model"}
 
 
 def require_cabrnet():
-    try:
-        return importlib.import_module("cabrnet")
-    except ImportError:
-        raise ProtoKNNError(
-            "CaBRNet is not installed; install the extra with `pip install 'protoknn-plugin[cabrnet]'`"
-        ) from None
+    return require_extra("cabrnet", "cabrnet", "ProtoKNN inside CaBRNet")
 
 
 def __getattr__(name):

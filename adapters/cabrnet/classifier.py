@@ -139,7 +139,7 @@ class ProtoKNNClassifier(CaBRNetClassifier):
     def distances(self, features: Tensor, **kwargs) -> Tensor:
         """Backbone map (N, C, H, W) -> CaBRNet's cosine distance 1 - cos (N, P, H, W).
 
-        The losses use the squared distance on the sphere, 2 - 2 cos (METHOD.md), i.e. twice this.
+        The losses use the squared distance on the sphere, 2 - 2 cos (docs/method.md), i.e. twice this.
         """
         return self.similarity_layer.distances(self.prototype_layer.addon(features), self.prototypes, **kwargs)
 

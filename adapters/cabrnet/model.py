@@ -5,6 +5,13 @@ name: ProtoKNNCaBRNet}``. CaBRNet's own loop does the training (``train_epoch`` 
 generic one: forward, ``loss``, one optimiser step per batch); this class adds what
 ProtoKNN does differently:
 
+* ``train_epoch``: CaBRNet's loop on class-balanced batches when dataset.yml names a
+  ``ClassBalancedImageFolder`` train set (sampler.py); then, when dataset.yml has a
+  ``val_set``, the kNN memory from the memory set, so that CaBRNet's per-epoch
+  evaluation of ``val_set`` is kNN accuracy and ``--save-best val_set/accuracy max``
+  keeps the epoch with the best real metric;
+* ``register_training_params``: checks training.yml's parameter groups before CaBRNet
+  builds its optimisers (param_groups.py);
 * ``project``: eq. 14 through the plugin's ``project`` (every prototype moves to its
   most similar training patch of *any* class), reported in CaBRNet's projection format;
 * ``epilogue`` (run by ``cabrnet train`` after the last epoch): projection, then the
@@ -31,8 +38,15 @@ from protoknn_plugin.errors import ProtoKNNError, check
 from protoknn_plugin.prototypes import project as project_prototypes
 
 from .classifier import ProtoKNNClassifier
+from .param_groups import cabrnet_groups, check_includes, check_proxies_alone
+from .sampler import class_balanced_loader, is_class_balanced
 
 EPILOGUE_OPTIONS = ("projection_set", "memory_set", "tqdm_position")
+# Dataset names (dataset.yml) read during training: CaBRNet evaluates VALIDATION_SET after
+# every epoch; the kNN memory for that evaluation comes from MEMORY_SET (the training
+# images without augmentation, which the epilogue projects onto too).
+VALIDATION_SET = "val_set"
+MEMORY_SET = "projection_set"
 
 
 class ProtoKNNCaBRNet(CaBRNet):
@@ -57,6 +71,40 @@ class ProtoKNNCaBRNet(CaBRNet):
             raise ProtoKNNError(
                 "ProtoKNN takes no auxiliary_info in training.yml; set cluster_weight, aux_weight, margin, ... "
                 "under classifier.params in model_arch.yml")
+        # `cabrnet train` calls this before it builds the optimisers: fail here, in one line,
+        # on the groups that would crash CaBRNet or train the proxies at the wrong rate.
+        if training_config.get("param_groups"):
+            check_includes(training_config["param_groups"], self)
+            proxies = self.classifier.head.param_groups().get("proxies", [])
+            if proxies:
+                check_proxies_alone(cabrnet_groups(training_config, self), proxies)
+
+    def train_epoch(self, dataloaders: Dict[str, DataLoader], optimizer_mngr: Any,
+                    device: str | torch.device = "cuda:0", tqdm_position: int = 0, epoch_idx: int = 0,
+                    verbose: bool = False) -> Dict[str, float]:
+        """One epoch of CaBRNet's own loop, on class-balanced batches when the train set asks for them.
+
+        Afterwards, if dataset.yml has a ``val_set``, the kNN memory is rebuilt from
+        ``projection_set`` (one forward pass over it), so that the ``val_set`` evaluation
+        CaBRNet runs next measures kNN accuracy (stats ``val_set/accuracy``,
+        ``val_set/accuracy_k1``, ...). Without ``val_set`` the memory waits for the epilogue.
+        """
+        loaders = dict(dataloaders)
+        if is_class_balanced(dataloaders["train_set"]):
+            loaders["train_set"] = self._balanced_loader(dataloaders["train_set"])
+        stats = self._train_epoch(loaders, optimizer_mngr, "train_set", device, tqdm_position, epoch_idx, verbose)
+        if VALIDATION_SET in dataloaders:
+            check(MEMORY_SET in dataloaders,
+                  f"kNN validation on {VALIDATION_SET} needs the training images as {MEMORY_SET} in dataset.yml "
+                  "(shuffle: False, no augmentation); add it")
+            self.build_memory(dataloaders[MEMORY_SET], device=device, verbose=verbose)
+        return stats
+
+    def _balanced_loader(self, loader: DataLoader) -> DataLoader:
+        # built once and kept: each new iterator draws a fresh epoch of batches
+        if getattr(self, "_balanced", (None, None))[0] is not loader:
+            self._balanced = (loader, class_balanced_loader(loader))
+        return self._balanced[1]
 
     # ------------------------------------------------------------ projection and memory
     @torch.no_grad()

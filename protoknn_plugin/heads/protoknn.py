@@ -167,7 +167,7 @@ class ProtoKNNHead(Head):
         return groups
 
     def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
-        # A pretrained backbone is fine-tuned gently (METHOD.md: 1e-5); one trained
+        # A pretrained backbone is fine-tuned gently (docs/method.md: 1e-5); one trained
         # from scratch needs the same rate as the rest or it never learns.
         backbone_lr = 1e-5 if pretrained_backbone else self.lr
         lrs = {"backbone": backbone_lr, "addon": self.lr, "head": self.lr, "beta": self.beta_lr,
