@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable
@@ -119,8 +120,10 @@ def load_checkpoint(path: str | os.PathLike, best: bool = False) -> Dict[str, An
         raise ProtoKNNError(f"no checkpoint at {str(path)!r}; pass a run directory written by `protoknn train --out`")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # objects beyond tensors and plain types: they could run code
-        raise ProtoKNNError(f"checkpoint {str(path)!r} holds pickled objects that could run code; refusing to open it "
+    except pickle.UnpicklingError as err:  # objects beyond tensors and plain types: they could run code
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise ProtoKNNError(f"checkpoint {str(path)!r} holds pickled objects{what} that could run code; refusing to open it "
                             "(protoknn checkpoints hold only tensors and plain data; an older one must be retrained)") from None
     except Exception as err:  # a truncated or foreign file
         raise ProtoKNNError(f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}); it is corrupt or not a protoknn checkpoint") from None

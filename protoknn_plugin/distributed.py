@@ -79,9 +79,16 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate every rank's x along dim 0, in rank order; the backward is gradient-carrying."""
     if not is_active():
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()))
+    with warnings.catch_warnings():
+        # torch 2.14 marks it deprecated; it is still the gradient-carrying gather that PML's
+        # DistributedLossWrapper uses, and its backward (a sum over ranks) is what the
+        # gradient argument in this module's docstring relies on.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()))
 
 
 def gather_labels(labels: Tensor) -> Tensor:

@@ -130,5 +130,5 @@ def epoch_batches(labels: Tensor, config: TrainConfig) -> List[List[int]]:
     steps = config.steps_per_epoch or max(1, len(labels) // batch)
     sampler = MPerClassSampler(labels.numpy(), m=config.per_class, batch_size=batch,
                                length_before_new_iter=steps * batch)
-    order = list(iter(sampler))
+    order = [int(i) for i in iter(sampler)]  # plain ints: checkpoints hold no numpy objects
     return [order[i * batch:(i + 1) * batch] for i in range(len(order) // batch)]
