@@ -26,7 +26,7 @@ def cli():
 
 
 # Commands register themselves on ``cli`` when their module is imported.
-from . import comparing, explaining, listing, training  # noqa: E402,F401
+from . import comparing, explaining, listing, predicting, training  # noqa: E402,F401
 
 
 def main(argv: Optional[List[str]] = None) -> None:
