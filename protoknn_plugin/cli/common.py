@@ -225,6 +225,13 @@ def config_option(fn):
                         help="YAML file of option: value (e.g. a run's config.yaml); options given on the command line win.")(fn)
 
 
+def add_config_option(group: click.Group) -> None:
+    """Give every command of ``group`` that lacks one a --config option."""
+    for command in group.commands.values():
+        if not any(param.name == "config" for param in command.params):
+            config_option(command)
+
+
 def write_run_config(out, params: dict) -> None:
     """OUT/config.yaml: every resolved option of this command, readable back with --config."""
     import yaml
