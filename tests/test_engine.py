@@ -206,3 +206,18 @@ def test_bf16_on_cpu_keeps_the_loss_finite_and_near_float32():
 def test_fp16_mixed_on_cpu_is_a_one_line_error(tmp_path):
     result = run_cli(*_args(precision="16-mixed"), "--out", tmp_path)
     assert_one_line_error(result, "16-mixed", "bf16")
+
+
+def test_tensorboard_without_the_extra_fails_before_training(monkeypatch):
+    import importlib.util
+
+    from protoknn_plugin.data import create_dataset
+    from protoknn_plugin.model import ModelConfig, PrototypeModel
+    from protoknn_plugin.train import TrainConfig, Trainer
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    model = PrototypeModel(ModelConfig(head="protoknn", num_classes=10, in_channels=1, num_prototypes=20, dim=16,
+                                       backbone_options={"width": 8}))
+    with pytest.raises(ProtoKNNError, match=r"protoknn-plugin\[tensorboard\]"):
+        Trainer(model, create_dataset("animals", limit=60), TrainConfig(tensorboard=True), progress=False)

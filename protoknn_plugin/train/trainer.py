@@ -87,6 +87,12 @@ class Trainer:
         self._sampler = KeyedBatches()
         self._train_loader = None
         self._tensorboard: Optional[TensorBoardWriter] = None
+        if config.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:  # say so now, not after the first epoch
+                raise ProtoKNNError("--tensorboard needs the tensorboard package; "
+                                    "install it with pip install 'protoknn-plugin[tensorboard]'")
 
     # ---- checkpoints ---------------------------------------------------------------
     def checkpoint_state(self) -> Dict[str, Any]:
@@ -257,9 +263,9 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         outs, labels = [], []
+        # Float32 like ``evaluate``, so the kNN memory and its queries are computed alike.
         for images, y, _ in self._plain(dataset):
-            with self.precision.autocast():
-                outs.append(self.model(images.to(self.device, non_blocking=True)).profile.float())
+            outs.append(self.model(images.to(self.device, non_blocking=True)).profile)
             labels.append(y)
         self.model.train(was)
         return torch.cat(outs), torch.cat(labels).to(self.device)
