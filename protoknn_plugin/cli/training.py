@@ -74,7 +74,9 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     if distributed.is_main():
         ensure_writable_dir(out)
         if overwrite:
-            for stale in ("checkpoint.pt", "best.pt", "metrics.json", "metrics.csv"):
+            # The old run's results go now; its checkpoint.pt stays until the new run's first
+            # checkpoint replaces it atomically, so a new run that fails early loses nothing saved.
+            for stale in ("best.pt", "metrics.json", "metrics.csv"):
                 (Path(out) / stale).unlink(missing_ok=True)
         write_run_config(out, {k: params[k] for k in click.get_current_context().params})
     try:
