@@ -23,8 +23,22 @@ error (rows vs 1, per-class column sums vs N_y P(y, .), measured on the returned
 float64), and our iteration count. Headline: speed-up of ours over the POT loop.
 The full forward of ``ProtoKNNClusterLoss("full")`` and ``sample_counts`` are timed too.
 
+Gradient routes (``--only backward`` runs just this part): the differentiable plan of
+``full-implicit`` (``sinkhorn_grad.sinkhorn_implicit``: forward without a graph, backward by
+the implicit Schur-complement solve) against autograd through the unrolled iterations
+(``sinkhorn_unrolled``, as many iterations as the implicit forward needed to converge), on the
+same (Y, N, P) block (no compaction: all P columns), loss sum(T * W) with a fixed random W.
+Reported per route: median forward and backward time, and peak memory of tensors. On the
+CPU the peak is the largest running total of the allocations and frees that
+``torch.profiler`` (``profile_memory=True``) records, in time order, above what was live at the
+start: forward (including the graph it keeps) and backward separately. ``tracemalloc`` cannot
+measure this: torch's CPU allocator does not report to it (a 4 MB tensor shows as 80 bytes),
+and the process's peak RSS mixes in the allocator's caching and everything else. On CUDA,
+``torch.cuda.max_memory_allocated`` above the allocation at the start.
+
     python benchmarks/bench_sinkhorn.py                           # 2 threads, bench-out/sinkhorn.json
     python benchmarks/bench_sinkhorn.py --features parts --repeats 21 --out bench-out/s.json
+    python benchmarks/bench_sinkhorn.py --only backward --threads 1 --out bench-out/sinkhorn-grad.json
 """
 from __future__ import annotations
 
@@ -55,7 +69,9 @@ from protoknn_plugin.cluster import (  # noqa: E402
     sample_counts,
     transport_plan,
 )
+from protoknn_plugin.sampling import relaxed_counts  # noqa: E402
 from protoknn_plugin.sinkhorn import log_sinkhorn_batched  # noqa: E402
+from protoknn_plugin.sinkhorn_grad import sinkhorn_implicit, sinkhorn_unrolled  # noqa: E402
 
 FEATURES = ("random", "parts")
 
@@ -114,6 +130,117 @@ def our_iterations(cost, labels, affil, reg, tol, max_iter) -> int:
     b = affil.to(cost.dtype)
     b = b / b.sum(1, keepdim=True) * sizes.to(cost.dtype).unsqueeze(1)
     return log_sinkhorn_batched(blocks, log_a, b.log(), reg, max_iter=max_iter, tol=tol).n_iter
+
+
+def stacked_problem(cost, labels, affil):
+    """(Y, Nmax, P) cost block, row masses (Y, Nmax) and column masses (Y, P), as transport_plan
+    builds them without compaction."""
+    _, index, sizes = _class_index(labels)
+    slot, n_max = _stack_by_class(index, sizes)
+    y, p = sizes.shape[0], cost.shape[1]
+    blocks = torch.zeros(y, n_max, p, dtype=cost.dtype, device=cost.device)
+    blocks[index, slot] = cost
+    a = torch.zeros(y, n_max, dtype=cost.dtype, device=cost.device)
+    a[index, slot] = 1.0
+    b = affil.to(cost.dtype)
+    return blocks, a, b / b.sum(1, keepdim=True) * sizes.to(cost.dtype).unsqueeze(1)
+
+
+def peak_bytes(fn: Callable[[], object], device: str):
+    """(result, peak bytes of tensors allocated inside ``fn`` above those live at its start)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return out, peak
+
+
+def run_backward(args) -> List[Dict]:
+    """Forward/backward time and peak memory of the implicit and the unrolled gradient routes."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
+    rows = []
+    for features in args.features:
+        s, cost, gap, labels = make_batch(
+            features, args.classes, args.per_class, args.prototypes, args.dim, args.patches, args.seed
+        )
+        draw = torch.Generator().manual_seed(args.seed)
+        counts = (sample_counts(s.float(), tau=0.05, generator=draw) if args.sampler == "hard"
+                  else relaxed_counts(s.float(), tau=0.05, tau_soft=0.5, generator=draw))
+        _, affil = affiliation(counts, labels)
+        for dtype in (torch.float32, torch.float64):
+            for device in devices:
+                blocks, a, b = (t.to(device) for t in stacked_problem(gap.to(dtype), labels, affil))
+                weights = torch.randn(blocks.shape, generator=torch.Generator().manual_seed(1),
+                                      dtype=dtype).to(device)
+                info: Dict = {}
+                sinkhorn_implicit(blocks, a, b, args.reg, max_iter=args.max_iter, tol=args.tol, info=info)
+                n_iter = int(info["n_iter"])
+                routes = {
+                    "implicit": lambda c: sinkhorn_implicit(c, a, b, args.reg, max_iter=args.max_iter, tol=args.tol),
+                    "unrolled": lambda c: sinkhorn_unrolled(c, a, b, args.reg, n_iter),
+                }
+                for fixed in args.unrolled_iters:  # bind the count now, not at call time
+                    routes[f"unrolled x{fixed}"] = functools.partial(
+                        lambda c, k: sinkhorn_unrolled(c, a, b, args.reg, k), k=fixed)
+                measured = {name: {"forward_s": [], "backward_s": []} for name in routes}
+                grads = {}
+                for rep in range(args.warmup + args.repeats):
+                    for name, route in routes.items():  # round-robin
+                        c = blocks.clone().requires_grad_(True)
+                        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+                        sync()
+                        t0 = time.perf_counter()
+                        loss = (route(c) * weights).sum()
+                        sync()
+                        t1 = time.perf_counter()
+                        loss.backward()
+                        sync()
+                        t2 = time.perf_counter()
+                        if rep >= args.warmup:
+                            measured[name]["forward_s"].append(t1 - t0)
+                            measured[name]["backward_s"].append(t2 - t1)
+                        grads[name] = c.grad
+                for name, route in routes.items():  # memory, one extra untimed pass each
+                    c = blocks.clone().requires_grad_(True)
+                    loss, forward_peak = peak_bytes(lambda: (route(c) * weights).sum(), device)
+                    _, backward_peak = peak_bytes(loss.backward, device)
+                    rows.append({
+                        "features": features, "dtype": str(dtype).replace("torch.", ""), "device": device,
+                        "sampler": args.sampler, "route": name, "shape": list(blocks.shape),
+                        "iterations": int(name.split(" x")[1]) if " x" in name else n_iter,
+                        "forward_ms": 1e3 * statistics.median(measured[name]["forward_s"]),
+                        "backward_ms": 1e3 * statistics.median(measured[name]["backward_s"]),
+                        "forward_peak_mb": forward_peak / 2**20, "backward_peak_mb": backward_peak / 2**20,
+                        "max_abs_grad_difference_vs_implicit": float((grads[name] - grads["implicit"]).abs().max()),
+                    })
+    return rows
+
+
+def print_backward(console, rows: List[Dict], args) -> None:
+    table = Table(title=f"Gradient of the plan ({args.sampler} counts): implicit vs unrolled, "
+                        f"{args.classes} x {args.per_class} x "
+                        f"{args.prototypes}, reg {args.reg}, tol {args.tol:g}, {torch.get_num_threads()} threads")
+    for col in ("features", "dtype", "device", "route", "iters", "forward ms", "backward ms",
+                "forward peak MB", "backward peak MB", "max |grad diff|"):
+        table.add_column(col, justify="left" if col in ("features", "route") else "right")
+    for r in rows:
+        table.add_row(r["features"], r["dtype"], r["device"], r["route"], str(r["iterations"]),
+                      f"{r['forward_ms']:.1f}", f"{r['backward_ms']:.1f}", f"{r['forward_peak_mb']:.2f}",
+                      f"{r['backward_peak_mb']:.2f}", f"{r['max_abs_grad_difference_vs_implicit']:.1e}")
+    console.print(table)
 
 
 def run(args) -> Dict:
@@ -226,9 +353,19 @@ def main(argv=None) -> Dict:
     ap.add_argument("--seed", type=int, default=0, help="data and sampling seed")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA rows even with a GPU")
     ap.add_argument("--out", type=Path, default=Path("bench-out/sinkhorn.json"), help="JSON results")
+    ap.add_argument("--unrolled-iters", type=int, nargs="*", default=[],
+                    help="also time the unrolled route at these fixed iteration counts (memory grows with them)")
+    ap.add_argument("--sampler", choices=("hard", "relaxed"), default="hard",
+                    help="affiliation of the gradient routes' problem: hard counts (full-implicit; many "
+                         "zero-mass columns) or Gumbel-softmax counts, tau_soft 0.5 (full-differentiable; all "
+                         "columns carry mass)")
+    ap.add_argument("--only", choices=("all", "forward", "backward"), default="all",
+                    help="forward: the solver comparison; backward: the gradient routes")
     args = ap.parse_args(argv)
 
-    result = run(args)
+    torch.set_num_threads(args.threads)
+    result = run(args) if args.only != "backward" else {"rows": [], "pipeline": []}
+    result["backward"] = run_backward(args) if args.only != "forward" else []
     result["headline"] = headline(result["rows"])
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result["environment"] = {
@@ -243,6 +380,11 @@ def main(argv=None) -> Dict:
     args.out.write_text(json.dumps(result, indent=2))
 
     console = Console(width=150)
+    if result["backward"]:
+        print_backward(console, result["backward"], args)
+    if not result["rows"]:
+        console.print(f"wrote {args.out}")
+        return result
     table = Table(title=f"Per-class Sinkhorn, {args.classes} classes x {args.per_class} x "
                         f"{args.prototypes} prototypes, reg {args.reg}, tol {args.tol:g}, "
                         f"{torch.get_num_threads()} threads")

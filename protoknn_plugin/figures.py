@@ -332,7 +332,7 @@ def _run_splits(saved, data_dir):
 
     data = saved.get("data") or {}
     return create_dataset(saved["dataset"], data_dir or data.get("data_dir"), limit=data.get("limit"), augment=False,
-                          crop=bool(data.get("crop")))
+                          crop=bool(data.get("crop")), image_size=data.get("image_size"))
 
 
 def _query_image(splits, image: str) -> Tuple[Tensor, Optional[int], str]:

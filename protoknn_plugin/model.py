@@ -1,13 +1,15 @@
 """A prototype network: backbone + shared prototype layer + a head chosen by name."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .backbones import create_backbone
+from .errors import ProtoKNNError
 from .heads import create_head
 from .heads.base import Head
 from .prototypes import PrototypeLayer, PrototypeOutputs, ProjectionRecord, project
@@ -27,6 +29,10 @@ class ModelConfig:
     backbone_options: Dict[str, object] = field(default_factory=dict)
     head_options: Dict[str, object] = field(default_factory=dict)
     seed: int = 0
+    # The normalisation of the images the model is fed (the dataset's mean/std per channel).
+    # When set, the backbone converts them to its own (e.g. EfficientNet-Lite0's 127/128).
+    input_mean: Optional[Tuple[float, ...]] = None
+    input_std: Optional[Tuple[float, ...]] = None
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -47,6 +53,8 @@ class PrototypeModel(nn.Module):
         weights = {} if config.weights is None else {"weights": config.weights}
         self.backbone = create_backbone(config.backbone, in_channels=config.in_channels,
                                         **weights, **config.backbone_options)
+        if config.input_mean is not None and config.input_std is not None:
+            self.backbone.set_input_normalization(tuple(config.input_mean), tuple(config.input_std))
         self.head: Head = create_head(
             config.head, num_classes=config.num_classes, backbone_channels=self.backbone.out_channels,
             dim=config.dim, num_prototypes=config.num_prototypes, **config.head_options,
@@ -60,13 +68,40 @@ class PrototypeModel(nn.Module):
                 frozen=spec.frozen, seed=config.seed,
             )
         self.projection: Optional[ProjectionRecord] = None
+        self._backbone_bypassed = False  # see backbone_bypassed(); not saved: a run-time mode
 
     @property
     def pretrained_backbone(self) -> bool:
         return getattr(self.backbone, "weights", None) not in (None, "none", "None", "random")
 
+    @contextmanager
+    def backbone_bypassed(self) -> Iterator["PrototypeModel"]:
+        """Frozen-backbone mode: inside, ``forward``, ``loss``, ``predict_all`` and
+        ``project_prototypes`` take precomputed backbone maps (B, C, h, w) instead of images,
+        and ``components()`` gives the backbone no parameters, so it never trains. The
+        backbone stays a submodule: state dicts and checkpoints are unchanged, and outside
+        the context the model reads images again (see ``protoknn_plugin.features``)."""
+        previous, self._backbone_bypassed = self._backbone_bypassed, True
+        try:
+            yield self
+        finally:
+            self._backbone_bypassed = previous
+
+    def features(self, x: Tensor) -> Tensor:
+        """Backbone maps (B, C, h, w): ``backbone(x)``, or ``x`` itself when the backbone is bypassed."""
+        if not self._backbone_bypassed:
+            return self.backbone(x)
+        channels = self.backbone.out_channels
+        if not (isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == channels):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ProtoKNNError(f"the backbone is bypassed (frozen, cached), so the model takes its maps "
+                                f"(B, {channels}, h, w), got {shape}; feed the feature cache's splits, or "
+                                "leave backbone_bypassed() to feed images")
+        return x
+
     def forward(self, images: Tensor, maps: bool = False) -> PrototypeOutputs:
-        features = self.backbone(images)
+        """images (B, C_in, H, W), or backbone maps (B, C, h, w) inside ``backbone_bypassed()``."""
+        features = self.features(images)
         if self.prototype_layer is None:
             return PrototypeOutputs(None, None, None, None, None, features)
         return self.prototype_layer(features, maps=maps)
@@ -80,7 +115,7 @@ class PrototypeModel(nn.Module):
 
     def components(self) -> Dict[str, list]:
         """Parameters by component name (see heads.base.COMPONENTS)."""
-        groups = {"backbone": list(self.backbone.parameters())}
+        groups = {"backbone": [] if self._backbone_bypassed else list(self.backbone.parameters())}
         if self.prototype_layer is not None:
             groups["addon"] = list(self.prototype_layer.addon.parameters())
             groups["prototypes"] = [self.prototype_layer.prototypes]
@@ -95,7 +130,7 @@ class PrototypeModel(nn.Module):
         was_training = self.training
         self.eval()
         device = self.prototype_layer.prototypes.device
-        feats = ((self.backbone(x.to(device)), y, i) for x, y, i in batches)
+        feats = ((self.features(x.to(device)), y, i) for x, y, i in batches)
         restrict = getattr(self.head, "prototype_class", None) if self.head.project_within_class else None
         self.projection = project(self.prototype_layer, feats, prototype_class=restrict)
         self.train(was_training)

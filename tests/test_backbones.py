@@ -346,3 +346,23 @@ def test_unknown_and_bad_options_raise_protoknn_error():
         create_backbone("small-cnn", in_channels=1, depth=1)
     with pytest.raises(ProtoKNNError):
         create_backbone("resnet18", weights=123)
+
+
+def test_input_normalisation_is_converted_to_the_backbone_own():
+    """Images normalised with ImageNet statistics reach EfficientNet-Lite0 as (x - 127/255) / (128/255)."""
+    from protoknn_plugin.backbones import create_backbone
+    from protoknn_plugin.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    backbone = create_backbone("efficientnet-lite0", weights="none")
+    seen = {}
+    backbone.extract = lambda x: seen.setdefault("x", x)
+    pixels = torch.rand(2, 3, 8, 8)
+    imagenet = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    backbone.set_input_normalization(IMAGENET_MEAN, IMAGENET_STD)
+    backbone(imagenet)
+    assert torch.allclose(seen["x"], (pixels - 127 / 255) / (128 / 255), atol=1e-5)
+    # the backbone's own statistics: no conversion at all
+    backbone.set_input_normalization(backbone.mean, backbone.std)
+    seen.clear()
+    backbone(imagenet)
+    assert seen["x"] is imagenet

@@ -9,7 +9,8 @@ from conftest import TINY, assert_one_line_error, run_cli
 def test_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("datasets", "backbones", "heads", "train", "evaluate", "benchmark", "ablate", "explain", "prototypes"):
+    for command in ("datasets", "backbones", "heads", "train", "evaluate", "benchmark", "ablate", "explain", "prototypes",
+                    "faithfulness", "report"):
         assert command in result.stdout
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protoknn_plugin import cluster
+from protoknn_plugin import cluster, sampling
 from protoknn_plugin.cluster import (
     CLUSTER_VARIANTS,
     ProtoKNNClusterLoss,
@@ -73,7 +73,7 @@ def test_counts_hand_computed_when_tau_is_tiny():
 
 
 def test_counts_chunked_noise_gives_the_same_deterministic_draws(monkeypatch):
-    monkeypatch.setattr(cluster, "_MAX_NOISE_ELEMENTS", 1)  # one anchor per block
+    monkeypatch.setattr(sampling, "_MAX_NOISE_ELEMENTS", 1)  # one anchor per block
     counts = sample_counts(DETERMINISTIC_PROFILES, tau=1e-4, generator=gen())
     assert torch.equal(counts, DETERMINISTIC_COUNTS)
     s, _, _, _ = realistic_batch()
@@ -381,3 +381,88 @@ def test_bad_names_and_shapes_raise_clear_errors():
         ProtoKNNClusterLoss("full")(s, cost, gap, labels[:3])
     with pytest.raises(ProtoKNNError, match="gap_cost"):
         ProtoKNNClusterLoss("full")(s, cost, None, labels)
+
+
+# ---------------------------------------------------------------- beyond the paper (appendix B)
+def central_difference(fn, x, idx, eps=1e-6):
+    e = torch.zeros_like(x)
+    e[idx] = eps
+    return (float(fn(x + e)) - float(fn(x - e))) / (2 * eps)
+
+
+def test_full_implicit_gradient_matches_finite_differences():
+    s, cost, gap, labels = realistic_batch(dtype=torch.float64)
+    loss = ProtoKNNClusterLoss("full-implicit", reg=0.2, tol=1e-13, max_iter=100000)
+    g = gap.clone().requires_grad_(True)
+    loss(s, cost, g, labels, generator=gen(5)).backward()
+    plan = loss.plan(s, cost, gap, labels, generator=gen(5))
+    # not the constant-plan gradient T / B ...
+    assert float((g.grad - plan / labels.shape[0]).abs().max()) > 1e-3
+    # ... but the true derivative of the loss, sampling held fixed by the generator
+    fn = lambda x: loss(s, cost, x, labels, generator=gen(5))  # noqa: E731
+    for idx in [(0, 0), (3, 7), (11, 31), (5, int(plan[5].argmax()))]:
+        assert abs(float(g.grad[idx]) - central_difference(fn, gap, idx)) < 1e-6
+
+
+def test_full_differentiable_gradient_reaches_the_profiles_and_matches_finite_differences():
+    s, cost, gap, labels = realistic_batch(dtype=torch.float64, n_protos=12)
+    loss = ProtoKNNClusterLoss("full-differentiable", reg=0.2, tol=1e-13, max_iter=100000, tau_soft=0.5)
+    sp = s.clone().requires_grad_(True)
+    loss(sp, cost, gap, labels, generator=gen(5)).backward()
+    assert bool(torch.isfinite(sp.grad).all()) and float(sp.grad.abs().max()) > 1e-4
+    fn = lambda x: loss(x, cost, gap, labels, generator=gen(5))  # noqa: E731
+    for idx in [(0, 0), (2, 5), (7, 11), (11, 3)]:
+        assert abs(float(sp.grad[idx]) - central_difference(fn, s, idx)) < 1e-6
+
+
+@pytest.mark.parametrize("variant, profile_grad", [
+    ("full", False), ("full-relaxed", False), ("full-implicit", False), ("full-differentiable", True)])
+def test_which_variants_send_a_gradient_to_the_profiles(variant, profile_grad):
+    s, cost, gap, labels = realistic_batch()
+    s.requires_grad_(True)
+    gap.requires_grad_(True)
+    ProtoKNNClusterLoss(variant)(s, cost, gap, labels, generator=gen(1)).backward()
+    assert (s.grad is not None) == profile_grad
+    assert gap.grad is not None and bool(torch.isfinite(gap.grad).all())
+
+
+def test_full_relaxed_plan_is_constant_and_straight_through_gives_full():
+    s, cost, gap, labels = realistic_batch(dtype=torch.float64)
+    relaxed = ProtoKNNClusterLoss("full-relaxed", tau_soft=0.5)
+    g = gap.clone().requires_grad_(True)
+    relaxed(s, cost, g, labels, generator=gen(2)).backward()
+    plan = relaxed.plan(s, cost, gap, labels, generator=gen(2))
+    assert torch.allclose(g.grad, plan / labels.shape[0], atol=1e-12)  # T* constant
+    full = ProtoKNNClusterLoss("full").plan(s, cost, gap, labels, generator=gen(2))
+    assert not torch.allclose(plan, full, atol=1e-3)  # soft affiliation: another plan
+    st = ProtoKNNClusterLoss("full-relaxed", straight_through=True).plan(s, cost, gap, labels, generator=gen(2))
+    assert torch.allclose(st, full, atol=1e-12)
+
+
+def test_plan_cost_cost_solves_on_c_and_weights_the_gap_cost():
+    s, cost, gap, labels = realistic_batch(dtype=torch.float64)
+    on_cost = ProtoKNNClusterLoss("full", plan_cost="cost", reduction="sum")
+    plan = on_cost.plan(s, cost, gap, labels, generator=gen(3))
+    linear = ProtoKNNClusterLoss("linear-assignment").plan(s, cost, None, labels, generator=gen(3))
+    assert torch.allclose(plan, linear, atol=1e-12)
+    value = on_cost(s, cost, gap, labels, generator=gen(3))
+    assert math.isclose(float(value), float((plan * gap).sum()), rel_tol=1e-12)
+    with pytest.raises(ProtoKNNError, match="needs cost"):
+        on_cost(s, None, gap, labels)
+    with pytest.raises(UnknownNameError, match="gap"):
+        ProtoKNNClusterLoss("full", plan_cost="C")
+
+
+def test_implicit_variants_need_our_solver():
+    with pytest.raises(ProtoKNNError, match="solver='torch'"):
+        ProtoKNNClusterLoss("full-implicit", solver="pot")
+
+
+def test_implicit_plan_on_c_sends_the_plan_gradient_to_c_and_t_over_b_to_the_gap_cost():
+    s, cost, gap, labels = realistic_batch(dtype=torch.float64)
+    loss = ProtoKNNClusterLoss("full-implicit", plan_cost="cost", reg=0.2, tol=1e-12, max_iter=100000)
+    c, g = cost.clone().requires_grad_(True), gap.clone().requires_grad_(True)
+    loss(s, c, g, labels, generator=gen(4)).backward()
+    plan = loss.plan(s, cost, gap, labels, generator=gen(4))
+    assert torch.allclose(g.grad, plan / labels.shape[0], atol=1e-12)  # T* does not depend on C^
+    assert c.grad is not None and float(c.grad.abs().max()) > 1e-4 and bool(torch.isfinite(c.grad).all())

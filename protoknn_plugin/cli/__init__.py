@@ -1,7 +1,7 @@
 """The ``protoknn`` command line: one command per user task.
 
 Every ProtoKNNError becomes one line on stderr and exit code 2; no traceback. Each
-command lives in the module of its task (listing, training, comparing, explaining)
+command lives in the module of its task (listing, training, comparing, explaining, reporting)
 and registers itself on the ``cli`` group below.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def cli():
 
 
 # Commands register themselves on ``cli`` when their module is imported.
-from . import comparing, explaining, listing, predicting, training  # noqa: E402,F401
+from . import comparing, explaining, listing, predicting, reporting, training  # noqa: E402,F401
 from .common import add_config_option  # noqa: E402
 
 add_config_option(cli)  # --config FILE on every command, including those added later

@@ -26,13 +26,37 @@ def _split_list(value: str, cast=str) -> List:
         raise ProtoKNNError(f"cannot read {value!r} as a comma-separated list of {cast.__name__}; e.g. 0,1,2") from None
 
 
+def _allow_download(ctx, param, value):
+    if value:
+        from ..data.cifar10 import allow_download
+
+        allow_download(True)
+    return value
+
+
 def dataset_options(fn):
     """--dataset/--data-dir/--limit, shared by every command that reads data."""
+    fn = click.option("--download", is_flag=True, expose_value=False, callback=_allow_download,
+                      help="cifar10: fetch cifar-10-batches-py (163 MB) into --data-dir when it is absent (needs internet).")(fn)
     fn = click.option("--crop", is_flag=True, help="Crop images to their bounding boxes (cub200, stanford-dogs, stanford-cars).")(fn)
     fn = click.option("--strict", is_flag=True, help="Fail on a corrupt image instead of skipping it (skips are counted).")(fn)
     fn = click.option("--limit", type=int, default=None, help="Keep this many images per split (stratified), for quick runs.")(fn)
     fn = click.option("--data-dir", type=click.Path(), default=None, help="Folder of datasets read from disk.")(fn)
     fn = click.option("--dataset", default="animals", show_default=True, help="Dataset name (see `protoknn datasets`).")(fn)
+    return fn
+
+
+def frozen_backbone_options(fn):
+    """--frozen-backbone/--cache-dir/--image-size: train every head on cached backbone maps."""
+    fn = click.option("--cache-dir", type=click.Path(), default=None,
+                      help="Feature cache folder (default $PROTOKNN_CACHE or ~/.cache/protoknn/features).")(fn)
+    fn = click.option("--frozen-backbone", is_flag=True,
+                      help="Freeze the backbone and compute its maps once per split into a feature cache (float16 on "
+                           "disk, reused while data, image size and weights are unchanged); the add-on, prototypes and "
+                           "head then train on the cache. Costs one backbone pass over train and test.")(fn)
+    fn = click.option("--image-size", type=int, default=None,
+                      help="Resize images to this side (default: the dataset's own; cifar10 at 128 gives "
+                           "efficientnet-lite0 a 4x4 map).")(fn)
     return fn
 
 
@@ -245,15 +269,19 @@ def write_run_config(out, params: dict) -> None:
     tmp.replace(path)
 
 
-def loading_options(fn):
-    """--workers and --image-size, on every command that reads images."""
+def workers_option(fn):
     from ..train.config import default_workers
 
+    return click.option("--workers", type=int, default=default_workers(), show_default=True,
+                        help="DataLoader worker processes (0: load in the main process); results do not depend on it.")(fn)
+
+
+def loading_options(fn):
+    """--workers and --image-size, on every command that reads images (train gets --image-size
+    from frozen_backbone_options)."""
     fn = click.option("--image-size", type=int, default=None,
                       help="Resize images to this many pixels (default: the dataset's own, 224 for photographs).")(fn)
-    fn = click.option("--workers", type=int, default=default_workers(), show_default=True,
-                      help="DataLoader worker processes (0: load in the main process); results do not depend on it.")(fn)
-    return fn
+    return workers_option(fn)
 
 
 def precision_option(fn):

@@ -1,6 +1,7 @@
 """Commands that train and evaluate one run."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -8,16 +9,17 @@ import click
 
 from ..errors import ProtoKNNError
 from . import cli
-from .common import (_print_metrics, _report_skipped, _setup_threads, _train_config, config_option,
-                     err_console, loading_options, parse_options, precision_option, run_cli, training_options,
-                     with_preset, write_run_config)
+from .common import (_print_metrics, _report_skipped, _setup_threads, _train_config, config_option, console,
+                     err_console, frozen_backbone_options, loading_options, parse_options, precision_option, run_cli,
+                     training_options, with_preset, workers_option, write_run_config)
 
 
 @cli.command()
 @click.option("--head", default="protoknn", show_default=True, help="Head name (see `protoknn heads`).")
 @training_options
-@loading_options
+@workers_option
 @precision_option
+@frozen_backbone_options
 @click.option("--task-loss", default="margin", show_default=True, help="ProtoKNN: PML loss on the profiles.")
 @click.option("--aux-loss", default="margin", show_default=True, help="ProtoKNN: PML loss on GAP+linear, or none.")
 @click.option("--cluster-variant", default="full", show_default=True,
@@ -38,13 +40,16 @@ from .common import (_print_metrics, _report_skipped, _setup_threads, _train_con
 @run_cli
 @with_preset
 def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
-          steps_per_epoch, device, threads, workers, image_size, precision, task_loss, aux_loss, cluster_variant,
-          cluster_reduction, memory, k, seed, deterministic, val_fraction, tensorboard, resume, overwrite, out):
+          steps_per_epoch, device, threads, workers, precision, image_size, frozen_backbone, cache_dir, task_loss,
+          aux_loss, cluster_variant, cluster_reduction, memory, k, seed, deterministic, val_fraction, tensorboard, resume,
+          overwrite, out):
     """Train one head. Writes OUT/checkpoint.pt after every epoch (atomically), OUT/config.yaml
     (every option, reusable with --config), OUT/metrics.csv (one row per epoch: losses, learning
     rates, validation accuracy, seconds, images/s), OUT/best.pt with --val-fraction, and
     OUT/metrics.json with test accuracy at the end. Cost: about epochs x (training set / batch)
     steps; on this 2-core CPU the small CNN on `animals` takes a few seconds per epoch per 1000 images.
+    With --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
+    later runs; EfficientNet-Lite0 at 128 px: ~70 images per CPU-second), then epochs read the cache.
     """
     from ..checkpoint import check_run_dir, ensure_writable_dir
     from ..data import create_dataset
@@ -65,12 +70,28 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
                          num_prototypes=prototypes, dim=dim, weights=weights, head_options=head_options, seed=seed,
                          backbone_options=parse_options(backbone_opts))
     model = PrototypeModel(config)
+    data_info = {"data_dir": data_dir, "limit": limit, "crop": crop, "image_size": image_size}
+    frozen = None
+    if frozen_backbone:
+        from ..frozen import prepare_feature_cache
+        from ..train import resolve_device
+
+        try:
+            frozen = prepare_feature_cache(model, splits, dataset=dataset, data_dir=data_dir, limit=limit, crop=crop,
+                                           cache_dir=cache_dir, device=resolve_device(device),
+                                           log=lambda line: console.print(line, markup=False, highlight=False,
+                                                                          soft_wrap=True))
+        except KeyboardInterrupt:
+            err_console.print("interrupted while building the feature cache: the split in progress was discarded, "
+                              "finished splits are kept; run the same command again", markup=False)
+            sys.exit(130)
+        splits = frozen.splits
+        data_info.update(frozen.info)
     train_config = _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed, deterministic)
     train_config.val_fraction, train_config.workers = val_fraction, workers
     train_config.precision, train_config.tensorboard = precision, tensorboard
     train_config.__post_init__()  # check the new fields
-    trainer = Trainer(model, splits, train_config, out_dir=out, dataset_name=dataset,
-                      data_info={"data_dir": data_dir, "limit": limit, "crop": crop, "image_size": image_size})
+    trainer = Trainer(model, splits, train_config, out_dir=out, dataset_name=dataset, data_info=data_info)
     if distributed.is_main():
         ensure_writable_dir(out)
         if overwrite:
@@ -79,13 +100,14 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
             for stale in ("best.pt", "metrics.json", "metrics.csv"):
                 (Path(out) / stale).unlink(missing_ok=True)
         write_run_config(out, {k: params[k] for k in click.get_current_context().params})
-    try:
-        state = trainer.fit(resume=resume)
-    except Interrupted as why:
-        err_console.print(f"interrupted by {why}: checkpoint written to {Path(out) / 'checkpoint.pt'}; "
-                          f"continue with --resume", markup=False)
-        sys.exit(130)
-    metrics = evaluate(model, splits.test, device=trainer.device, workers=workers)
+    with frozen.bypassed() if frozen else contextlib.nullcontext():  # maps instead of images, backbone frozen
+        try:
+            state = trainer.fit(resume=resume)
+        except Interrupted as why:
+            err_console.print(f"interrupted by {why}: checkpoint written to {Path(out) / 'checkpoint.pt'}; "
+                              f"continue with --resume", markup=False)
+            sys.exit(130)
+        metrics = evaluate(model, splits.test, device=trainer.device, workers=workers)
     metrics["train_seconds"] = state.train_seconds
     if state.best_epoch:
         metrics["best"] = state.best_epoch

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import io
 import pickle
 from pathlib import Path
 from typing import Tuple
@@ -27,6 +26,7 @@ import torch
 from ..errors import ProtoKNNError
 from .base import (SPLIT_SEED, DatasetNotFoundError, TensorImageDataset, make_splits, register_dataset,
                    stratified_split)
+from .safe_pickle import safe_loads
 from .transforms import grey_file_transform, grey_test_transform, grey_train_transform
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -36,26 +36,6 @@ NATIVE_SIZE = 28
 # Mean and std of the 8,000 training images in [0, 1] (test_data.py recomputes them).
 MEAN = (0.2728,)
 STD = (0.4055,)
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain numpy arrays and nothing else (a pickle can run arbitrary code)."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        if name == "_reconstruct":
-            try:
-                from numpy._core.multiarray import _reconstruct  # numpy >= 2
-            except ImportError:  # pragma: no cover - numpy 1.x
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
-        return getattr(np, name)
 
 
 def animal_data_folder() -> Path:
@@ -79,7 +59,7 @@ def animal_data_folder() -> Path:
 def _read_array(path: Path) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
-            return np.asarray(_NumpyOnlyUnpickler(io.BytesIO(f.read())).load())
+            return np.asarray(safe_loads(f.read()))
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(f"animals: {path} not found; reinstall animal-shape-mnist==0.39.",
                                    path) from exc

@@ -11,6 +11,7 @@ from .base import DATASETS, DatasetNotFoundError, DatasetSplits, limit_splits
 KNOWN_SIZES = {
     "animals": (10, 8000, 2000, 28),
     "fashion-mnist": (10, 60000, 10000, 28),
+    "cifar10": (10, 50000, 10000, 32),
     "cub200": (200, 5994, 5794, 224),
     "stanford-dogs": (120, 12000, 8580, 224),
     "stanford-cars": (196, 8144, 8041, 224),

@@ -7,14 +7,21 @@
 Official split: 5,994 train / 5,794 test. ``crop=True`` crops each image to its box
 (x, y, x + width, y + height) before the transforms. Class names drop the number prefix
 and use spaces ("Black footed Albatross").
+
+Part annotations (``parts/parts.txt``: id, name; ``parts/part_locs.txt``: image id, part id,
+x, y, visible) are read on demand by ``parts_in_test_images`` (faithfulness: consistency).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from PIL import Image
 
 from ..errors import ProtoKNNError
 from .base import register_dataset
+from .transforms import natural_test_points
 from .official import check_images_exist, natural_splits, require_data_dir, require_file
 
 FOLDER = "CUB_200_2011"
@@ -92,3 +99,51 @@ def cub200(data_dir=None, *, augment: bool = True, image_size=None, strict: bool
         raise ProtoKNNError(f"cub200: {root / 'train_test_split.txt'} leaves a split empty; {hint}.")
     return natural_splits("cub200", splits[True], splits[False], classes,
                           augment=augment, image_size=image_size, crop=crop)
+
+
+def read_part_locations(data_dir) -> Tuple[List[str], Dict[Path, torch.Tensor]]:
+    """Part names and, per image path, its parts (K, 3): x, y in original pixels and visible (0/1)."""
+    root = find_cub_root(data_dir)
+    hint = "the part annotations come with the full CUB_200_2011 archive; re-extract it"
+    names = _read_table(require_file("cub200", root / "parts" / "parts.txt", hint), 1)
+    part_ids = sorted(names)
+    if part_ids != list(range(1, len(part_ids) + 1)):
+        raise ProtoKNNError(f"cub200: part ids in {root / 'parts' / 'parts.txt'} must run 1..K; {hint}.")
+    images = _read_table(root / "images.txt", 1)
+    locations = {image_id: torch.zeros(len(part_ids), 3, dtype=torch.float64) for image_id in images}
+    path = require_file("cub200", root / "parts" / "part_locs.txt", hint)
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            image_id, part_id, x, y, visible = line.split()
+            row = locations[int(image_id)][int(part_id) - 1]
+            row.copy_(torch.tensor([float(x), float(y), float(int(float(visible)) == 1)], dtype=torch.float64))
+        except (ValueError, KeyError, IndexError):
+            raise ProtoKNNError(f"cub200: {path}:{number} should read 'image part x y visible' for a listed image "
+                                f"and part, got {line.strip()!r}; {hint}.") from None
+    by_path = {(root / "images" / images[i][0]).resolve(): parts for i, parts in locations.items()}
+    return [names[i][0] for i in part_ids], by_path
+
+
+def parts_in_test_images(data_dir, dataset, indices: Sequence[int], image_size: int,
+                        crop: bool = False) -> Tuple[List[str], torch.Tensor]:
+    """Parts of ``dataset`` items ``indices`` where they land in the test tensors: (N, K, 3) x, y, visible.
+
+    ``dataset`` is the run's ``test`` (a ``FileImageDataset`` of cub200 images); a part counts as
+    visible only if annotated visible and inside the transformed image.
+    """
+    names, by_path = read_part_locations(data_dir)
+    out = torch.zeros(len(indices), len(names), 3, dtype=torch.float64)
+    for row, index in enumerate(indices):
+        path = Path(dataset.paths[int(index)]).resolve()
+        if path not in by_path:
+            raise ProtoKNNError(f"cub200: {path} has no part annotations in parts/part_locs.txt; re-extract the archive.")
+        parts = by_path[path]
+        with Image.open(path) as img:  # reads the header only
+            size = img.size
+        moved = natural_test_points(parts[:, :2], size, image_size, cropped=crop,
+                                    box=dataset.box(int(index)) if crop else None)
+        moved[:, 2] *= parts[:, 2]
+        out[row] = moved
+    return names, out

@@ -60,6 +60,37 @@ def natural_test_transform(size: int = 224, cropped: bool = False,
     return T.Compose(head + [T.ToTensor(), T.Normalize(mean, std)])
 
 
+def natural_test_points(points: torch.Tensor, original_size, size: int = 224, cropped: bool = False,
+                        box=None) -> torch.Tensor:
+    """Where pixels of an original image land after ``natural_test_transform``.
+
+    points (K, 2) as x, y in the original image's pixels; original_size (width, height);
+    ``box`` (left, upper, right, lower) when ``cropped`` (the box crop happens first).
+    Returns (K, 3): x, y in the (size, size) tensor and 1.0 where the point is inside it,
+    else 0.0. Follows torchvision: Resize(int) gives the long side int(s * long / short),
+    CenterCrop offsets round((resized - size) / 2).
+    """
+    xy = points.to(torch.float64).reshape(-1, 2).clone()
+    width, height = float(original_size[0]), float(original_size[1])
+    if cropped:
+        left, upper, right, lower = (int(round(v)) for v in box)
+        left, upper = max(left, 0), max(upper, 0)
+        right, lower = min(right, int(width)), min(lower, int(height))
+        xy -= torch.tensor([left, upper], dtype=torch.float64)
+        inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < right - left) & (xy[:, 1] < lower - upper)
+        xy *= torch.tensor([size / (right - left), size / (lower - upper)], dtype=torch.float64)
+    else:
+        side = _resize_side(size)
+        short, long = min(width, height), max(width, height)
+        new_short, new_long = side, int(side * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        xy *= torch.tensor([new_w / width, new_h / height], dtype=torch.float64)
+        xy -= torch.tensor([int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))], dtype=torch.float64)
+        inside = torch.ones(len(xy), dtype=torch.bool)
+    inside &= (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < size) & (xy[:, 1] < size)
+    return torch.cat([xy, inside.to(torch.float64)[:, None]], dim=1)
+
+
 class _ToFloat:
     """uint8 Tensor -> float Tensor in [0, 1]."""
 
@@ -95,4 +126,22 @@ def grey_test_transform(native_size: int, size: int, mean: Sequence[float], std:
 
 def grey_file_transform(size: int, mean: Sequence[float], std: Sequence[float]):
     """PIL "L" image of any size (a user's file) -> Tensor (1, size, size) like the test images."""
+    return T.Compose([T.Resize((size, size), interpolation=_BILINEAR), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def small_rgb_train_transform(native_size: int, size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                              std: Sequence[float] = IMAGENET_STD):
+    """PIL RGB image of ``native_size`` px (CIFAR) -> augmented Tensor (3, size, size).
+
+    The usual CIFAR augmentation: a random crop after padding by 1/8 of the side, and a
+    horizontal flip, both at the native size; then the upsampling a pretrained backbone needs.
+    """
+    return T.Compose([T.RandomCrop(native_size, padding=max(1, native_size // 8), padding_mode="reflect"),
+                      T.RandomHorizontalFlip(), T.Resize((size, size), interpolation=_BILINEAR),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+def small_rgb_test_transform(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    """PIL RGB image of any size -> Tensor (3, size, size), resized whole (no crop: tiny images
+    have no margin to spare)."""
     return T.Compose([T.Resize((size, size), interpolation=_BILINEAR), T.ToTensor(), T.Normalize(mean, std)])

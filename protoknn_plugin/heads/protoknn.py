@@ -23,6 +23,18 @@ from . import register_head
 from .base import Head, Phase, PrototypeSpec
 
 
+def _flag(name: str, value) -> bool:
+    """A yes/no head option given as a bool or as text from the command line ("false", "0", ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ProtoKNNError(f"protoknn head option {name} must be true or false, got {value!r}")
+
+
 @register_head("protoknn")
 class ProtoKNNHead(Head):
     name = "protoknn"
@@ -53,6 +65,11 @@ class ProtoKNNHead(Head):
         lr: float = 1e-3,
         beta_lr: float = 5e-4,
         proxy_lr_scale: float = 100.0,
+        plan_cost: str = "gap",
+        tau_soft: float = 0.5,
+        straight_through: bool = False,
+        frozen_prototypes: bool = True,
+        prototype_lr: float = 1e-3,
     ):
         super().__init__(num_classes, backbone_channels, dim, num_prototypes)
         self.options = dict(
@@ -60,6 +77,11 @@ class ProtoKNNHead(Head):
             cluster_reduction=cluster_reduction, cluster_weight=cluster_weight, aux_weight=aux_weight, tau=tau,
             reg=reg, margin=margin, beta=beta, cost_space=cost_space, ks=tuple(ks), k=k, memory=memory,
         )
+        frozen_prototypes = _flag("frozen_prototypes", frozen_prototypes)
+        straight_through = _flag("straight_through", straight_through)
+        self.options.update(plan_cost=plan_cost, tau_soft=tau_soft, straight_through=straight_through,
+                            frozen_prototypes=frozen_prototypes, prototype_lr=prototype_lr)
+        self.frozen_prototypes, self.prototype_lr = frozen_prototypes, float(prototype_lr)
         self.cluster_weight, self.aux_weight = cluster_weight, aux_weight
         self.cost_space = cost_space
         self.lr, self.beta_lr, self.proxy_lr_scale = lr, beta_lr, proxy_lr_scale
@@ -67,7 +89,9 @@ class ProtoKNNHead(Head):
         self.task_loss = create_metric_loss(
             task_loss, num_classes=num_classes, embedding_size=num_prototypes, miner=task_miner, **task_opts
         )
-        self.cluster_loss = ProtoKNNClusterLoss(variant=cluster_variant, tau=tau, reg=reg, reduction=cluster_reduction)
+        self.cluster_loss = ProtoKNNClusterLoss(variant=cluster_variant, tau=tau, reg=reg, reduction=cluster_reduction,
+                                                plan_cost=plan_cost, tau_soft=tau_soft,
+                                                straight_through=straight_through)
         self.aux_loss = create_metric_loss(
             aux_loss, num_classes=num_classes, embedding_size=dim, miner=task_miner, normalize_embeddings=True
         )
@@ -84,11 +108,18 @@ class ProtoKNNHead(Head):
             "cluster": "full (Sinkhorn on gap cost, reg 0.05, tau 0.05, mean over batch), weight 0.1",
             "aux_loss": "margin on GAP+linear embedding, weight 1.0 (proxy-anchor, none selectable)",
             "predict": "kNN over training profiles, k = 1, 3, 5, 10 in one search (k=5 primary)",
+            "plan_cost": "gap: the full variants solve T* on the gap cost C^ (eq. 11, our reading); "
+                         "cost: on C (eq. 8), the loss still weights C^",
+            "cluster variants beyond the paper": "full-relaxed (Gumbel-softmax sampling, tau_soft 0.5, "
+                                                  "straight_through false), full-implicit (T* differentiable), "
+                                                  "full-differentiable (both)",
+            "frozen_prototypes": "true (the paper); false trains them from the same hyperspherical start "
+                                 "at prototype_lr 1e-3 (own optimizer group `prototypes`)",
         }
 
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity="cosine", addon="linear",
-                             init="hypersphere", frozen=True, cost_space=self.cost_space)
+                             init="hypersphere", frozen=self.frozen_prototypes, cost_space=self.cost_space)
 
     def loss(self, out: PrototypeOutputs, labels: Tensor) -> Dict[str, Tensor]:
         task = self.task_loss(out.profile, labels)
@@ -141,4 +172,6 @@ class ProtoKNNHead(Head):
         backbone_lr = 1e-5 if pretrained_backbone else self.lr
         lrs = {"backbone": backbone_lr, "addon": self.lr, "head": self.lr, "beta": self.beta_lr,
                "proxies": self.lr * self.proxy_lr_scale}
+        if not self.frozen_prototypes:  # absent from lrs = frozen (the paper)
+            lrs["prototypes"] = self.prototype_lr
         return [Phase("train", epochs, lrs, after=("project", "build_memory"))]

@@ -148,6 +148,7 @@ class Trainer:
         """The phase's optimiser; a phase sharing an earlier one's optimizer_key continues its state."""
         self.components = self.model.components()
         self.optimizer, self.scheduler = build_optimizer(phase, self.components, self.steps_per_epoch)
+        self._step_schedule = steps_per_epoch_schedule(phase)
         kept = self.state.optimizer_states.get(phase.optimizer_key) if phase.optimizer_key else None
         if kept:
             self.optimizer.load_state_dict(kept["optimizer"])
@@ -372,7 +373,6 @@ class Trainer:
                 phase = self.phases[st.phase]
                 if self.optimizer is None:
                     self._build_optimizer(phase)
-                self._step_schedule = steps_per_epoch_schedule(phase)
                 if phase.cached_profiles:
                     self._run_cached_phase(phase)
                     st.epoch = phase.epochs

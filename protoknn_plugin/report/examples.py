@@ -1,0 +1,150 @@
+"""One page per sampled test image: counterfactuals (kNN heads) or "this looks like that" (linear heads)."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+
+from ..explain import _forward_maps, counterfactual, this_looks_like_that
+from ..figures import _class_name, _num
+from .gallery import PAGE as GALLERY, prototype_label
+from .html import esc, figure, link, table, write_page
+
+RUNNER_UPS = 3
+TOP = 5
+
+
+def page_name(index: int) -> str:
+    """File name of test image ``index``'s page; the same under every head (comparison links)."""
+    return f"test-{index:05d}.html"
+
+
+@torch.no_grad()
+def predictions(model, dataset, batch: int = 256) -> torch.Tensor:
+    """The head's primary prediction for every item of ``dataset``: (N,)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False)
+    device = next(model.parameters()).device
+    model.eval()
+    return torch.cat([model.head.predict(model(x.to(device))).cpu() for x, _ in loader])
+
+
+def choose_examples(labels: torch.Tensor, predicted: torch.Tensor, count: int, seed: int = 0) -> List[int]:
+    """Up to ``count`` test indices: misclassified ones first (up to half, more if too few correct),
+    then correct ones; drawn with a generator seeded by ``seed``, each group ascending."""
+    generator = torch.Generator().manual_seed(seed)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    right = torch.nonzero(predicted == labels).flatten()
+    wrong = wrong[torch.randperm(len(wrong), generator=generator)]
+    right = right[torch.randperm(len(right), generator=generator)]
+    take_wrong = min(len(wrong), max(math.ceil(count / 2), count - len(right)))
+    take_right = min(len(right), count - take_wrong)
+    return sorted(wrong[:take_wrong].tolist()) + sorted(right[:take_right].tolist())
+
+
+def runner_up_classes(model, image, count: int = RUNNER_UPS):
+    """(classes other than the k = 1 prediction by the distance of their nearest memory item, that prediction)."""
+    knn = model.head.knn
+    profile, _ = _forward_maps(model, image[None])
+    query = profile.float()
+    _, idx = knn.search(query, 1)
+    predicted = int(knn.memory_labels[idx[0, 0]])
+    present = sorted(set(knn.memory_labels.cpu().tolist()) - {predicted})
+    dist = {c: float(knn.nearest_of_class(query, c)[0][0]) for c in present}
+    return sorted(present, key=lambda c: (dist[c], c))[:count], predicted
+
+
+def _verdict(splits, label: int, predicted: int) -> str:
+    good = label == predicted
+    return (f'<p>True class: <strong>{esc(_class_name(splits, label))}</strong>. Predicted: '
+            f'<strong>{esc(_class_name(splits, predicted))}</strong> — '
+            f'<span class="{"right" if good else "wrong"}">{"correct" if good else "misclassified"}</span>.</p>')
+
+
+def _proto_link(model, splits, i: int) -> str:
+    return f'<a href="{GALLERY}#p{i}">{esc(prototype_label(model, splits, i))}</a>'
+
+
+def _counterfactual_section(model, splits, tiles, index, image, label, negative) -> str:
+    cf = counterfactual(model, image, splits.train_plain, negative_class=negative, top=TOP, label=label,
+                        name=f"test #{index}")
+    pred, neg = _class_name(splits, cf.predicted_class), _class_name(splits, cf.negative_class)
+    key = f"t{index}-vs{cf.negative_class}"
+    title = f"Why {pred} rather than {neg}?"
+    numbers = table(("quantity", "value"), [
+        ("positive: nearest training image", f"train #{cf.positive_index} ({pred})"),
+        (f"negative: nearest {neg}", f"train #{cf.negative_index} ({neg})"),
+        ("d_ap² (anchor to positive)", _num(cf.d_ap2)), ("d_an² (anchor to negative)", _num(cf.d_an2)),
+        ("difference d_an² − d_ap²", _num(cf.difference, sign=True)),
+        (f"sum of the top {len(cf.top)} contributions", _num(cf.top_sum, sign=True))])
+    trio = "".join(figure(tiles.write(f"{key}-{name}", img), alt, cap) for name, img, alt, cap in (
+        ("anchor", cf.anchor, f"test image #{index}", f"anchor: test #{index}"),
+        ("positive", cf.positive, f"positive: training image #{cf.positive_index}, a {pred}", f"positive ({pred})"),
+        ("negative", cf.negative, f"negative: training image #{cf.negative_index}, a {neg}", f"negative ({neg})")))
+    rows = []
+    for rank, p in enumerate(cf.top, 1):
+        src = splits.train_plain[p.source_index][0]
+        label_i = prototype_label(model, splits, p.index)
+        pics = [figure(tiles.write(f"{key}-r{rank}-patch", src, crop=p.source_box), f"{label_i}: source patch",
+                       "prototype patch"),
+                figure(tiles.write(f"{key}-r{rank}-source", src, box=p.source_box, cell=p.source_cell_box),
+                       f"{label_i}: source training image #{p.source_index}", f"source: train #{p.source_index}")]
+        for who, img in (("anchor", cf.anchor), ("positive", cf.positive), ("negative", cf.negative)):
+            pics.append(figure(tiles.write(f"{key}-r{rank}-{who}", img, box=p.boxes[who]),
+                               f"where {label_i} activates on the {who}, similarity {_num(p.similarity[who])}",
+                               f"{who}: s={_num(p.similarity[who])}"))
+        rows.append(f"<h3>{rank}. {_proto_link(model, splits, p.index)}: c = {esc(_num(p.score, sign=True))}</h3>"
+                    f'<div class="row">{"".join(pics)}</div>')
+    return (f'<section><h2 id="vs-{cf.negative_class}">{esc(title)}</h2><div class="row">{trio}{numbers}</div>'
+            "<p>c<sub>i</sub> = (s<sub>a,i</sub> − s<sub>n,i</sub>)² − (s<sub>a,i</sub> − s<sub>p,i</sub>)²; "
+            "the contributions of all prototypes sum to the difference. Blue: where the prototype activates; "
+            "orange: the patch it was projected onto.</p>" + "".join(rows) + "</section>")
+
+
+def _looks_like_section(model, splits, tiles, index, image, label) -> str:
+    result = this_looks_like_that(model, image, splits.train_plain, top=TOP, label=label, name=f"test #{index}")
+    logits = result.logits
+    order = torch.argsort(logits, descending=True)[:4].tolist()
+    scores = table(("class", "logit"), [(_class_name(splits, c), _num(float(logits[c]))) for c in order],
+                   caption="highest logits")
+    rows = []
+    for rank, p in enumerate(result.top, 1):
+        src = splits.train_plain[p.source_index][0]
+        label_i = prototype_label(model, splits, p.index)
+        s = p.similarity["anchor"]
+        pics = [figure(tiles.write(f"t{index}-r{rank}-this", result.image, box=p.boxes["anchor"]),
+                       f"this: where {label_i} activates on test image #{index}", "this (test image)"),
+                figure(tiles.write(f"t{index}-r{rank}-that", src, crop=p.source_box),
+                       f"looks like that: the source patch of {label_i}", "looks like that"),
+                figure(tiles.write(f"t{index}-r{rank}-source", src, box=p.source_box, cell=p.source_cell_box),
+                       f"{label_i}: source training image #{p.source_index}", f"source: train #{p.source_index}")]
+        rows.append(f"<h3>{rank}. {_proto_link(model, splits, p.index)}: similarity {esc(_num(s))} × weight "
+                    f"{esc(_num(p.weight, sign=True))} = {esc(_num(s * p.weight, sign=True))} points</h3>"
+                    f'<div class="row">{"".join(pics)}</div>')
+    pred = _class_name(splits, result.predicted_class)
+    return (f"<section><h2>This looks like that: {esc(pred)}</h2>{scores}<p>The predicted logit is the sum over "
+            "all prototypes of similarity × last-layer weight; the five largest terms are shown.</p>"
+            + "".join(rows) + "</section>")
+
+
+def write_example(out, model, splits, tiles, index: int, predicted: int, nav, others: Dict[str, str]) -> str:
+    """Write the page of test image ``index``; ``others``: {label: href} of the same image under other heads."""
+    image, label = splits.test[index]
+    body = [_verdict(splits, int(label), int(predicted)),
+            figure(tiles.write(f"t{index}", image), f"test image #{index}, a {_class_name(splits, int(label))}",
+                   f"test #{index}")]
+    if others:
+        body.append("<p>This image under the other heads: "
+                    + ", ".join(link(href, name) for name, href in others.items()) + "</p>")
+    if getattr(model.head, "knn", None) is not None:
+        runners, nearest_class = runner_up_classes(model, image)
+        body.append(f"<p>The counterfactuals explain the k = 1 prediction (the class of the nearest training "
+                    f"image): <strong>{esc(_class_name(splits, nearest_class))}</strong>, against the three "
+                    "runner-up classes: "
+                    + ", ".join(f'<a href="#vs-{c}">{esc(_class_name(splits, c))}</a>' for c in runners) + ".</p>")
+        body += [_counterfactual_section(model, splits, tiles, index, image, int(label), c) for c in runners]
+    else:
+        body.append(_looks_like_section(model, splits, tiles, index, image, int(label)))
+    name = page_name(index)
+    write_page(out / name, f"Test image #{index} ({model.head.name})", "".join(body), nav)
+    return name

@@ -1,0 +1,64 @@
+"""ProtoKNN with learnable prototypes (frozen_prototypes=False): same start, own group and rate, they move."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protoknn_plugin.data import create_dataset
+from protoknn_plugin.model import ModelConfig, PrototypeModel
+from protoknn_plugin.train import TrainConfig, Trainer, epoch_batches
+
+
+def model_with(**head_options):
+    return PrototypeModel(ModelConfig(head="protoknn", backbone="small-cnn", num_classes=10, in_channels=1,
+                                      num_prototypes=12, dim=8, backbone_options={"width": 4},
+                                      head_options=head_options))
+
+
+def test_learnable_prototypes_get_their_own_group_and_rate():
+    phase = model_with(frozen_prototypes=False, prototype_lr=2e-4).head.phases(2, pretrained_backbone=False)[0]
+    assert phase.lrs["prototypes"] == 2e-4
+    assert "prototypes" not in model_with().head.phases(2, pretrained_backbone=False)[0].lrs
+
+
+def test_learnable_prototypes_start_on_the_same_hypersphere_and_move():
+    frozen, learnable = model_with(), model_with(frozen_prototypes=False)
+    start = learnable.prototype_layer.prototypes.detach().clone()
+    assert torch.equal(start, frozen.prototype_layer.prototypes)
+    assert torch.allclose(start.norm(dim=1), torch.ones(12), atol=1e-5)  # on the unit sphere
+    splits = create_dataset("animals", limit=100)
+    for model, moves in ((learnable, True), (frozen, False)):
+        trainer = Trainer(model, splits, TrainConfig(epochs=1, batch_classes=5, per_class=2), progress=False)
+        trainer._build_optimizer(trainer.phases[0])
+        groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+        assert ("prototypes" in groups) == moves
+        batch = epoch_batches(splits.train_labels, trainer.config)[0]
+        images = torch.stack([splits.train[i][0] for i in batch])
+        labels = torch.tensor([splits.train[i][1] for i in batch])
+        trainer._train_step(images, labels)
+        moved = not torch.equal(model.prototype_layer.prototypes.detach(), start)
+        assert moved == moves
+
+
+@pytest.mark.parametrize("variant", ["full-relaxed", "full-implicit", "full-differentiable"])
+def test_new_variants_train_one_step(variant):
+    splits = create_dataset("animals", limit=100)
+    model = model_with(cluster_variant=variant)
+    trainer = Trainer(model, splits, TrainConfig(epochs=1, batch_classes=5, per_class=2), progress=False)
+    trainer._build_optimizer(trainer.phases[0])
+    batch = epoch_batches(splits.train_labels, trainer.config)[0]
+    images = torch.stack([splits.train[i][0] for i in batch])
+    labels = torch.tensor([splits.train[i][1] for i in batch])
+    terms = trainer._train_step(images, labels)
+    assert torch.isfinite(terms["cluster"]) and torch.isfinite(terms["total"])
+
+
+def test_yes_no_options_read_command_line_text():
+    # KEY=VALUE parsers hand over "false" as text, and bool("false") is True
+    assert model_with(frozen_prototypes="false").head.frozen_prototypes is False
+    assert model_with(frozen_prototypes="True").head.frozen_prototypes is True
+    assert model_with(straight_through="1").head.cluster_loss.straight_through is True
+    from protoknn_plugin.errors import ProtoKNNError
+
+    with pytest.raises(ProtoKNNError, match="frozen_prototypes must be true or false"):
+        model_with(frozen_prototypes="maybe")
