@@ -2,18 +2,21 @@
 
 Launched by torchrun (``torchrun --nproc_per_node=N -m protoknn_plugin train ...``),
 which sets RANK/WORLD_SIZE/LOCAL_RANK. Each rank forwards its shard of the global
-batch; the losses see the whole global batch (``gather_with_grad``), and gradients
-are summed across ranks, so the update equals the single-process one on that batch.
+batch inside torch's DistributedDataParallel; the losses see the whole global batch,
+gathered with ``torch.distributed.nn.functional.all_gather`` (as pytorch-metric-learning's
+DistributedLossWrapper does). Its backward sums, over ranks, the gradient that every rank's
+copy of the loss sends to each shard, so rank r holds W x d(loss)/d(its shard); DDP's
+average over the W ranks then gives exactly the single-process gradient on the global batch.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import fields
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import ProtoKNNError
 
@@ -73,13 +76,29 @@ def shard(items: list) -> list:
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
-    """Concatenate every rank's x along dim 0, in rank order; gradients flow through this rank's part."""
+    """Concatenate every rank's x along dim 0, in rank order; the backward is gradient-carrying."""
     if not is_active():
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank()] = x
-    return torch.cat(parts)
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        # torch 2.14 marks it deprecated; it is still the gradient-carrying gather that PML's
+        # DistributedLossWrapper uses, and its backward (a sum over ranks) is what the
+        # gradient argument in this module's docstring relies on.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()))
+
+
+def gather_labels(labels: Tensor) -> Tensor:
+    """Every rank's labels in global batch order (no gradient)."""
+    if not is_active():
+        return labels
+    parts = [torch.empty_like(labels) for _ in range(world_size())]
+    dist.all_gather(parts, labels.contiguous())
+    gathered = torch.cat(parts)
+    return gathered[unshard_order(len(gathered)).to(gathered.device)]
 
 
 def unshard_order(n_global: int) -> Tensor:
@@ -103,38 +122,6 @@ def gather_outputs(out):
             value = None  # per-patch data stays local: no loss reads it
         values[f.name] = value
     return type(out)(**values)
-
-
-def reduce_gradients(local: Iterable[nn.Parameter], shared: Iterable[nn.Parameter] = ()) -> None:
-    """Make every rank's gradients those of one process on the global batch.
-
-    ``local``: parameters used before the gather (backbone, add-on, prototypes); each rank
-    holds d(global loss)/d(its own part), so they are summed. ``shared``: parameters used
-    after the gather (the head's own); each rank already holds the full gradient, so they
-    are averaged, which only keeps the ranks bit-identical.
-    """
-    if not is_active():
-        return
-    sum_gradients(local)
-    shared = [p for p in shared if p.grad is not None]
-    sum_gradients(shared)
-    for p in shared:
-        p.grad.div_(world_size())
-
-
-def sum_gradients(parameters: Iterable[nn.Parameter]) -> None:
-    """All-reduce (sum) gradients in one flat buffer."""
-    if not is_active():
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def all_reduce_sum(values: Tensor) -> Tensor:

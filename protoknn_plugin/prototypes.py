@@ -170,7 +170,10 @@ class PrototypeLayer(nn.Module):
     def forward(self, backbone_features: Tensor, maps: bool = False) -> PrototypeOutputs:
         """backbone_features (B, C, H, W) -> PrototypeOutputs (profile (B, P), ...)."""
         z = self.addon(backbone_features)
-        sim, dist = self.patch_distances(z)
+        # Float32 even under autocast: ||z||^2 - 2 z.p + ||p||^2 subtracts near-equal terms,
+        # which bf16/fp16 (8/11 mantissa bits) turn into noise (see train/precision.py).
+        with torch.autocast(z.device.type, enabled=False):
+            sim, dist = self.patch_distances(z.float())
         min_dist, _ = dist.min(dim=2)
         profile, locations = sim.max(dim=2)
         gap_cost = min_dist - dist.mean(dim=2)

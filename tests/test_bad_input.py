@@ -165,11 +165,14 @@ def test_disk_filling_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     result = subprocess.run([sys.executable, "-m", "protoknn_plugin", "train", "--head", "protoknn", *TINY,
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                             "--out", str(tmp_path), "--overwrite",
+                             # workers pass batches through /dev/shm files, which the size limit would hit too
+                             "--workers", "0"], capture_output=True, text=True, timeout=300,
                             preexec_fn=limited, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert_one_line_error(result, "could not write checkpoint", "previous checkpoint is intact")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.json"]  # no temp file left
+    # no temp file left (the new run wrote its config.yaml and first metrics.csv row before the failed write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.csv"]
 
 
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(tmp_path):
@@ -185,6 +188,6 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(tmp_p
     first = next(k for k in state if k.endswith("conv.weight"))
     state[first] = torch.full_like(state[first], float("nan"))
     torch.save(state, tmp_path / "nan.pt")
-    result = run_cli("train", "--head", "protoknn", *TINY, "--weights", tmp_path / "nan.pt", "--out", run)
+    result = run_cli("train", "--head", "protoknn", *TINY, "--weights", tmp_path / "nan.pt", "--out", run, "--overwrite")
     assert_one_line_error(result, "at step 1", "non-finite", "cluster loss", "last good checkpoint")
     assert (run / "checkpoint.pt").read_bytes() == before

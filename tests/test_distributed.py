@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from protoknn_plugin import distributed
+from protoknn_plugin.checkpoint import load_checkpoint
 from protoknn_plugin.heads import create_head
 from protoknn_plugin.prototypes import PrototypeLayer
 
@@ -37,22 +38,34 @@ def _single_process_grads():
     return _grads(layer, head)
 
 
+class _Pieces(torch.nn.Module):
+    """The prototype layer and head as one module, so DDP sees every parameter."""
+
+    def __init__(self, layer, head):
+        super().__init__()
+        self.layer, self.head = layer, head
+
+    def forward(self, features, labels):
+        out = distributed.gather_outputs(self.layer(features))
+        return self.head.loss(out, distributed.gather_labels(labels))["total"]
+
+
 def _worker(rank, world, init_file, result_file):
+    from torch.nn.parallel import DistributedDataParallel
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     layer, head, features, labels = _setup_pieces()
     local = list(range(rank, len(labels), world))
-    out = distributed.gather_outputs(layer(features[local]))
-    gathered = distributed.gather_with_grad(labels[local])
-    global_labels = gathered[distributed.unshard_order(len(gathered))]
+    ddp = DistributedDataParallel(_Pieces(layer, head), find_unused_parameters=True)
     torch.manual_seed(123)
-    head.loss(out, global_labels)["total"].backward()
-    distributed.reduce_gradients(local=layer.addon.parameters(), shared=head.parameters())
+    ddp(features[local], labels[local]).backward()
+    global_labels = distributed.gather_labels(labels[local])
     if rank == 0:
         torch.save({"grads": _grads(layer, head), "labels": global_labels}, result_file)
     dist.destroy_process_group()
 
 
-def test_gathered_loss_and_summed_gradients_equal_single_process(tmp_path):
+def test_ddp_with_gathered_loss_gives_single_process_gradients(tmp_path):
     expected = _single_process_grads()
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "result.pt")), nprocs=2, join=True)
     got = torch.load(tmp_path / "result.pt")
@@ -86,10 +99,11 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "protoknn_plugin",
                           *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "metrics.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.csv",
+                                                                  "metrics.json"]
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["test_images"] == 200
-    hist = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["train_state"]["history"] for d in ("one", "two")]
+    hist = [load_checkpoint(tmp_path / d)["train_state"]["history"] for d in ("one", "two")]
     assert len(hist[0]) == len(hist[1]) == 2
     for a, b in zip(*hist):
         assert b["total"] == pytest.approx(a["total"], rel=0.03)

@@ -133,7 +133,7 @@ def test_protoknn_beta_and_proxies_get_their_own_groups():
 
 
 def test_single_class_batch_is_a_clear_error(animals_small, monkeypatch):
-    import protoknn_plugin.train as train_module
+    import protoknn_plugin.train.trainer as train_module  # the loop looks epoch_batches up here
 
     model = PrototypeModel(ModelConfig(head="protoknn", num_classes=10, in_channels=1, num_prototypes=8, dim=8,
                                        backbone_options={"width": 4}))

@@ -26,7 +26,10 @@ def cli():
 
 
 # Commands register themselves on ``cli`` when their module is imported.
-from . import comparing, explaining, listing, reporting, training  # noqa: E402,F401
+from . import comparing, explaining, listing, predicting, reporting, training  # noqa: E402,F401
+from .common import add_config_option  # noqa: E402
+
+add_config_option(cli)  # --config FILE on every command, including those added later
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -201,3 +201,89 @@ def _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weigh
                              prototypes=prototypes, dim=dim, limit=limit, strict=strict, crop=crop, seeds=_split_list(seeds, int),
                              backbone_options=parse_options(backbone_opts),
                              train=_train_config(epochs, batch_classes, per_class, steps_per_epoch, device))
+
+
+# ---- run configuration files, data loading and precision (train, evaluate, predict, ...) -----------
+
+# Options that say where and how to (re)start a run, not what the run is: left out of config.yaml.
+NOT_IN_CONFIG = ("out", "resume", "overwrite", "config", "run_dir", "paths", "output")
+
+
+def _read_config(ctx: click.Context, param, value):
+    """--config FILE: its keys become the command's defaults (click's default_map), so options
+    given on the command line win. YAML is read with safe_load: it cannot run code."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(value, encoding="utf-8").read())
+    except OSError as err:
+        _fail(f"cannot read --config {value!r} ({err.strerror or err}); pass an existing YAML file")
+    except yaml.YAMLError as err:
+        _fail(f"--config {value!r} is not valid YAML ({str(err).splitlines()[0]}); fix the file")
+    data = data or {}
+    if not isinstance(data, dict):
+        _fail(f"--config {value!r} must hold a mapping of option: value; e.g. epochs: 10")
+    names = {p.name for p in ctx.command.params if p.name}
+    defaults = {}
+    for key, item in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names or name in NOT_IN_CONFIG:
+            _fail(f"--config {value!r}: {key!r} is not an option of `{ctx.info_name}`; remove it "
+                  f"(see `protoknn {ctx.info_name} --help`)")
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _fail(message: str):
+    err_console.print(f"error: {message}", markup=False, highlight=False)
+    sys.exit(2)
+
+
+def config_option(fn):
+    """--config FILE (YAML), on every command that takes settings."""
+    return click.option("--config", type=click.Path(dir_okay=False), default=None, is_eager=True,
+                        expose_value=False, callback=_read_config,
+                        help="YAML file of option: value (e.g. a run's config.yaml); options given on the command line win.")(fn)
+
+
+def add_config_option(group: click.Group) -> None:
+    """Give every command of ``group`` that lacks one a --config option."""
+    for command in group.commands.values():
+        if not any(param.name == "config" for param in command.params):
+            config_option(command)
+
+
+def write_run_config(out, params: dict) -> None:
+    """OUT/config.yaml: every resolved option of this command, readable back with --config."""
+    import yaml
+    from pathlib import Path
+
+    resolved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items() if k not in NOT_IN_CONFIG}
+    path = Path(out) / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(f"# protoknn {click.get_current_context().info_name}: resolved options; "
+                   "reuse with --config\n" + yaml.safe_dump(resolved, sort_keys=True))
+    tmp.replace(path)
+
+
+def workers_option(fn):
+    from ..train.config import default_workers
+
+    return click.option("--workers", type=int, default=default_workers(), show_default=True,
+                        help="DataLoader worker processes (0: load in the main process); results do not depend on it.")(fn)
+
+
+def loading_options(fn):
+    """--workers and --image-size, on every command that reads images (train gets --image-size
+    from frozen_backbone_options)."""
+    fn = click.option("--image-size", type=int, default=None,
+                      help="Resize images to this many pixels (default: the dataset's own, 224 for photographs).")(fn)
+    return workers_option(fn)
+
+
+def precision_option(fn):
+    return click.option("--precision", type=click.Choice(["32", "bf16", "16-mixed"]), default="32", show_default=True,
+                        help="Mixed precision for the backbone and add-on (losses stay float32); 16-mixed needs a GPU.")(fn)

@@ -9,13 +9,16 @@ import click
 
 from ..errors import ProtoKNNError
 from . import cli
-from .common import (_print_metrics, _report_skipped, _setup_threads, _train_config, console,
-                     err_console, frozen_backbone_options, parse_options, run_cli, training_options, with_preset)
+from .common import (_print_metrics, _report_skipped, _setup_threads, _train_config, config_option, console,
+                     err_console, frozen_backbone_options, loading_options, parse_options, precision_option, run_cli,
+                     training_options, with_preset, workers_option, write_run_config)
 
 
 @cli.command()
 @click.option("--head", default="protoknn", show_default=True, help="Head name (see `protoknn heads`).")
 @training_options
+@workers_option
+@precision_option
 @frozen_backbone_options
 @click.option("--task-loss", default="margin", show_default=True, help="ProtoKNN: PML loss on the profiles.")
 @click.option("--aux-loss", default="margin", show_default=True, help="ProtoKNN: PML loss on GAP+linear, or none.")
@@ -26,23 +29,36 @@ from .common import (_print_metrics, _report_skipped, _setup_threads, _train_con
 @click.option("--k", "k", type=int, default=5, show_default=True, help="ProtoKNN: k of the reported prediction (k = 1, 3, 5, 10 are always evaluated).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Use torch's deterministic algorithms (GPU).")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="Hold out this share of each training class (seeded) as a validation split, scored every "
+                   "epoch; OUT/best.pt keeps the best model.")
+@click.option("--tensorboard", is_flag=True, help="Also write OUT/tensorboard events (pip install 'protoknn-plugin[tensorboard]').")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--overwrite", is_flag=True, help="Start afresh in an OUT that already holds a run.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory.")
+@config_option
 @run_cli
 @with_preset
 def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
-          steps_per_epoch, device, threads, image_size, frozen_backbone, cache_dir, task_loss, aux_loss, cluster_variant,
-          cluster_reduction, memory, k, seed, deterministic, resume, out):
-    """Train one head. Writes OUT/checkpoint.pt after every epoch (atomically) and OUT/metrics.json
-    with test accuracy at the end. Cost: about epochs x (training set / batch) steps; on this 2-core
-    CPU the small CNN on `animals` takes a few seconds per epoch per 1000 images. With
-    --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
+          steps_per_epoch, device, threads, workers, precision, image_size, frozen_backbone, cache_dir, task_loss,
+          aux_loss, cluster_variant, cluster_reduction, memory, k, seed, deterministic, val_fraction, tensorboard, resume,
+          overwrite, out):
+    """Train one head. Writes OUT/checkpoint.pt after every epoch (atomically), OUT/config.yaml
+    (every option, reusable with --config), OUT/metrics.csv (one row per epoch: losses, learning
+    rates, validation accuracy, seconds, images/s), OUT/best.pt with --val-fraction, and
+    OUT/metrics.json with test accuracy at the end. Cost: about epochs x (training set / batch)
+    steps; on this 2-core CPU the small CNN on `animals` takes a few seconds per epoch per 1000 images.
+    With --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
     later runs; EfficientNet-Lite0 at 128 px: ~70 images per CPU-second), then epochs read the cache.
     """
+    from ..checkpoint import check_run_dir, ensure_writable_dir
     from ..data import create_dataset
     from ..model import ModelConfig, PrototypeModel
-    from ..train import Trainer, evaluate, write_json
+    from ..train import Interrupted, Trainer, evaluate, write_json
+    from .. import distributed
 
+    params = dict(click.get_current_context().params, **locals())
+    check_run_dir(out, resume, overwrite)
     _setup_threads(threads)
     splits = create_dataset(dataset, data_dir, limit=limit, strict=strict, crop=crop, image_size=image_size)
     _report_skipped(splits)
@@ -71,11 +87,19 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
             sys.exit(130)
         splits = frozen.splits
         data_info.update(frozen.info)
-    trainer = Trainer(model, splits, _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed,
-                                                   deterministic), out_dir=out, dataset_name=dataset,
-                      data_info=data_info)
-    from ..train import Interrupted
-
+    train_config = _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed, deterministic)
+    train_config.val_fraction, train_config.workers = val_fraction, workers
+    train_config.precision, train_config.tensorboard = precision, tensorboard
+    train_config.__post_init__()  # check the new fields
+    trainer = Trainer(model, splits, train_config, out_dir=out, dataset_name=dataset, data_info=data_info)
+    if distributed.is_main():
+        ensure_writable_dir(out)
+        if overwrite:
+            # The old run's results go now; its checkpoint.pt stays until the new run's first
+            # checkpoint replaces it atomically, so a new run that fails early loses nothing saved.
+            for stale in ("best.pt", "metrics.json", "metrics.csv"):
+                (Path(out) / stale).unlink(missing_ok=True)
+        write_run_config(out, {k: params[k] for k in click.get_current_context().params})
     with frozen.bypassed() if frozen else contextlib.nullcontext():  # maps instead of images, backbone frozen
         try:
             state = trainer.fit(resume=resume)
@@ -83,36 +107,47 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
             err_console.print(f"interrupted by {why}: checkpoint written to {Path(out) / 'checkpoint.pt'}; "
                               f"continue with --resume", markup=False)
             sys.exit(130)
-        metrics = evaluate(model, splits.test, device=trainer.device)
+        metrics = evaluate(model, splits.test, device=trainer.device, workers=workers)
     metrics["train_seconds"] = state.train_seconds
-    from .. import distributed
-
+    if state.best_epoch:
+        metrics["best"] = state.best_epoch
     if distributed.is_main():  # under torchrun, rank 0 alone writes and reports
         metrics["processes"] = distributed.world_size()
         write_json(Path(out) / "metrics.json", metrics)
-        _print_metrics(metrics, f"{head} on {dataset}")
+        _print_metrics({k: v for k, v in metrics.items() if k != "best"}, f"{head} on {dataset}")
     distributed.teardown()
+
+
+def rebuild_data(saved, data_dir, image_size):
+    """The run's dataset as it was trained (folder, limit, crop, image size), unless overridden."""
+    from ..data import create_dataset
+
+    data = saved.get("data") or {}
+    return create_dataset(saved["dataset"], data_dir or data.get("data_dir"), limit=data.get("limit"),
+                          crop=bool(data.get("crop")), image_size=image_size or data.get("image_size"))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--data-dir", type=click.Path(), default=None, help="Override the dataset folder stored in the run.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--last", is_flag=True, help="Evaluate the last checkpoint.pt even when the run has a best.pt.")
+@loading_options
+@config_option
 @run_cli
-def evaluate(run_dir, data_dir, device):
+def evaluate(run_dir, data_dir, device, last, workers, image_size):
     """Test accuracy of a trained run: top-1, and for kNN heads k = 1, 3, 5, 10 from one search.
+    Uses RUN_DIR/best.pt (best validation accuracy) when it exists, else checkpoint.pt.
     Writes RUN_DIR/metrics.json. Cost: one pass over the test set."""
-    from ..data import create_dataset
+    from ..checkpoint import load_checkpoint
     from ..train import evaluate as evaluate_model, model_from_checkpoint, resolve_device, write_json
 
-    model, saved = model_from_checkpoint(run_dir)
-    if not saved["train_state"].get("complete"):
+    if not load_checkpoint(run_dir)["train_state"].get("complete"):
         raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
-    limit = (saved.get("data") or {}).get("limit")
-    splits = create_dataset(saved["dataset"], data_dir or (saved.get("data") or {}).get("data_dir"), limit=limit,
-                            crop=bool((saved.get("data") or {}).get("crop")),
-                            image_size=(saved.get("data") or {}).get("image_size"))
+    model, saved = model_from_checkpoint(run_dir, best=not last)
+    splits = rebuild_data(saved, data_dir, image_size)
     dev = resolve_device(device)
-    metrics = evaluate_model(model.to(dev), splits.test, device=dev)
+    metrics = evaluate_model(model.to(dev), splits.test, device=dev, workers=workers)
+    metrics["checkpoint"] = "checkpoint.pt" if last or not (Path(run_dir) / "best.pt").exists() else "best.pt"
     write_json(Path(run_dir) / "metrics.json", metrics)
     _print_metrics(metrics, f"{saved['model_config']['head']} on {saved['dataset']}")

@@ -8,19 +8,22 @@ Two layouts:
 Classes are the sub-folder names, sorted; hidden entries (".name") are ignored, and so
 are files whose suffix is not an image suffix (README, .txt, ...).
 
-Unreadable images: every file is checked when the dataset is built (PIL ``verify()``
-plus a decode, which catches truncated JPEGs). By default unreadable files are left out,
+Start-up lists files and labels and decodes nothing: each file's header is parsed and,
+for JPEG and PNG, its last kilobyte must hold the end marker that a truncated file lacks
+(``base.quick_image_problem``; other formats and suspicious files get a full decode check).
+Images are decoded in ``__getitem__``. By default unreadable files are left out,
 listed in ``DatasetSplits.skipped`` and reported in one ``DatasetWarning``;
 ``strict=True`` raises ``ProtoKNNError`` naming the first one instead.
 Grey, palette and RGBA images are converted to RGB (transparency onto white).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from ..errors import ProtoKNNError
-from .base import (IMAGE_SUFFIXES, SPLIT_SEED, DatasetNotFoundError, FileImageDataset, image_problem,
+from .base import (IMAGE_SUFFIXES, SPLIT_SEED, DatasetNotFoundError, FileImageDataset, quick_image_problem,
                    make_splits, register_dataset, stratified_split, warn_skipped)
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, natural_test_transform, natural_train_transform
 
@@ -32,8 +35,11 @@ def _visible_dirs(folder: Path) -> List[Path]:
 
 
 def _image_files(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    # os.scandir knows file types from the directory listing: no stat per image.
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith(".")
+                       and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
+    return [folder / name for name in names]
 
 
 def scan_class_folders(root: Path) -> Dict[str, List[Path]]:
@@ -54,7 +60,7 @@ def _check_images(paths: Sequence[Path], strict: bool) -> Tuple[List[Path], List
     """(readable paths, unreadable paths); strict mode raises on the first unreadable one."""
     good, bad = [], []
     for path in paths:
-        problem = image_problem(path)
+        problem = quick_image_problem(path)
         if problem is None:
             good.append(path)
         elif strict:

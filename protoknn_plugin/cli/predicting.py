@@ -1,0 +1,66 @@
+"""``protoknn predict``: class, neighbours or scores, and prototypes for image files."""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import click
+
+from . import cli
+from .common import config_option, err_console, loading_options, run_cli
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="CSV file to write (default: RUN_DIR/predictions.csv).")
+@click.option("--neighbours", type=int, default=5, show_default=True, help="kNN heads: nearest training images per row.")
+@click.option("--top-classes", type=int, default=3, show_default=True, help="Linear heads: class scores per row.")
+@click.option("--top-prototypes", type=int, default=3, show_default=True, help="Prototypes per row, largest contribution first.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--data-dir", type=click.Path(), default=None, help="Override the dataset folder stored in the run.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--last", is_flag=True, help="Use the last checkpoint.pt even when the run has a best.pt.")
+@loading_options
+@config_option
+@run_cli
+def predict(run_dir, paths, output, neighbours, top_classes, top_prototypes, batch_size, data_dir, device, last,
+            workers, image_size):
+    """Predict the class of image files (PATHS: files or folders, searched recursively).
+    Writes one CSV row per image: path, predicted class, the k nearest training images with
+    squared distances (kNN heads) or the top class probabilities (linear heads), and the top
+    contributing prototypes. Unreadable files are listed on stderr and skipped. Uses best.pt
+    when the run has one. Cost: one forward pass per image plus one kNN search per batch."""
+    from ..checkpoint import load_checkpoint
+    from ..errors import ProtoKNNError
+    from ..predict import collect_images, predict_files
+    from ..train import model_from_checkpoint, resolve_device
+    from .training import rebuild_data
+
+    if batch_size < 1 or neighbours < 1 or top_classes < 1 or top_prototypes < 0:
+        raise ProtoKNNError("--batch-size, --neighbours and --top-classes must be at least 1, --top-prototypes at least 0")
+    if not load_checkpoint(run_dir)["train_state"].get("complete"):
+        raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
+    files = collect_images(paths)
+    model, saved = model_from_checkpoint(run_dir, best=not last)
+    splits = rebuild_data(saved, data_dir, image_size)
+    dev = resolve_device(device)
+    model.to(dev)
+    from rich.progress import Progress
+
+    with Progress(disable=not sys.stdout.isatty(), transient=True) as progress:
+        task = progress.add_task("predicting", total=len(files))
+        columns, rows, unreadable = predict_files(
+            model, splits, files, batch_size, dev, workers=workers, neighbours=neighbours, top_classes=top_classes,
+            top_prototypes=top_prototypes, on_batch=lambda n: progress.advance(task, n))
+    target = Path(output) if output else Path(run_dir) / "predictions.csv"
+    with target.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    for path in unreadable:
+        err_console.print(f"warning: unreadable image skipped: {path}", markup=False, highlight=False)
+    print(f"{len(rows)} prediction(s) written to {target}" + (f"; {len(unreadable)} unreadable file(s) skipped"
+                                                              if unreadable else ""))

@@ -1,0 +1,21 @@
+"""The trainer: follows the head's declared phases, checkpoints atomically, resumes exactly.
+
+Every epoch's batch order is drawn up front from pytorch-metric-learning's class-balanced
+MPerClassSampler and stored in the checkpoint together with every RNG state, so a run
+interrupted mid-epoch (SIGINT/SIGTERM) resumes bit-for-bit on CPU.
+
+Modules: ``config`` (TrainConfig, devices), ``loading`` (batches, seeds, workers),
+``precision`` (autocast, GradScaler), ``rng`` (seeds and plain RNG states), ``state``
+(TrainState, signals), ``records`` (metrics.csv, TensorBoard, progress), ``evaluation``
+(scores, rebuilding a model) and ``trainer`` (the loop, phases, validation, best.pt).
+"""
+from .config import PRECISIONS, TrainConfig, default_workers, resolve_device
+from .evaluation import evaluate, load_model_state, model_from_checkpoint, write_json
+from .loading import IndexedDataset, SeededItems, epoch_batches, item_seed, plain_loader
+from .rng import rng_state, seed_everything, set_rng_state
+from .state import Interrupted, TrainState
+from .trainer import Trainer
+
+__all__ = ["PRECISIONS", "TrainConfig", "default_workers", "resolve_device", "evaluate", "load_model_state",
+           "model_from_checkpoint", "write_json", "IndexedDataset", "SeededItems", "epoch_batches", "item_seed",
+           "plain_loader", "rng_state", "seed_everything", "set_rng_state", "Interrupted", "TrainState", "Trainer"]
