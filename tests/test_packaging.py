@@ -173,3 +173,18 @@ def test_installing_the_wheel_keeps_the_torch_already_in_the_venv(tmp_path):
     versions = {normalised(d["name"]): d["version"] for d in json.loads(shown.stdout)}
     assert versions["torch"] == "2.13.0+cpu" and versions["torchvision"] == "0.28.0"
     assert versions["protoknn-plugin"] == "0.1.0"
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """The package list is explicit (adapters/ is remapped), so a new sub-package must be added to it."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for top, name in (("protoknn_plugin", "protoknn_plugin"), ("adapters", "protoknn_plugin.adapters")):
+        for init in (root / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(root / top).parts
+            found.add(".".join((name,) + parts))
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
