@@ -37,6 +37,23 @@ class ModelConfig:
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
 
+    @classmethod
+    def for_data(cls, splits, **kwargs) -> "ModelConfig":
+        """A config sized for ``splits`` (classes, channels).
+
+        For a pretrained backbone it also records the data's normalisation, so the backbone
+        converts it to the statistics its weights were trained on. A backbone trained from
+        scratch learns on the data's normalisation as it is.
+        """
+        from .backbones import BACKBONES, RANDOM_WEIGHTS
+
+        config = cls(num_classes=len(splits.classes), in_channels=splits.channels, **kwargs)
+        weights = config.weights if config.weights is not None else getattr(BACKBONES.get(config.backbone),
+                                                                              "default_weights", None)
+        if weights not in RANDOM_WEIGHTS:
+            config.input_mean, config.input_std = tuple(splits.mean), tuple(splits.std)
+        return config
+
 
 class PrototypeModel(nn.Module):
     """backbone (B, C_in, H, W) -> (B, C, h, w) -> prototype layer -> head."""

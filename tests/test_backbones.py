@@ -366,3 +366,15 @@ def test_input_normalisation_is_converted_to_the_backbone_own():
     seen.clear()
     backbone(imagenet)
     assert seen["x"] is imagenet
+
+
+def test_model_config_for_data_converts_only_for_pretrained_backbones():
+    from protoknn_plugin.data import create_dataset
+    from protoknn_plugin.model import ModelConfig
+
+    splits = create_dataset("animals", limit=20)
+    scratch = ModelConfig.for_data(splits, backbone="small-cnn")
+    assert (scratch.num_classes, scratch.in_channels, scratch.input_mean) == (10, 1, None)
+    lite = ModelConfig.for_data(splits, backbone="efficientnet-lite0")  # shipped ImageNet weights by default
+    assert lite.input_mean == tuple(splits.mean) and lite.input_std == tuple(splits.std)
+    assert ModelConfig.for_data(splits, backbone="efficientnet-lite0", weights="none").input_mean is None

@@ -66,9 +66,9 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     if head == "protoknn":
         head_options = dict(task_loss=task_loss, aux_loss=aux_loss, cluster_variant=cluster_variant,
                             cluster_reduction=cluster_reduction, memory=memory, k=k)
-    config = ModelConfig(head=head, backbone=backbone, num_classes=len(splits.classes), in_channels=splits.channels,
-                         num_prototypes=prototypes, dim=dim, weights=weights, head_options=head_options, seed=seed,
-                         backbone_options=parse_options(backbone_opts))
+    config = ModelConfig.for_data(splits, head=head, backbone=backbone, num_prototypes=prototypes, dim=dim,
+                                  weights=weights, head_options=head_options, seed=seed,
+                                  backbone_options=parse_options(backbone_opts))
     model = PrototypeModel(config)
     data_info = {"data_dir": data_dir, "limit": limit, "crop": crop, "image_size": image_size}
     frozen = None
