@@ -28,7 +28,7 @@ from .common import (_print_metrics, _report_skipped, _setup_threads, _train_con
 @click.option("--out", required=True, type=click.Path(), help="Run directory.")
 @run_cli
 @with_preset
-def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
+def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, head_opts, epochs, batch_classes, per_class, prototypes, dim,
           steps_per_epoch, device, threads, task_loss, aux_loss, cluster_variant, cluster_reduction, memory, k, seed,
           deterministic, resume, out):
     """Train one head. Writes OUT/checkpoint.pt after every epoch (atomically) and OUT/metrics.json
@@ -46,6 +46,9 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     if head == "protoknn":
         head_options = dict(task_loss=task_loss, aux_loss=aux_loss, cluster_variant=cluster_variant,
                             cluster_reduction=cluster_reduction, memory=memory, k=k)
+    from ..heads.options import assign_head_options
+
+    head_options.update(assign_head_options([(head, head)], head_opts)[head])  # --head-opt wins
     config = ModelConfig(head=head, backbone=backbone, num_classes=len(splits.classes), in_channels=splits.channels,
                          num_prototypes=prototypes, dim=dim, weights=weights, head_options=head_options, seed=seed,
                          backbone_options=parse_options(backbone_opts))
