@@ -18,7 +18,7 @@ def _sigterm_as_interrupt():
     """SIGTERM outside training (loading data, scoring) stops like Ctrl-C; inside training the
     Trainer's own handler finishes the step and writes the checkpoint first."""
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("SIGTERM")
 
     try:
         old = signal.signal(signal.SIGTERM, handler)
