@@ -76,3 +76,21 @@ def test_run_directory_names_change_with_options_not_with_seed():
     assert run_key(spec, BenchmarkSettings(train=TrainConfig(epochs=5)), 1.0) != key
     assert run_key(spec, BenchmarkSettings(train=TrainConfig(epochs=4, seed=7), seeds=(3, 4)), 1.0) == key
     assert run_dir_name(RunSpec("full:sum", "protoknn"), settings, 1.0, 0).startswith("full-sum-")
+
+
+def test_lr_sweep_picks_on_validation_and_scores_the_test_set_only_for_the_choice(tmp_path):
+    import json
+
+    from conftest import TINY, run_cli
+
+    result = run_cli("benchmark", "--heads", "cnn", *TINY, "--lr-scales", "0.5,1", "--seeds", "0,1", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    chosen = data["meta"]["chosen"]["cnn"]
+    assert set(chosen["val"]) == {"0.5", "1.0"} and chosen["lr_scale"] in (0.5, 1.0)
+    best = max(chosen["val"].values())
+    assert chosen["val"][str(float(chosen["lr_scale"]))] == best  # the best validation accuracy wins
+    dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(dirs) == 3  # two sweep runs on seed 0 (one reused for the final table) + seed 1
+    tested = [p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").exists()]
+    assert len(tested) == 2 and all(r["lr_scale"] == chosen["lr_scale"] for r in data["runs"])
