@@ -61,6 +61,8 @@ def prepare_feature_cache(model, splits, *, dataset: str, data_dir=None, limit=N
         "backbone": model.config.backbone, "backbone_options": dict(model.config.backbone_options),
         "weights": model.config.weights, "in_channels": model.config.in_channels,
         "weights_digest": weights_digest(backbone),
+        # the backbone converts the data's normalisation to its own when these are set
+        "input_normalization": [model.config.input_mean, model.config.input_std],
     }
     parts = _image_splits(splits)
     cached: Dict[str, CachedFeatures] = {}

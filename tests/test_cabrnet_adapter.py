@@ -59,7 +59,7 @@ def test_unknown_cabrnet_baseline_suggests_the_known_one():
 def test_protopnet_schedule_matches_the_plugin_head(epochs, warm, periods, start):
     from protoknn_plugin.adapters.cabrnet.baseline import DEFAULT_OPTIONS, protopnet_schedule
 
-    schedule = protopnet_schedule(epochs, DEFAULT_OPTIONS, pretrained=False)
+    schedule = protopnet_schedule(epochs, DEFAULT_OPTIONS, pretrained=True)
     assert schedule["warm_epochs"] == warm
     assert {name: p["epoch_range"] for name, p in schedule["training"]["periods"].items()} == periods
     projection = schedule["projection"]
@@ -68,6 +68,19 @@ def test_protopnet_schedule_matches_the_plugin_head(epochs, warm, periods, start
     assert last_push == epochs - 1  # the final epoch is always followed by a push
     # the last layer trains only after pushes, never in the warm or joint periods
     assert all("last_layer" in p["freeze"] for p in schedule["training"]["periods"].values())
+
+
+def test_protopnet_schedule_from_scratch_follows_the_benchmark_protocol():
+    from protoknn_plugin.adapters.cabrnet.baseline import DEFAULT_OPTIONS, protopnet_schedule
+    from protoknn_plugin.heads import create_head
+
+    schedule = protopnet_schedule(4, DEFAULT_OPTIONS, pretrained=False)
+    assert schedule["warm_epochs"] == 0 and list(schedule["training"]["periods"]) == ["joint"]
+    groups = schedule["training"]["optimizers"]["joint_optimizer"]["groups"]
+    ours = create_head("protopnet", num_classes=10, backbone_channels=8, dim=8, num_prototypes=100).phases(4, False)[0]
+    assert groups["backbone"] == {"lr": ours.lrs["backbone"], "weight_decay": ours.weight_decay["backbone"]}
+    assert groups["add_on"] == {"lr": ours.lrs["addon"], "weight_decay": ours.weight_decay["addon"]}
+    assert groups["prototypes"] == {"lr": ours.lrs["prototypes"]}
 
 
 # ---------------------------------------------------------------- with CaBRNet

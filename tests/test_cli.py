@@ -113,14 +113,25 @@ def test_benchmark_writes_json_csv_md_and_a_row_per_head(tmp_path):
     assert [row["label"] for row in data["summary"]] == ["protoknn", "protopnet", "cnn"]
     assert len(data["runs"]) == 6
     knn = data["summary"][0]
-    for key in ("accuracy[k=5]", "accuracy[k=5]_std", "prototype_spread", "train_seconds", "peak_memory_mb",
-                "images_per_second"):
-        assert key in knn
+    for key in ("accuracy", "accuracy[k=5]", "prototype_spread", "train_seconds", "peak_memory_mb",
+                "images_per_second", "backbone_steps", "images_seen"):
+        assert knn[key]["n"] == 2 and knn[key]["half_width"] is not None  # mean and 95% interval over 2 seeds
     assert "accuracy[top1]" in data["summary"][1]
+    assert [(p["a"], p["b"]) for p in data["paired"]] == [("protoknn", "protopnet"), ("protoknn", "cnn"),
+                                                          ("protopnet", "cnn")]
     assert (tmp_path / "results.csv").read_text().count("\n") == 4
     md = (tmp_path / "results.md").read_text()
-    assert "| protoknn |" in md and "±" in md
+    assert "| protoknn | 2 |" in md and "±" in md and "protoknn − cnn" in md
+    assert "joint: before push" in md and "last-layer: end" in md  # ProtoPNet's stages
     assert "acc k=5 %" in result.stdout  # the rich table
+    assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_benchmark_with_one_seed_prints_no_plus_minus(tmp_path):
+    result = run_cli("benchmark", "--heads", "cnn", *TINY, "--seeds", "0", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "results.md").read_text().split("\n\n")[0]
+    assert "| cnn | 1 |" in table and "±" not in table
 
 
 def test_ablate_runs_each_variant(tmp_path):

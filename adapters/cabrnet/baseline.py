@@ -41,6 +41,8 @@ DEFAULT_OPTIONS: Dict[str, Any] = {
     "last_layer_epochs": 20,
     "warm_lr": 3e-3,
     "pretrained_backbone_lr": 1e-4,
+    "scratch_backbone_lr": 1e-3,  # the benchmark protocol's from-scratch rate, as the plugin's ProtoPNet head
+    "weight_decay": 1e-3,         # reference code: on the features and the add-on layers
     "last_layer_lr": 1e-4,
     "joint_step": (5, 0.1),
     "proto_init_mode": "SHIFTED_NORMAL",
@@ -82,14 +84,17 @@ class BalancedBatches:
 def protopnet_schedule(epochs: int, options: Dict[str, Any], pretrained: bool) -> Dict[str, Any]:
     """CaBRNet training config (the content of a training.yml) and ProtoPNet's projection config."""
     check(isinstance(epochs, int) and epochs >= 1, f"the CaBRNet ProtoPNet baseline needs epochs >= 1, got {epochs!r}")
-    warm = min(options["warm_epochs"], max(1, epochs // 4)) if epochs > 1 else 0
-    warm_lr = options["warm_lr"]
-    backbone_lr = options["pretrained_backbone_lr"] if pretrained else warm_lr
+    # The benchmark protocol, as for the plugin's ProtoPNet head: warm epochs (inside the
+    # budget) only for a pretrained backbone; from scratch the backbone gets the common rate.
+    warm = min(options["warm_epochs"], max(1, epochs // 4)) if pretrained and epochs > 1 else 0
+    warm_lr, decay = options["warm_lr"], options["weight_decay"]
+    backbone_lr = options["pretrained_backbone_lr"] if pretrained else options["scratch_backbone_lr"]
     step, gamma = options["joint_step"]
     optimizers: Dict[str, Any] = {
         "joint_optimizer": {
             "type": "Adam",
-            "groups": {"backbone": {"lr": backbone_lr}, "add_on": {"lr": warm_lr}, "prototypes": {"lr": warm_lr}},
+            "groups": {"backbone": {"lr": backbone_lr, "weight_decay": decay},
+                       "add_on": {"lr": warm_lr, "weight_decay": decay}, "prototypes": {"lr": warm_lr}},
             "scheduler": {"type": "StepLR", "params": {"step_size": step, "gamma": gamma}},
         },
         "last_layer_optimizer": {"type": "Adam", "groups": {"last_layer": {"lr": options["last_layer_lr"]}}},
@@ -97,7 +102,8 @@ def protopnet_schedule(epochs: int, options: Dict[str, Any], pretrained: bool) -
     periods: Dict[str, Any] = {}
     if warm:
         optimizers["warm_optimizer"] = {"type": "Adam",
-                                        "groups": {"add_on": {"lr": warm_lr}, "prototypes": {"lr": warm_lr}}}
+                                        "groups": {"add_on": {"lr": warm_lr, "weight_decay": decay},
+                                                   "prototypes": {"lr": warm_lr}}}
         periods["warmup"] = {"epoch_range": [0, warm - 1], "freeze": ["backbone", "last_layer"],
                              "optimizers": "warm_optimizer"}
     if epochs > warm:

@@ -76,6 +76,10 @@ def training_options(fn):
         click.option("--epochs", type=int, default=4, show_default=True, help="Feature-training epochs per run."),
         click.option("--backbone-opt", "backbone_opts", multiple=True, metavar="KEY=VALUE",
                      help="Backbone option, repeatable, e.g. width=16 for small-cnn."),
+        click.option("--head-opt", "head_opts", multiple=True, metavar="HEAD.KEY=VALUE",
+                     help="Head constructor argument, repeatable, e.g. protoknn.reg=0.1 or pk-sum.cluster_reduction=sum; "
+                          "HEAD is a row label (that row) or a head name (every row of it); values are read as "
+                          "int, float, true/false, none, A,B tuples or text."),
         click.option("--weights", default=None, help="Backbone weights: imagenet (download) or a local state-dict PATH."),
         click.option("--backbone", default="small-cnn", show_default=True, help="Backbone name (see `protoknn backbones`)."),
     ]
@@ -193,14 +197,32 @@ def _print_metrics(metrics, title):
 
 
 
+def comparison_options(fn):
+    """The protocol's validation split and learning-rate sweep, shared by benchmark and ablate."""
+    fn = click.option("--sweep-seeds", default=None, help="Seeds of the sweep runs (default: the first of --seeds).")(fn)
+    fn = click.option("--lr-scales", default="1", show_default=True,
+                      help="Learning-rate sweep: every rate of every head times each scale, e.g. 0.3,1,3; each row "
+                           "keeps the scale with the best validation accuracy; 1 = the heads' own rates, no sweep.")(fn)
+    fn = click.option("--val-fraction", type=float, default=0.1, show_default=True,
+                      help="Share of each training class held out for validation (curves, stages, sweep); 0: none.")(fn)
+    return fn
+
+
 def _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
-                         dim, steps_per_epoch, device, seeds):
+                         dim, steps_per_epoch, device, seeds, val_fraction=0.0, lr_scales="1", sweep_seeds=None,
+                         frozen_backbone=False, cache_dir=None, image_size=None):
     from ..benchmark import BenchmarkSettings
 
+    train = _train_config(epochs, batch_classes, per_class, steps_per_epoch, device)
+    train.val_fraction = val_fraction
+    scales = _split_list(lr_scales, float)
+    if not scales or any(s <= 0 for s in scales):
+        raise ProtoKNNError(f"--lr-scales {lr_scales!r} must list positive numbers, e.g. 0.3,1,3")
     return BenchmarkSettings(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
                              prototypes=prototypes, dim=dim, limit=limit, strict=strict, crop=crop, seeds=_split_list(seeds, int),
-                             backbone_options=parse_options(backbone_opts),
-                             train=_train_config(epochs, batch_classes, per_class, steps_per_epoch, device))
+                             backbone_options=parse_options(backbone_opts), train=train, lr_scales=tuple(scales),
+                             sweep_seeds=_split_list(sweep_seeds, int) if sweep_seeds else None,
+                             frozen_backbone=frozen_backbone, cache_dir=cache_dir, image_size=image_size)
 
 
 # ---- run configuration files, data loading and precision (train, evaluate, predict, ...) -----------

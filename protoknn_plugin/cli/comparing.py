@@ -1,73 +1,140 @@
 """Commands that compare runs side by side: benchmark and ablate."""
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
 
 import click
 
 from ..errors import ProtoKNNError
 from . import cli
-from .common import (_comparison_settings, _setup_threads, _split_list, console, run_cli, training_options, with_preset)
+from .common import (_comparison_settings, _setup_threads, _split_list, comparison_options, console, err_console,
+                     frozen_backbone_options, run_cli, training_options, with_preset)
 
 
-@cli.command()
-@click.option("--heads", "head_names", default="protoknn,protopnet,cnn", show_default=True,
-              help="Comma-separated heads; `cnn` is the plain CNN reference row; cabrnet:protopnet runs "
-                   "CaBRNet's own ProtoPNet (extra protoknn-plugin[cabrnet]).")
-@training_options
-@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
-@click.option("--out", default="runs/benchmark", show_default=True, type=click.Path(), help="Output directory.")
-@run_cli
-@with_preset
-def benchmark(head_names, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
-              dim, steps_per_epoch, device, threads, seeds, out):
-    """Train and evaluate every head on the same data, backbone initialisation and budget, and print one
-    table (mean ± std over seeds): accuracy (per k for kNN heads), prototype spread, train seconds, peak
-    memory, test images/s. Writes OUT/results.json, results.csv, results.md and OUT/runs/<head>-seed<N>/.
-    Cost with no options: 3 heads x 3 seeds x 4 epochs on `animals`, about 8 minutes on a 2-core CPU."""
-    from ..benchmark import RunSpec, run_comparison
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM outside training (loading data, scoring) stops like Ctrl-C; inside training the
+    Trainer's own handler finishes the step and writes the checkpoint first."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
 
-    _setup_threads(threads)
-    specs = [RunSpec(name, name) for name in _split_list(head_names)]
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run_interruptibly(specs, settings, out, title, **options):
+    """run_comparison; an interruption ends with one line and exit code 130, finished runs kept."""
+    from ..benchmark import run_comparison
+    from ..train import Interrupted
+
+    try:
+        with _sigterm_as_interrupt():
+            run_comparison(specs, settings, out, title=title, console=console, **options)
+    except (Interrupted, KeyboardInterrupt) as why:
+        name = str(why) or "Ctrl-C"
+        err_console.print(f"interrupted by {name}: finished runs and checkpoints are kept in {out}; "
+                          "run the same command again to resume", markup=False)
+        sys.exit(130)
+
+
+def _specs(rows, head_opts):
+    from ..benchmark import RunSpec
     from ..heads import get_head_class
+    from ..heads.options import assign_head_options
 
-    for spec in specs:  # fail fast on an unknown name, before any training
-        if spec.head.startswith("cabrnet:"):
+    for _, head in rows:  # fail fast on an unknown name, before any training
+        if head.startswith("cabrnet:"):
             from protoknn_plugin.adapters.cabrnet import require_cabrnet
 
             require_cabrnet()
         else:
-            get_head_class(spec.head)
-    settings = _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
-                                    prototypes, dim, steps_per_epoch, device, seeds)
-    run_comparison(specs, settings, out, title=f"heads on {dataset} ({backbone}, {epochs} epochs)", console=console)
+            get_head_class(head)
+    options = assign_head_options(rows, head_opts)
+    return [RunSpec(label, head, options[label]) for label, head in rows]
+
+
+@cli.command()
+@click.option("--heads", "head_names", default="protoknn,protopnet,cnn", show_default=True,
+              help="Comma-separated rows, HEAD or LABEL=HEAD (the same head twice with different --head-opt); "
+                   "`cnn` is the plain CNN reference; cabrnet:protopnet runs CaBRNet's own ProtoPNet "
+                   "(extra protoknn-plugin[cabrnet]).")
+@training_options
+@comparison_options
+@frozen_backbone_options
+@click.option("--explanations", is_flag=True,
+              help="Also measure every prototype row's explanations (protoknn faithfulness: deletion, stability, "
+                   "purity on 200 test images) as extra columns, and write OUT/report/, one HTML report of the "
+                   "first seed's runs. Costs about a minute per run on this 2-core CPU.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
+@click.option("--out", default="runs/benchmark", show_default=True, type=click.Path(), help="Output directory.")
+@run_cli
+@with_preset
+def benchmark(head_names, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, head_opts, epochs,
+              batch_classes, per_class, prototypes, dim, steps_per_epoch, device, threads, val_fraction, lr_scales,
+              sweep_seeds, image_size, frozen_backbone, cache_dir, explanations, seeds, out):
+    """Train and evaluate every head on the same data, backbone initialisation and budget (images seen and
+    backbone steps, checked before training), and print one table: mean ± 95% t-interval over seeds of
+    test accuracy (per k for kNN heads), budget, push and last-layer cost, prototype spread, train seconds,
+    peak memory, test images/s; then the paired difference of every two rows. With --lr-scales, every row
+    picks its rate on the validation split first. Writes OUT/results.json, results.csv, results.md,
+    results.png, curves.png and OUT/runs/<label>-<hash>-seed<N>/; the same command again skips finished
+    runs and resumes interrupted ones. Cost with no options: 3 heads x 3 seeds x 4 epochs on `animals`,
+    about 10 minutes on a 2-core CPU."""
+    from ..heads.options import parse_rows
+
+    _setup_threads(threads)
+    specs = _specs(parse_rows(head_names), head_opts)
+    settings = _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs,
+                                    batch_classes, per_class, prototypes, dim, steps_per_epoch, device, seeds,
+                                    val_fraction, lr_scales, sweep_seeds, frozen_backbone, cache_dir, image_size)
+    _run_interruptibly(specs, settings, out, f"heads on {dataset} ({backbone}, {epochs} epochs)",
+                       explanations=explanations)
 
 
 @cli.command()
 @click.option("--variants", default="most-similar,sampling,debias,linear-assignment,full,full:sum", show_default=True,
               help="Cluster-loss variants; VARIANT:sum uses the paper's literal sum instead of the per-sample mean.")
 @training_options
+@comparison_options
+@frozen_backbone_options
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--out", default="runs/ablate", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
 @with_preset
-def ablate(variants, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
-           steps_per_epoch, device, threads, seeds, out):
+def ablate(variants, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, head_opts, epochs,
+           batch_classes, per_class, prototypes, dim, steps_per_epoch, device, threads, val_fraction, lr_scales,
+           sweep_seeds, image_size, frozen_backbone, cache_dir, seeds, out):
     """The paper's Table 7 on any dataset: ProtoKNN with each cluster-loss variant, accuracy at k = 1, 3, 5
-    and prototype spread. Writes OUT/results.json, results.csv, results.md. Cost: one ProtoKNN training
-    per variant and seed."""
-    from ..benchmark import RunSpec, run_comparison
+    and prototype spread. --head-opt protoknn.KEY=VALUE applies to every variant, VARIANT.KEY=VALUE to one.
+    Writes OUT/results.json, results.csv, results.md, the figures and one run directory per variant and
+    seed (rerunning resumes). Cost: one ProtoKNN training per variant and seed."""
+    from ..benchmark import RunSpec
     from ..cluster import CLUSTER_VARIANTS
     from ..errors import UnknownNameError
+    from ..heads.options import assign_head_options
 
     _setup_threads(threads)
-    specs = []
+    rows, base = [], {}
     for item in _split_list(variants):
         variant, _, reduction = item.partition(":")
         if variant not in CLUSTER_VARIANTS:
             raise UnknownNameError("cluster variant", variant, CLUSTER_VARIANTS)
         if reduction not in ("", "mean", "sum"):
             raise ProtoKNNError(f"unknown reduction {reduction!r} in {item!r}; use VARIANT, VARIANT:mean or VARIANT:sum")
-        specs.append(RunSpec(item, "protoknn", {"cluster_variant": variant, "cluster_reduction": reduction or "mean"}))
-    settings = _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class,
-                                    prototypes, dim, steps_per_epoch, device, seeds)
-    run_comparison(specs, settings, out, title=f"cluster-loss ablation on {dataset}", console=console)
+        rows.append((item, "protoknn"))
+        base[item] = {"cluster_variant": variant, "cluster_reduction": reduction or "mean"}
+    options = assign_head_options(rows, head_opts)
+    specs = [RunSpec(label, head, {**base[label], **options[label]}) for label, head in rows]
+    settings = _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs,
+                                    batch_classes, per_class, prototypes, dim, steps_per_epoch, device, seeds,
+                                    val_fraction, lr_scales, sweep_seeds, frozen_backbone, cache_dir, image_size)
+    _run_interruptibly(specs, settings, out, f"cluster-loss ablation on {dataset}")

@@ -53,8 +53,11 @@ def heads():
     table.add_column("name", style="bold")
     table.add_column("description")
     table.add_column("defaults")
+    table.add_column("--head-opt keys")
+    from ..heads.options import option_keys
+
     for name in list_heads():
         cls = get_head_class(name)
         defaults = "\n".join(f"{k}: {v}" for k, v in cls.defaults().items())
-        table.add_row(name, getattr(cls, "description", ""), defaults)
+        table.add_row(name, getattr(cls, "description", ""), defaults, ", ".join(option_keys(cls)))
     console.print(table)

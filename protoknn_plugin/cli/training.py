@@ -39,7 +39,7 @@ from .common import (_print_metrics, _report_skipped, _setup_threads, _train_con
 @config_option
 @run_cli
 @with_preset
-def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes, dim,
+def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, head_opts, epochs, batch_classes, per_class, prototypes, dim,
           steps_per_epoch, device, threads, workers, precision, image_size, frozen_backbone, cache_dir, task_loss,
           aux_loss, cluster_variant, cluster_reduction, memory, k, seed, deterministic, val_fraction, tensorboard, resume,
           overwrite, out):
@@ -66,6 +66,9 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     if head == "protoknn":
         head_options = dict(task_loss=task_loss, aux_loss=aux_loss, cluster_variant=cluster_variant,
                             cluster_reduction=cluster_reduction, memory=memory, k=k)
+    from ..heads.options import assign_head_options
+
+    head_options.update(assign_head_options([(head, head)], head_opts)[head])  # --head-opt wins
     config = ModelConfig.for_data(splits, head=head, backbone=backbone, num_prototypes=prototypes, dim=dim,
                                   weights=weights, head_options=head_options, seed=seed,
                                   backbone_options=parse_options(backbone_opts))

@@ -40,7 +40,10 @@ class ProtoPNetHead(Head):
         last_layer_epochs: int = 20,
         joint_step: tuple = (5, 0.1),
         warm_lr: float = 3e-3,
+        joint_backbone_lr: float = 1e-4,
+        scratch_backbone_lr: float = 1e-3,
         last_layer_lr: float = 1e-4,
+        weight_decay: float = 1e-3,
     ):
         # num_prototypes is ignored unless it is a multiple of the class count: ProtoPNet's
         # prototypes are class-specific, `prototypes_per_class` of each class.
@@ -52,6 +55,8 @@ class ProtoPNetHead(Head):
         self.warm_epochs, self.push_every, self.push_start = warm_epochs, push_every, push_start
         self.last_layer_epochs, self.joint_step = last_layer_epochs, tuple(joint_step)
         self.warm_lr, self.last_layer_lr = warm_lr, last_layer_lr
+        self.joint_backbone_lr, self.scratch_backbone_lr = joint_backbone_lr, scratch_backbone_lr
+        self.weight_decay = weight_decay
         self.register_buffer("prototype_class", torch.arange(total) // prototypes_per_class)
         self.last_layer = nn.Linear(total, num_classes, bias=False)
         identity = F.one_hot(self.prototype_class, num_classes).t().float()  # (C, P)
@@ -62,7 +67,10 @@ class ProtoPNetHead(Head):
         return {
             "loss": "cross-entropy + 0.8 cluster - 0.08 separation + 1e-4 L1 (off-class weights)",
             "prototypes": "10 per class, log similarity on squared L2, add-on conv-ReLU-conv-Sigmoid",
-            "phases": "warm 5 (backbone frozen), joint (StepLR 5, 0.1), push every 10 from 10 + 20 last-layer epochs",
+            "phases": "warm 5 (backbone frozen; pretrained backbones only), joint (StepLR 5, 0.1), push every 10 "
+                      "from 10 + 20 last-layer epochs",
+            "lrs": "warm/joint add-on + prototypes 3e-3, joint backbone 1e-4 (pretrained) or 1e-3 (from scratch), "
+                   "last layer 1e-4; weight decay 1e-3 on backbone and add-on",
             "predict": "argmax of the linear last layer",
         }
 
@@ -99,27 +107,33 @@ class ProtoPNetHead(Head):
     def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
         """The reference schedule fitted into ``epochs`` feature-training epochs.
 
-        Warm epochs are capped at a quarter of the budget so that a short budget still
-        has joint training; pushes happen every ``push_every`` epochs from ``push_start``
+        Warm epochs run only with a pretrained backbone and are capped at a quarter of the
+        budget so that a short budget still has joint training; pushes happen every ``push_every`` epochs from ``push_start``
         and always at the end, each followed by the last-layer-only epochs (on cached
         training profiles, since nothing before the last layer trains then).
         """
-        warm = min(self.warm_epochs, max(1, epochs // 4)) if epochs > 1 else 0
-        # The reference joint lr for a pretrained backbone is 1e-4; one trained from
-        # scratch gets the add-on's rate, or it would barely move in a short budget.
-        backbone_lr = 1e-4 if pretrained_backbone else self.warm_lr
+        # Warm-up protects a pretrained backbone from the random add-on's first gradients; a
+        # backbone trained from scratch has nothing to protect, so it trains from epoch 0.
+        # Warm epochs count inside the budget (capped at a quarter of it).
+        warm = min(self.warm_epochs, max(1, epochs // 4)) if pretrained_backbone and epochs > 1 else 0
+        # The reference joint rate 1e-4 is for a pretrained backbone; one trained from scratch
+        # has no reference rate and gets the rate every head uses from scratch (1e-3).
+        backbone_lr = self.joint_backbone_lr if pretrained_backbone else self.scratch_backbone_lr
         joint_lrs = {"backbone": backbone_lr, "addon": self.warm_lr, "prototypes": self.warm_lr}
+        # Reference code: weight decay 1e-3 on the features and the add-on layers, none on the prototypes.
+        decay = {"backbone": self.weight_decay, "addon": self.weight_decay}
         push_and_last = Phase("last-layer", self.last_layer_epochs, {"last_layer": self.last_layer_lr}, cached_profiles=True)
         phases: List[Phase] = []
         if warm:
-            phases.append(Phase("warm", warm, {"addon": self.warm_lr, "prototypes": self.warm_lr}))
+            phases.append(Phase("warm", warm, {"addon": self.warm_lr, "prototypes": self.warm_lr},
+                                weight_decay={"addon": self.weight_decay}))
         done = warm
         push_points = [e for e in range(self.push_start, epochs, self.push_every) if e > done] + [epochs]
         for point in push_points:
             if point > done:
                 # One Adam and StepLR across joint cycles, as in the reference code (not restarted after a push).
                 phases.append(Phase("joint", point - done, joint_lrs, after=("project",), step_lr=self.joint_step,
-                                    optimizer_key="joint"))
+                                    weight_decay=decay, optimizer_key="joint"))
                 done = point
             else:
                 phases[-1] = dataclasses.replace(phases[-1], after=("project",))

@@ -1,0 +1,51 @@
+"""The comparison protocol as code: the budget of a run, counted from the phases a head
+declares, and the checks that every row of a comparison gets the same one.
+
+Budget = images seen by the feature phases and optimiser steps that update the backbone.
+Warm epochs (backbone frozen) count inside it: they see images but do not step the
+backbone. Phases on cached profiles (ProtoPNet's last layer) and the actions after a phase
+(push, kNN memory) are not budget: they are reported as their own cost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Sequence
+
+from ..errors import ProtoKNNError
+from ..heads.base import Phase
+
+
+def budget(phases: Sequence[Phase], steps_per_epoch: int, batch_size: int, train_images: int) -> Dict[str, int]:
+    """``feature_steps``, ``images_seen``, ``backbone_steps`` of the feature phases, and the
+    separate cost ``last_layer_steps`` (cached-profile phases) and ``pushes`` (projections)."""
+    feature = [p for p in phases if not p.cached_profiles]
+    cached = [p for p in phases if p.cached_profiles]
+    feature_steps = sum(p.epochs * steps_per_epoch for p in feature)
+    return {
+        "feature_steps": feature_steps,
+        "images_seen": feature_steps * batch_size,
+        "backbone_steps": sum(p.epochs * steps_per_epoch for p in feature if "backbone" in p.lrs),
+        "last_layer_steps": sum(p.epochs * math.ceil(train_images / batch_size) for p in cached),
+        "pushes": sum("project" in p.after for p in phases),
+    }
+
+
+def scale_lrs(phases: Sequence[Phase], scale: float) -> List[Phase]:
+    """Every learning rate of every phase times ``scale`` (the sweep's one knob)."""
+    if scale == 1.0:
+        return list(phases)
+    return [dataclasses.replace(p, lrs={k: v * scale for k, v in p.lrs.items()}) for p in phases]
+
+
+def check_same_budget(budgets: Dict[str, Dict[str, int]], pretrained: bool) -> None:
+    """Every row sees the same number of images; from scratch, every row also takes the same
+    number of backbone steps (a pretrained backbone may be frozen for warm epochs, which count
+    inside the budget)."""
+    keys = ["images_seen"] + ([] if pretrained else ["backbone_steps"])
+    for key in keys:
+        values = {label: b[key] for label, b in budgets.items()}
+        if len(set(values.values())) > 1:
+            shown = ", ".join(f"{label} {v}" for label, v in values.items())
+            raise ProtoKNNError(f"protocol: the rows do not get the same budget ({key}: {shown}); "
+                                "give every head the same epochs, or compare them in separate runs")

@@ -1,0 +1,182 @@
+"""One benchmark run: train (or resume, or skip) a (row, learning-rate scale, seed) in its own
+directory, then score it on the validation split, and on the test split once it is chosen.
+
+A run directory holds ``checkpoint.pt`` (the Trainer's, written atomically every epoch),
+``run.json`` once training and validation are done, and ``metrics.json`` once the test
+set has been scored. Running the same comparison again reads those files instead of
+training again, and resumes an interrupted run from its checkpoint bit-for-bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..checkpoint import CHECKPOINT_NAME
+from ..model import ModelConfig, PrototypeModel
+from ..prototypes import prototype_spread
+from ..train import TrainConfig, Trainer, evaluate, model_from_checkpoint, write_json
+from .protocol import budget, scale_lrs
+from .settings import BenchmarkSettings, RunSpec
+
+
+class PeakMemory:
+    """Peak memory of the block: CUDA peak allocation, or the process's peak RSS on CPU.
+
+    On Linux, writing 5 to /proc/self/clear_refs resets VmHWM, so each run gets its own peak.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = float("nan")
+
+    @staticmethod
+    def _vm_hwm_kb() -> Optional[int]:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            kb = self._vm_hwm_kb()
+            self.peak_mb = kb / 1024 if kb is not None else float("nan")
+        return False
+
+
+class _Timed:
+    """Wraps a callable and adds its wall time to ``seconds`` (push and last-layer cost)."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def feeding(model, settings: BenchmarkSettings):
+    """The mode in which ``model`` reads the comparison's splits: cached backbone maps when the
+    backbone is frozen (``settings.frozen_backbone``), else images."""
+    return model.backbone_bypassed() if settings.frozen_backbone else contextlib.nullcontext()
+
+
+def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits,
+                  run_dir: Optional[Path], progress: bool = False) -> Trainer:
+    """The Trainer of one run, its phases' learning rates scaled by ``lr_scale``."""
+    config = ModelConfig.for_data(
+        splits, head=spec.head, backbone=settings.backbone, num_prototypes=settings.prototypes, dim=settings.dim,
+        weights=settings.weights, backbone_options=dict(settings.backbone_options),
+        head_options=dict(spec.head_options), seed=seed,
+    )
+    train_config = TrainConfig(**{**asdict(settings.train), "seed": seed})
+    trainer = Trainer(PrototypeModel(config), splits, train_config, out_dir=str(run_dir) if run_dir else None,
+                      progress=progress, dataset_name=settings.dataset, stage_eval=getattr(splits, "val", None),
+                      data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
+                                 "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone})
+    trainer.phases = scale_lrs(trainer.phases, lr_scale)
+    return trainer
+
+
+def _history(state) -> list:
+    """Validation accuracy after every feature epoch: [{"epoch", "phase", "val_accuracy"}]."""
+    return [{"epoch": i + 1, "phase": h["phase"], "val_accuracy": h["val_accuracy"]}
+            for i, h in enumerate(state.history) if "val_accuracy" in h]
+
+
+def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits, run_dir: Path,
+              progress: bool = False):
+    """Train, resume or skip one run. Returns ``(record, model)``; model is None when skipped.
+
+    Raises ``train.Interrupted`` on SIGINT/SIGTERM, with the checkpoint written.
+    """
+    record_path = run_dir / "run.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text()), None
+    trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress)
+    model = trainer.model
+    push = model.project_prototypes = _Timed(model.project_prototypes)
+    last = None
+    if hasattr(trainer, "_run_cached_phase"):  # ProtoPNet's last layer on cached profiles
+        last = trainer._run_cached_phase = _Timed(trainer._run_cached_phase)
+    resumed = (run_dir / CHECKPOINT_NAME).exists()
+    with PeakMemory(trainer.device) as peak, feeding(model, settings):
+        state = trainer.fit(resume=resumed)
+        val = getattr(splits, "val", None)
+        val_metrics = evaluate(model, val, trainer.config.eval_batch_size, trainer.device) if val is not None else {}
+    primary = model.head.primary
+    record: Dict[str, Any] = {
+        "label": spec.label, "head": spec.head, "head_options": spec.head_options, "seed": seed,
+        "lr_scale": lr_scale, "primary": primary, "run_dir": str(run_dir), "resumed": resumed,
+        "val_accuracy": val_metrics.get(f"accuracy[{primary}]"),
+        **{"val_" + k: v for k, v in val_metrics.items() if k.startswith("accuracy[")},
+        **budget(trainer.phases, trainer.steps_per_epoch, trainer.config.batch_size, len(trainer.splits.train_labels)),
+        "train_seconds": state.train_seconds, "push_seconds": push.seconds,
+        "last_layer_seconds": last.seconds if last else 0.0, "peak_memory_mb": peak.peak_mb,
+        "history": _history(state), "stages": state.stages,
+    }
+    if model.prototype_layer is not None:
+        record["prototype_spread"] = prototype_spread(model.prototype_layer.prototypes)
+    beta = getattr(getattr(getattr(model.head, "task_loss", None), "loss", None), "beta", None)
+    if isinstance(beta, torch.Tensor):
+        record["learned_beta_mean"] = float(beta.detach().mean())
+    write_json(record_path, record)
+    return record, model
+
+
+def score_test(record: Dict[str, Any], splits, settings: BenchmarkSettings, model=None) -> Dict[str, Any]:
+    """The run's record plus its test metrics (``accuracy`` is the head's primary prediction).
+
+    Reads ``metrics.json`` when the test set was already scored; otherwise scores it once.
+    """
+    run_dir = Path(record["run_dir"])
+    if (run_dir / "metrics.json").exists():
+        saved = json.loads((run_dir / "metrics.json").read_text())
+        if "accuracy" in saved:
+            return saved
+    if model is None:
+        model, _ = model_from_checkpoint(run_dir)
+    device = next(model.parameters()).device
+    with feeding(model, settings):
+        metrics = evaluate(model, splits.test, settings.train.eval_batch_size, device)
+    result = {**record, **metrics, "accuracy": metrics[f"accuracy[{record['primary']}]"]}
+    write_json(run_dir / "metrics.json", result)
+    return result
+
+
+def cabrnet_run(spec: RunSpec, seed: int, settings: BenchmarkSettings, splits, run_dir: Path,
+                progress: bool = False) -> Dict[str, Any]:
+    """CaBRNet's own ProtoPNet as a row (extra ``protoknn-plugin[cabrnet]``); skipped when done."""
+    if (run_dir / "metrics.json").exists():
+        return json.loads((run_dir / "metrics.json").read_text())
+    from protoknn_plugin.adapters.cabrnet.baseline import run_cabrnet_head
+
+    result = run_cabrnet_head(spec.head.split(":", 1)[1], settings, splits, run_dir, seed, label=spec.label,
+                              options=spec.head_options, progress=progress)
+    result.setdefault("accuracy", result.get("accuracy[top1]"))
+    result.setdefault("primary", "top1")
+    write_json(run_dir / "metrics.json", result)
+    return result

@@ -1,0 +1,75 @@
+"""What a comparison runs: rows (label, head, options) and the settings every row shares."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+from ..train import TrainConfig
+
+
+@dataclass
+class RunSpec:
+    """One row of a comparison: a label, a head and that head's options."""
+
+    label: str
+    head: str
+    head_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchmarkSettings:
+    """Settings shared by every row: same data, same backbone initialisation, same budget.
+
+    ``lr_scales``: the documented learning-rate sweep. Every row trains once per scale (every
+    learning rate of every phase multiplied by it) on ``sweep_seeds``, picks the scale with the
+    best validation accuracy, and only that choice is scored on the test set. ``(1.0,)``: the
+    heads' own rates, no sweep. Extra keys a later mode needs (e.g. a frozen backbone with a
+    feature cache) go here and into ``run_key`` through ``asdict``.
+    """
+
+    dataset: str = "animals"
+    data_dir: Optional[str] = None
+    backbone: str = "small-cnn"
+    weights: Optional[str] = None
+    prototypes: int = 100
+    dim: int = 64
+    limit: Optional[int] = None
+    strict: bool = False
+    crop: bool = False
+    seeds: Sequence[int] = (0,)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backbone_options: Dict[str, Any] = field(default_factory=dict)
+    lr_scales: Sequence[float] = (1.0,)
+    sweep_seeds: Optional[Sequence[int]] = None  # None: the first seed
+    # Frozen pretrained backbone: its maps are computed once into a feature cache and every row
+    # trains its add-on, prototypes and head on them (protoknn_plugin.frozen).
+    frozen_backbone: bool = False
+    cache_dir: Optional[str] = None
+    image_size: Optional[int] = None
+
+    def sweep_seed_list(self) -> list:
+        return list(self.sweep_seeds) if self.sweep_seeds else list(self.seeds)[:1]
+
+
+# Settings that do not change what a run computes, so they do not name its directory.
+_NOT_IN_KEY = {"seeds", "lr_scales", "sweep_seeds", "strict", "cache_dir"}
+_TRAIN_NOT_IN_KEY = {"seed", "device", "threads", "sync_every", "eval_batch_size"}
+
+
+def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float) -> str:
+    """Short hash of everything that decides a run's result except the seed.
+
+    Part of the run directory's name, so changed options never reuse an old run.
+    """
+    shared = {k: v for k, v in asdict(settings).items() if k not in _NOT_IN_KEY and k != "train"}
+    shared["train"] = {k: v for k, v in asdict(settings.train).items() if k not in _TRAIN_NOT_IN_KEY}
+    payload = {"head": spec.head, "options": spec.head_options, "lr_scale": float(lr_scale), **shared}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_dir_name(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float, seed: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.label)
+    return f"{safe}-{run_key(spec, settings, lr_scale)}-seed{seed}"

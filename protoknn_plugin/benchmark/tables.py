@@ -1,0 +1,189 @@
+"""Summaries and tables of a comparison: means with 95% t-intervals over seeds, the number
+of seeds on every row, paired differences between rows, and each row's stages."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+from .stats import Interval, mean_interval, paired_table
+
+# Columns in order; accuracy columns are added per k / top1 found in the runs.
+COST_KEYS = ("prototype_spread", "backbone_steps", "images_seen", "train_seconds", "push_seconds",
+             "last_layer_seconds", "last_layer_steps", "peak_memory_mb", "images_per_second")
+HEADERS = {"accuracy": "acc %", "prototype_spread": "spread (eq. 17)", "backbone_steps": "backbone steps",
+           "images_seen": "images seen", "train_seconds": "train s", "push_seconds": "push s",
+           "last_layer_seconds": "last-layer s", "last_layer_steps": "last-layer steps",
+           "peak_memory_mb": "peak MB", "images_per_second": "test img/s", "val_accuracy": "val acc %"}
+
+
+def _accuracy_keys(runs: List[Dict[str, Any]]) -> List[str]:
+    keys = {k for r in runs for k in r if k.startswith("accuracy[")}
+    return sorted(keys, key=lambda k: (k != "accuracy[top1]", int(k.split("=")[1][:-1]) if "=" in k else 0))
+
+
+def summarise(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per label (first-seen order): seeds, n, and an Interval for every numeric metric."""
+    rows: Dict[str, Dict[str, Any]] = {}
+    for run in runs:
+        row = rows.setdefault(run["label"], {"label": run["label"], "head": run["head"], "seeds": [],
+                                             "lr_scale": run.get("lr_scale", 1.0), "_values": {}})
+        row["seeds"].append(run["seed"])
+        for key, value in run.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("seed", "lr_scale"):
+                row["_values"].setdefault(key, []).append(float(value))
+    out = []
+    for row in rows.values():
+        values = row.pop("_values")
+        row["n"] = len(row["seeds"])
+        row["intervals"] = {k: mean_interval(v) for k, v in values.items() if len(v) == row["n"]}
+        out.append(row)
+    return out
+
+
+def per_seed(runs: List[Dict[str, Any]], key: str = "accuracy") -> Dict[str, Dict[int, float]]:
+    table: Dict[str, Dict[int, float]] = {}
+    for run in runs:
+        if run.get(key) is not None:
+            table.setdefault(run["label"], {})[run["seed"]] = float(run[key])
+    return table
+
+
+def _cell(interval: Interval | None, key: str) -> str:
+    if interval is None:
+        return "—"
+    if key.startswith("accuracy") or key == "val_accuracy":
+        text = interval.format(scale=100.0)
+    elif key == "prototype_spread":
+        text = interval.format(digits=4)
+    elif key in ("backbone_steps", "images_seen", "last_layer_steps"):
+        text = interval.format(digits=0)
+    else:
+        text = interval.format(digits=1)
+    return text.rsplit(" (n=", 1)[0]  # the table has its own n column
+
+
+def _header(key: str) -> str:
+    if key.startswith("accuracy["):
+        return "acc " + key[len("accuracy["):-1] + " %"
+    return HEADERS.get(key, key)
+
+
+def columns(summary: List[Dict[str, Any]], runs: List[Dict[str, Any]]) -> List[str]:
+    present = {k for row in summary for k in row["intervals"]}
+    return ["accuracy"] + _accuracy_keys(runs) + [k for k in COST_KEYS if k in present]
+
+
+def markdown_table(summary, runs) -> List[str]:
+    keys = columns(summary, runs)
+    lines = ["| head | n | " + " | ".join(_header(k) for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for row in summary:
+        lines.append(f"| {row['label']} | {row['n']} | " + " | ".join(_cell(row["intervals"].get(k), k) for k in keys) + " |")
+    return lines
+
+
+def paired_lines(runs) -> List[str]:
+    lines = ["| a − b | n | difference (points) | 95% interval | excludes 0 |", "|---|---|---|---|---|"]
+    for pair in paired_table(per_seed(runs)):
+        d: Interval = pair["diff"]
+        interval = "—" if d.half_width is None else f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
+        verdict = "—" if d.half_width is None else ("yes" if d.excludes_zero() else "no")
+        lines.append(f"| {pair['a']} − {pair['b']} | {d.n} | {100 * d.mean:+.2f} | {interval} | {verdict} |")
+    return lines
+
+
+def _stage_name(stage: Dict[str, Any]) -> str:
+    """``joint: before project`` -> ``joint: before push``; ``train: end`` stays."""
+    when = stage["when"].replace("project", "push").replace("build_memory", "kNN memory")
+    return f"{stage['phase']}: {when}"
+
+
+def stage_lines(runs) -> List[str]:
+    """Validation accuracy of every prediction at each phase boundary, mean over seeds
+    (ProtoPNet: before push, after push, after the last layer; ProtoKNN: k = 1, 3, 5, 10)."""
+    values: Dict[tuple, Dict[str, List[float]]] = {}
+    for run in runs:
+        for stage in run.get("stages") or []:
+            cells = values.setdefault((run["label"], _stage_name(stage)), {})
+            for key, v in stage.items():
+                if key.startswith("accuracy["):
+                    cells.setdefault(key, []).append(v)
+    if not values:
+        return []
+    keys = _accuracy_keys([{k: 0 for k in cells} for cells in values.values()])
+    lines = ["| head | stage | n | " + " | ".join(_header(k) for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for (label, stage), cells in values.items():
+        n = max(len(v) for v in cells.values())
+        shown = [_cell(mean_interval(cells[k]), k) if k in cells else "—" for k in keys]
+        lines.append(f"| {label} | {stage} | {n} | " + " | ".join(shown) + " |")
+    return lines
+
+
+def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str, Any]], meta: Dict[str, Any]) -> None:
+    """results.json (every run, the summary and the paired differences), results.csv and results.md."""
+    def plain(row):
+        return {**{k: v for k, v in row.items() if k != "intervals"},
+                **{k: vars(i) for k, i in row["intervals"].items()}}
+
+    pairs = [{"a": p["a"], "b": p["b"], **vars(p["diff"])} for p in paired_table(per_seed(runs))]
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": [plain(r) for r in summary],
+                                                  "paired": pairs, "runs": runs}, indent=2, default=str))
+    keys = columns(summary, runs)
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "head", "n", "seeds", "lr_scale"] + [c for k in keys for c in (k, k + "_ci95")])
+        for row in summary:
+            cells = []
+            for k in keys:
+                i = row["intervals"].get(k)
+                cells += ["" if i is None else i.mean, "" if i is None or i.half_width is None else i.half_width]
+            writer.writerow([row["label"], row["head"], row["n"], " ".join(map(str, row["seeds"])), row["lr_scale"]] + cells)
+    seeds = ",".join(str(s) for s in meta.get("seeds", []))
+    lines = markdown_table(summary, runs)
+    lines += ["", f"mean ± half-width of the 95% t-interval over n seeds ({seeds}); `acc %` is each head's own "
+              f"prediction (top-1, or its primary k); dataset {meta.get('dataset')}, backbone {meta.get('backbone')}, "
+              f"{meta.get('epochs')} epochs; learning-rate scale per row: "
+              + ", ".join(f"{label} x{c['lr_scale']:g}" for label, c in (meta.get("chosen") or {}).items()) + ".",
+              "", "Paired differences of `acc %` (same seed = same data order and initialisation):", ""]
+    lines += paired_lines(runs)
+    stages = stage_lines(runs)
+    if stages:
+        lines += ["", "Validation accuracy at every stage (mean over seeds):", ""] + stages
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def rich_table(summary: List[Dict[str, Any]], title: str, runs: List[Dict[str, Any]] | None = None):
+    from rich.markup import escape
+    from rich.table import Table
+
+    # The terminal gets accuracy and the budget; results.md has every column.
+    keys = [k for k in columns(summary, runs or []) if k.startswith("accuracy") or k in
+            ("backbone_steps", "images_seen", "train_seconds", "push_seconds", "last_layer_seconds")]
+    table = Table(title=escape(title))
+    table.add_column("head", style="bold")
+    table.add_column("n", justify="right")
+    for key in keys:
+        table.add_column(escape(_header(key)), justify="right")
+    for row in summary:
+        table.add_row(escape(row["label"]), str(row["n"]), *(_cell(row["intervals"].get(k), k) for k in keys))
+    return table
+
+
+def rich_paired(runs: List[Dict[str, Any]]):
+    """The paired differences of ``acc %`` as a rich table, or None with a single row."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    pairs = paired_table(per_seed(runs))
+    if not pairs:
+        return None
+    table = Table(title="paired differences of acc % (same seed, same data)")
+    for name in ("a − b", "n", "difference", "95% interval", "excludes 0"):
+        table.add_column(name, justify="right" if name != "a − b" else "left")
+    for pair in pairs:
+        d: Interval = pair["diff"]
+        interval = "—" if d.half_width is None else f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
+        verdict = "—" if d.half_width is None else ("yes" if d.excludes_zero() else "no")
+        table.add_row(escape(f"{pair['a']} − {pair['b']}"), str(d.n), f"{100 * d.mean:+.2f}", interval, verdict)
+    return table

@@ -1,0 +1,105 @@
+"""Head options from text: ``--head-opt HEAD.KEY=VALUE`` reaches any constructor argument.
+
+The valid keys of a head are the parameters of its class's ``__init__`` except the four
+the model passes itself (num_classes, backbone_channels, dim, num_prototypes).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List, Sequence, Tuple
+
+from ..errors import ProtoKNNError
+
+MODEL_ARGS = ("self", "num_classes", "backbone_channels", "dim", "num_prototypes")
+
+
+def option_keys(head_class) -> List[str]:
+    """Constructor arguments a user may set, in signature order."""
+    params = inspect.signature(head_class.__init__).parameters.values()
+    return [p.name for p in params if p.name not in MODEL_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def parse_value(text: str) -> Any:
+    """``5`` -> 5, ``1e-3`` -> 0.001, ``true``/``false`` -> bool, ``none`` -> None,
+    ``5,0.1`` or ``(5,0.1)`` -> (5, 0.1), anything else -> the text."""
+    text = text.strip()
+    inner = text[1:-1] if text[:1] in "([" and text[-1:] in ")]" else None
+    if inner is not None or "," in text:
+        return tuple(parse_value(part) for part in (inner if inner is not None else text).split(",") if part.strip())
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_head_option(item: str) -> Tuple[str, str, Any]:
+    """``'pk-sum.cluster_reduction=sum'`` -> ``('pk-sum', 'cluster_reduction', 'sum')``."""
+    target, sep, value = item.partition("=")
+    name, dot, key = target.rpartition(".")
+    if not sep or not dot or not name or not key:
+        raise ProtoKNNError(f"cannot read --head-opt {item!r}; write HEAD.KEY=VALUE, e.g. protoknn.reg=0.1")
+    return name.strip(), key.strip(), parse_value(value)
+
+
+def check_keys(head_name: str, options: Dict[str, Any]) -> None:
+    """One-line error naming a misspelt key and every valid one."""
+    from . import get_head_class
+
+    valid = option_keys(get_head_class(head_name))
+    for key in options:
+        if key not in valid:
+            raise ProtoKNNError(f"head {head_name!r} has no option {key!r}; valid keys: {', '.join(valid)}")
+
+
+def assign_head_options(rows: Sequence[Tuple[str, str]], items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Options per row label from ``--head-opt`` items.
+
+    ``rows``: (label, head name). HEAD in ``HEAD.KEY=VALUE`` is a row label (that row only)
+    or a head name (every row of that head); a label's options win over its head's.
+    """
+    labels = {label for label, _ in rows}
+    heads = {head for _, head in rows}
+    by_head: Dict[str, Dict[str, Any]] = {}
+    by_label: Dict[str, Dict[str, Any]] = {}
+    for item in items:
+        name, key, value = parse_head_option(item)
+        if name in labels:
+            by_label.setdefault(name, {})[key] = value
+        elif name in heads:
+            by_head.setdefault(name, {})[key] = value
+        else:
+            shown = ", ".join(sorted(labels | heads))
+            raise ProtoKNNError(f"--head-opt {item!r} names {name!r}, which is no row or head here; use one of: {shown}")
+    out = {}
+    for label, head in rows:
+        options = {**by_head.get(head, {}), **by_label.get(label, {})}
+        if not head.startswith("cabrnet:"):  # the CaBRNet adapter checks its own options
+            check_keys(head, options)
+        out[label] = options
+    return out
+
+
+def parse_rows(text: str) -> List[Tuple[str, str]]:
+    """``'pk=protoknn,pk-sum=protoknn,cnn'`` -> ``[('pk', 'protoknn'), ('pk-sum', 'protoknn'), ('cnn', 'cnn')]``."""
+    rows = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        label, sep, head = item.partition("=")
+        label, head = label.strip(), (head.strip() if sep else label.strip())
+        if not label or not head:
+            raise ProtoKNNError(f"cannot read --heads row {item!r}; write HEAD or LABEL=HEAD, e.g. pk-sum=protoknn")
+        rows.append((label, head))
+    seen = [label for label, _ in rows]
+    duplicates = sorted({label for label in seen if seen.count(label) > 1})
+    if duplicates:
+        raise ProtoKNNError(f"--heads names the row {duplicates[0]!r} twice; give each row its own label, "
+                            "e.g. pk=protoknn,pk-sum=protoknn")
+    return rows

@@ -1,0 +1,96 @@
+"""The comparison protocol as code: budgets counted from the phases, the equal-budget check,
+ProtoPNet's reference hyperparameters, the lr sweep knob and run-directory names."""
+import pytest
+
+from protoknn_plugin.benchmark import BenchmarkSettings, RunSpec, run_dir_name, run_key
+from protoknn_plugin.benchmark.protocol import budget, check_same_budget, scale_lrs
+from protoknn_plugin.errors import ProtoKNNError
+from protoknn_plugin.heads import create_head
+from protoknn_plugin.train import TrainConfig
+
+
+def _phases(name, epochs, pretrained, **options):
+    head = create_head(name, num_classes=10, backbone_channels=8, dim=8, num_prototypes=100, **options)
+    return head.phases(epochs, pretrained)
+
+
+def test_protopnet_from_scratch_has_no_warm_phase_and_the_reference_weight_decay():
+    phases = _phases("protopnet", 4, pretrained=False)
+    assert [p.name for p in phases] == ["joint", "last-layer"]
+    joint = phases[0]
+    assert joint.lrs == {"backbone": 1e-3, "addon": 3e-3, "prototypes": 3e-3}
+    assert joint.weight_decay == {"backbone": 1e-3, "addon": 1e-3}  # none on the prototypes
+
+
+def test_protopnet_pretrained_warms_inside_the_budget():
+    phases = _phases("protopnet", 8, pretrained=True)
+    assert [(p.name, p.epochs) for p in phases] == [("warm", 2), ("joint", 6), ("last-layer", 20)]
+    assert "backbone" not in phases[0].lrs and phases[1].lrs["backbone"] == 1e-4
+
+
+def test_budget_by_hand():
+    # 8 pretrained epochs of 5 steps of 110 images: warm 2 epochs see images but do not step the
+    # backbone; the last layer runs 20 epochs of ceil(1000 / 110) = 10 steps; one push.
+    b = budget(_phases("protopnet", 8, pretrained=True), steps_per_epoch=5, batch_size=110, train_images=1000)
+    assert b == {"feature_steps": 40, "images_seen": 4400, "backbone_steps": 30, "last_layer_steps": 200, "pushes": 1}
+    k = budget(_phases("protoknn", 8, pretrained=True), steps_per_epoch=5, batch_size=110, train_images=1000)
+    assert k == {"feature_steps": 40, "images_seen": 4400, "backbone_steps": 40, "last_layer_steps": 0, "pushes": 1}
+
+
+def test_default_heads_get_the_same_budget_from_scratch():
+    budgets = {name: budget(_phases(name, 4, pretrained=False), 72, 110, 7200) for name in ("protoknn", "protopnet", "cnn")}
+    check_same_budget(budgets, pretrained=False)
+    assert {b["backbone_steps"] for b in budgets.values()} == {288}
+
+
+def test_unequal_budgets_are_refused():
+    budgets = {"a": {"images_seen": 100, "backbone_steps": 10}, "b": {"images_seen": 100, "backbone_steps": 8}}
+    check_same_budget(budgets, pretrained=True)  # warm epochs: fewer backbone steps is allowed
+    with pytest.raises(ProtoKNNError, match="backbone_steps: a 10, b 8"):
+        check_same_budget(budgets, pretrained=False)
+    with pytest.raises(ProtoKNNError, match="images_seen"):
+        check_same_budget({"a": {"images_seen": 100, "backbone_steps": 0},
+                           "b": {"images_seen": 90, "backbone_steps": 0}}, pretrained=True)
+
+
+def test_scale_lrs_multiplies_every_rate_and_keeps_the_rest():
+    phases = _phases("protopnet", 4, pretrained=False)
+    scaled = scale_lrs(phases, 0.5)
+    assert scaled[0].lrs == {"backbone": 5e-4, "addon": 1.5e-3, "prototypes": 1.5e-3}
+    assert scaled[1].lrs == {"last_layer": 5e-5} and scaled[0].weight_decay == phases[0].weight_decay
+    assert phases[0].lrs["backbone"] == 1e-3  # the head's own phases are untouched
+
+
+def test_plain_cnn_warms_up_then_decays():
+    (phase,) = _phases("cnn", 4, pretrained=False)
+    assert phase.schedule_name == "cosine" and phase.warmup_epochs == 0.5
+
+
+def test_run_directory_names_change_with_options_not_with_seed():
+    settings = BenchmarkSettings(train=TrainConfig(epochs=4))
+    spec = RunSpec("pk-sum", "protoknn", {"cluster_reduction": "sum"})
+    key = run_key(spec, settings, 1.0)
+    assert run_dir_name(spec, settings, 1.0, 2) == f"pk-sum-{key}-seed2"
+    assert run_key(RunSpec("pk-sum", "protoknn", {"cluster_reduction": "mean"}), settings, 1.0) != key
+    assert run_key(spec, settings, 0.5) != key
+    assert run_key(spec, BenchmarkSettings(train=TrainConfig(epochs=5)), 1.0) != key
+    assert run_key(spec, BenchmarkSettings(train=TrainConfig(epochs=4, seed=7), seeds=(3, 4)), 1.0) == key
+    assert run_dir_name(RunSpec("full:sum", "protoknn"), settings, 1.0, 0).startswith("full-sum-")
+
+
+def test_lr_sweep_picks_on_validation_and_scores_the_test_set_only_for_the_choice(tmp_path):
+    import json
+
+    from conftest import TINY, run_cli
+
+    result = run_cli("benchmark", "--heads", "cnn", *TINY, "--lr-scales", "0.5,1", "--seeds", "0,1", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    chosen = data["meta"]["chosen"]["cnn"]
+    assert set(chosen["val"]) == {"0.5", "1.0"} and chosen["lr_scale"] in (0.5, 1.0)
+    best = max(chosen["val"].values())
+    assert chosen["val"][str(float(chosen["lr_scale"]))] == best  # the best validation accuracy wins
+    dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(dirs) == 3  # two sweep runs on seed 0 (one reused for the final table) + seed 1
+    tested = [p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").exists()]
+    assert len(tested) == 2 and all(r["lr_scale"] == chosen["lr_scale"] for r in data["runs"])

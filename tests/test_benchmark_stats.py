@@ -1,0 +1,65 @@
+"""Statistics of the benchmark: t quantiles, 95% intervals and paired differences, by hand."""
+import builtins
+import math
+
+import pytest
+
+from protoknn_plugin.benchmark.stats import T975, Interval, mean_interval, paired_difference, paired_table, t_quantile
+
+
+def test_t_quantiles_match_the_printed_table():
+    assert t_quantile(1) == pytest.approx(12.706, abs=1e-3)
+    assert t_quantile(2) == pytest.approx(4.303, abs=1e-3)
+    assert t_quantile(30) == pytest.approx(2.042, abs=1e-3)
+    for df in range(1, 31):
+        assert t_quantile(df) == pytest.approx(T975[df - 1], abs=1e-3)
+
+
+def test_t_quantile_without_scipy_uses_the_table(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    assert t_quantile(2) == 4.303
+    assert t_quantile(100) == 1.960
+
+
+def test_interval_of_three_values_by_hand():
+    # mean 2, sample std 1, half-width t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321
+    i = mean_interval([1.0, 2.0, 3.0])
+    assert i.mean == 2.0 and i.n == 3 and i.std == pytest.approx(1.0)
+    assert i.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert i.format() == "2.00 ± 2.48 (n=3)"
+
+
+def test_one_seed_shows_no_plus_minus_zero():
+    i = mean_interval([0.9035])
+    assert i.half_width is None and i.low is None and not i.excludes_zero()
+    assert i.format(scale=100.0) == "90.35 (n=1)"
+    assert "±" not in i.format(scale=100.0)
+
+
+def test_paired_difference_uses_only_shared_seeds_by_hand():
+    a = {0: 0.90, 1: 0.80, 2: 0.85, 3: 0.50}
+    b = {0: 0.70, 1: 0.75, 2: 0.70}
+    d = paired_difference(a, b)  # differences 0.20, 0.05, 0.15 (seed 3 has no partner)
+    assert d.n == 3 and d.mean == pytest.approx(0.4 / 3)
+    std = math.sqrt(((0.2 - 0.4 / 3) ** 2 + (0.05 - 0.4 / 3) ** 2 + (0.15 - 0.4 / 3) ** 2) / 2)
+    assert d.half_width == pytest.approx(4.302653 * std / math.sqrt(3), rel=1e-5)
+    assert d.low < 0 < d.high and not d.excludes_zero()  # 0.133 ± 0.190 includes 0
+
+
+def test_a_consistent_gap_excludes_zero():
+    d = paired_difference({0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.7, 1: 0.7, 2: 0.71})
+    assert d.excludes_zero() and d.low > 0
+
+
+def test_paired_table_lists_every_pair_once_in_row_order():
+    rows = paired_table({"pk": {0: 1.0, 1: 1.0}, "pp": {0: 0.5, 1: 0.7}, "cnn": {0: 0.0, 1: 0.2}})
+    assert [(r["a"], r["b"]) for r in rows] == [("pk", "pp"), ("pk", "cnn"), ("pp", "cnn")]
+    assert rows[0]["diff"].mean == pytest.approx(0.4)
+    assert isinstance(rows[0]["diff"], Interval)
