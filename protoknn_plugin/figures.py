@@ -328,11 +328,9 @@ def _load_model(run_dir):
 
 
 def _run_splits(saved, data_dir):
-    from .data import create_dataset
+    from .data.catalog import rebuild_run_data
 
-    data = saved.get("data") or {}
-    return create_dataset(saved["dataset"], data_dir or data.get("data_dir"), limit=data.get("limit"), augment=False,
-                          crop=bool(data.get("crop")), image_size=data.get("image_size"))
+    return rebuild_run_data(saved["dataset"], saved.get("data") or {}, data_dir)
 
 
 def _query_image(splits, image: str) -> Tuple[Tensor, Optional[int], str]:

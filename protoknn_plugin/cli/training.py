@@ -123,11 +123,9 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
 
 def rebuild_data(saved, data_dir, image_size):
     """The run's dataset as it was trained (folder, limit, crop, image size), unless overridden."""
-    from ..data import create_dataset
+    from ..data.catalog import rebuild_run_data
 
-    data = saved.get("data") or {}
-    return create_dataset(saved["dataset"], data_dir or data.get("data_dir"), limit=data.get("limit"),
-                          crop=bool(data.get("crop")), image_size=image_size or data.get("image_size"))
+    return rebuild_run_data(saved["dataset"], saved.get("data") or {}, data_dir, image_size, augment=True)
 
 
 @cli.command()

@@ -326,6 +326,8 @@ class DatasetSplits:
     val: Optional[Dataset] = None
     """A validation split carved from the training set (test transform), or None."""
     val_labels: Optional[torch.Tensor] = None
+    val_fraction: float = 0.0
+    """The share of each training class held out as ``val`` (0: none)."""
 
     @property
     def num_classes(self) -> int:
@@ -403,7 +405,7 @@ def carve_validation(splits: DatasetSplits, fraction: float, seed: int = SPLIT_S
           f"--val-fraction {fraction} leaves no validation or no training images in {splits.name}; change it.")
     return replace(splits, train=splits.train.subset(keep), train_plain=splits.train_plain.subset(keep),
                    train_labels=splits.train_labels[keep], val=splits.train_plain.subset(held),
-                   val_labels=splits.train_labels[held])
+                   val_labels=splits.train_labels[held], val_fraction=fraction)
 
 
 def warn_skipped(name: str, skipped: Sequence[str]) -> None:

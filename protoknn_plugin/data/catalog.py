@@ -43,6 +43,20 @@ def create_dataset(name: str, data_dir: Optional[str] = None, *, augment: bool =
     return splits
 
 
+def rebuild_run_data(dataset: str, info: dict, data_dir: Optional[str] = None, image_size: Optional[int] = None,
+                     augment: bool = False) -> DatasetSplits:
+    """A run's data as it was trained, from the ``data`` record of its checkpoint: the same folder
+    (unless ``data_dir`` overrides it), limit, crop, image size and validation hold-out, so that
+    training indices (projection sources, kNN memory rows) point at the same images."""
+    from .base import carve_validation
+
+    splits = create_dataset(dataset, data_dir or info.get("data_dir"), augment=augment, limit=info.get("limit"),
+                            crop=bool(info.get("crop")), image_size=image_size or info.get("image_size"))
+    if info.get("val_fraction"):
+        splits = carve_validation(splits, float(info["val_fraction"]))
+    return splits
+
+
 def describe_dataset(name: str, data_dir: Optional[str] = None) -> dict:
     """{name, classes, train, test, image_size, status}; never raises for absent data.
 

@@ -65,6 +65,8 @@ class Trainer:
         self.progress = progress
         self.dataset_name = dataset_name or getattr(splits, "name", "")
         self.data_info = dict(data_info or {})  # data_dir, limit: how to rebuild the data for evaluate/explain
+        # The training part (and so the kNN memory's order) depends on the held-out validation share.
+        self.data_info.setdefault("val_fraction", config.val_fraction or getattr(splits, "val_fraction", 0.0))
         self.run_settings = dict(run_settings or {})
         self.device = distributed.setup(resolve_device(config.device))
         if distributed.is_active() and self.device.type == "cuda":
