@@ -400,8 +400,10 @@ class Trainer:
                     # The finished model (projected, with its memory) competes for best.pt too.
                     self._keep_best(self._validation(), {"phase": phase.name, "epoch": phase.epochs, "when": "end"})
                 self.save()
-                if not st.complete:
-                    guard.raise_if_received()
+                # Also after the last phase: a signal that arrived during projection or the kNN
+                # memory must still stop the caller (a benchmark would go on to the next run).
+                # The run is saved complete, so resuming it only returns.
+                guard.raise_if_received()
         return st
 
 
