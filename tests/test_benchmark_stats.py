@@ -63,3 +63,15 @@ def test_paired_table_lists_every_pair_once_in_row_order():
     assert [(r["a"], r["b"]) for r in rows] == [("pk", "pp"), ("pk", "cnn"), ("pp", "cnn")]
     assert rows[0]["diff"].mean == pytest.approx(0.4)
     assert isinstance(rows[0]["diff"], Interval)
+
+
+def test_faithfulness_rows_only_for_heads_that_have_them():
+    from protoknn_plugin.benchmark.tables import faithfulness_lines, summarise
+
+    runs = [{"label": "pk", "head": "protoknn", "seed": s, "faith_del_ratio_box[m=1]": r, "faith_del_flip[m=1]": f}
+            for s, r, f in ((0, 1.0, 0.5), (1, 3.0, 0.7))]
+    runs += [{"label": "cnn", "head": "cnn", "seed": s, "accuracy": 0.8} for s in (0, 1)]
+    lines = faithfulness_lines(summarise(runs))
+    assert len(lines) == 3 and lines[2].startswith("| pk | 2 | 2.00 ± ")  # mean of 1 and 3; cnn has no row
+    assert "60.00 ±" in lines[2]  # flips in percent
+    assert faithfulness_lines(summarise(runs[2:])) == []

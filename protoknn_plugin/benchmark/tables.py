@@ -150,7 +150,33 @@ def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str,
     stages = stage_lines(runs)
     if stages:
         lines += ["", "Validation accuracy at every stage (mean over seeds):", ""] + stages
+    faithfulness = faithfulness_lines(summary)
+    if faithfulness:
+        lines += ["", "Faithfulness of the explanations (`--explanations`; mean ± 95% t-interval over seeds; "
+                  "ratio = drop when the explained boxes are filled / drop for the control):", ""] + faithfulness
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+FAITH_KEYS = [(f"faith_del_{kind}[m={m}]", f"{label} m={m}") for m in (1, 3, 5)
+              for kind, label in (("ratio_box", "ratio vs random boxes"), ("ratio_proto", "ratio vs random protos"),
+                                  ("flip", "flips"))] + [("faith_stability", "stability"), ("faith_purity", "purity")]
+
+
+def faithfulness_lines(summary: List[Dict[str, Any]]) -> List[str]:
+    """One markdown row per prototype head with faithfulness metrics (``faith_*`` keys); [] when none."""
+    rows = [r for r in summary if any(k.startswith("faith_") for k in r["intervals"])]
+    keys = [(k, h) for k, h in FAITH_KEYS if any(k in r["intervals"] for r in rows)]
+    if not rows or not keys:
+        return []
+    lines = ["| head | n | " + " | ".join(h for _, h in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for row in rows:
+        cells = []
+        for key, _ in keys:
+            interval = row["intervals"].get(key)
+            scale = 100.0 if "flip" in key else 1.0
+            cells.append("—" if interval is None else interval.format(scale=scale, digits=2).rsplit(" (n=", 1)[0])
+        lines.append(f"| {row['label']} | {row['n']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def rich_table(summary: List[Dict[str, Any]], title: str, runs: List[Dict[str, Any]] | None = None):
