@@ -14,7 +14,9 @@ from rich.table import Table
 
 from ..errors import ProtoKNNError
 
-console = Console()
+# Job logs and CI are not terminals: rich would assume 80 columns and squeeze the results
+# tables into unreadable stubs, so give them room (COLUMNS still wins when set).
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
