@@ -20,6 +20,20 @@ def run_cli(*args, timeout=300, env=None):
                           text=True, timeout=timeout, env=full_env)
 
 
+def run_cli_parallel(cases, timeout=900):
+    """Run CLI cases {name: args} at once, in subprocesses (each pays the import cost once);
+    returns {name: CompletedProcess}."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+    procs = {name: subprocess.Popen([sys.executable, "-m", "protoknn_plugin", *map(str, args)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for name, args in cases.items()}
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=timeout)  # before reading returncode, which it sets
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return results
+
+
 def assert_one_line_error(result, *words):
     """Non-zero exit, no traceback, one line of stderr containing every key word."""
     assert result.returncode != 0, result.stdout + result.stderr

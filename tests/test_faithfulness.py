@@ -7,10 +7,7 @@ boxes and the decisions can be worked out by hand.
 """
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,7 +24,7 @@ from protoknn_plugin.faithfulness import (consistency, covered_parts, create_sco
                                           occlude, purity, random_boxes_like, stability)
 from protoknn_plugin.model import ModelConfig, PrototypeModel
 
-from conftest import TINY, assert_one_line_error
+from conftest import TINY, assert_one_line_error, run_cli_parallel
 
 torch.set_num_threads(1)
 CELL = 4  # pixels per feature-map cell in the hand-built models
@@ -317,17 +314,6 @@ def test_covered_parts_needs_visible_parts_inside_the_box():
 
 # --------------------------------------------------------------------------- the real CLI on tiny runs
 
-def _parallel(cases, timeout=900):
-    """Run CLI cases {name: args} at once (each pays the import cost); {name: CompletedProcess}."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
-    procs = {name: subprocess.Popen([sys.executable, "-m", "protoknn_plugin", *map(str, args)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for name, args in cases.items()}
-    results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=timeout)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +321,7 @@ def cli(tmp_path_factory):
     """Tiny runs of three heads, then every faithfulness case; protoknn twice into two copies of its run."""
     root = tmp_path_factory.mktemp("faith")
     heads = ("protoknn", "protopnet", "cnn")
-    trained = _parallel({head: ["train", "--head", head, *TINY, "--out", root / head] for head in heads})
+    trained = run_cli_parallel({head: ["train", "--head", head, *TINY, "--out", root / head] for head in heads})
     for head in heads:
         assert trained[head].returncode == 0, trained[head].stderr
     shutil.copytree(root / "protoknn", root / "protoknn-again")
@@ -348,7 +334,7 @@ def cli(tmp_path_factory):
         "sigma": ["faithfulness", root / "protoknn", "--sigma", "-1"],
         "missing": ["faithfulness", root / "nope"],
     }
-    return root, _parallel(cases)
+    return root, run_cli_parallel(cases)
 
 
 def test_cli_faithfulness_writes_json_and_repeats_exactly(cli):

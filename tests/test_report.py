@@ -1,7 +1,4 @@
 """The static HTML report without a browser: files, links, images, alt text; one run and several."""
-import os
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -10,7 +7,7 @@ import torch
 
 from protoknn_plugin.report.examples import choose_examples
 
-from conftest import TINY, assert_one_line_error
+from conftest import TINY, assert_one_line_error, run_cli_parallel
 
 torch.set_num_threads(1)
 
@@ -52,25 +49,15 @@ def _check_site(folder: Path):
     return pages
 
 
-def _parallel(cases):
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
-    procs = {name: subprocess.Popen([sys.executable, "-m", "protoknn_plugin", *map(str, args)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for name, args in cases.items()}
-    results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=900)  # before reading returncode, which it sets
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    return results
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
     root = tmp_path_factory.mktemp("sites")
     heads = ("protoknn", "protopnet", "cnn")
-    trained = _parallel({h: ["train", "--head", h, *TINY, "--out", root / h] for h in heads})
+    trained = run_cli_parallel({h: ["train", "--head", h, *TINY, "--out", root / h] for h in heads})
     assert all(r.returncode == 0 for r in trained.values()), [r.stderr for r in trained.values()]
-    reports = _parallel({
+    reports = run_cli_parallel({
         "protoknn": ["report", root / "protoknn", "--out", root / "site-knn", "--images", "4"],
         "protopnet": ["report", root / "protopnet", "--out", root / "site-ppn", "--images", "4",
                       "--no-faithfulness"],
