@@ -102,7 +102,10 @@ def benchmark(head_names, dataset, data_dir, limit, strict, crop, backbone, weig
 
 @cli.command()
 @click.option("--variants", default="most-similar,sampling,debias,linear-assignment,full,full:sum", show_default=True,
-              help="Cluster-loss variants; VARIANT:sum uses the paper's literal sum instead of the per-sample mean.")
+              help="Comma-separated rows, VARIANT or LABEL=VARIANT. Variants: the paper's most-similar, sampling, "
+                   "debias, linear-assignment, full, and beyond it full-relaxed, full-implicit, full-differentiable. "
+                   "VARIANT:sum uses the paper's literal sum instead of the per-sample mean. A label lets one variant "
+                   "appear twice, e.g. full,learnable=full --head-opt learnable.frozen_prototypes=false.")
 @training_options
 @comparison_options
 @frozen_backbone_options
@@ -114,24 +117,25 @@ def ablate(variants, dataset, data_dir, limit, strict, crop, backbone, weights, 
            batch_classes, per_class, prototypes, dim, steps_per_epoch, device, threads, val_fraction, lr_scales,
            sweep_seeds, image_size, frozen_backbone, cache_dir, seeds, out):
     """The paper's Table 7 on any dataset: ProtoKNN with each cluster-loss variant, accuracy at k = 1, 3, 5
-    and prototype spread. --head-opt protoknn.KEY=VALUE applies to every variant, VARIANT.KEY=VALUE to one.
+    and prototype spread, with paired differences between rows. --head-opt protoknn.KEY=VALUE applies to
+    every row, LABEL.KEY=VALUE to one (the label is the variant unless the row is LABEL=VARIANT).
     Writes OUT/results.json, results.csv, results.md, the figures and one run directory per variant and
     seed (rerunning resumes). Cost: one ProtoKNN training per variant and seed."""
     from ..benchmark import RunSpec
     from ..cluster import CLUSTER_VARIANTS
     from ..errors import UnknownNameError
-    from ..heads.options import assign_head_options
+    from ..heads.options import assign_head_options, parse_rows
 
     _setup_threads(threads)
     rows, base = [], {}
-    for item in _split_list(variants):
+    for label, item in parse_rows(variants, "--variants", "full,learnable=full"):
         variant, _, reduction = item.partition(":")
         if variant not in CLUSTER_VARIANTS:
             raise UnknownNameError("cluster variant", variant, CLUSTER_VARIANTS)
         if reduction not in ("", "mean", "sum"):
             raise ProtoKNNError(f"unknown reduction {reduction!r} in {item!r}; use VARIANT, VARIANT:mean or VARIANT:sum")
-        rows.append((item, "protoknn"))
-        base[item] = {"cluster_variant": variant, "cluster_reduction": reduction or "mean"}
+        rows.append((label, "protoknn"))
+        base[label] = {"cluster_variant": variant, "cluster_reduction": reduction or "mean"}
     options = assign_head_options(rows, head_opts)
     specs = [RunSpec(label, head, {**base[label], **options[label]}) for label, head in rows]
     settings = _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs,

@@ -86,8 +86,12 @@ def assign_head_options(rows: Sequence[Tuple[str, str]], items: Sequence[str]) -
     return out
 
 
-def parse_rows(text: str) -> List[Tuple[str, str]]:
-    """``'pk=protoknn,pk-sum=protoknn,cnn'`` -> ``[('pk', 'protoknn'), ('pk-sum', 'protoknn'), ('cnn', 'cnn')]``."""
+def parse_rows(text: str, option: str = "--heads", example: str = "pk-sum=protoknn") -> List[Tuple[str, str]]:
+    """``'pk=protoknn,pk-sum=protoknn,cnn'`` -> ``[('pk', 'protoknn'), ('pk-sum', 'protoknn'), ('cnn', 'cnn')]``.
+
+    ``option`` and ``example`` name the command-line option in the errors (``--heads`` rows
+    are LABEL=HEAD, ``ablate --variants`` rows LABEL=VARIANT).
+    """
     rows = []
     for item in (v.strip() for v in text.split(",")):
         if not item:
@@ -95,11 +99,12 @@ def parse_rows(text: str) -> List[Tuple[str, str]]:
         label, sep, head = item.partition("=")
         label, head = label.strip(), (head.strip() if sep else label.strip())
         if not label or not head:
-            raise ProtoKNNError(f"cannot read --heads row {item!r}; write HEAD or LABEL=HEAD, e.g. pk-sum=protoknn")
+            what = option.lstrip("-").rstrip("s").upper()
+            raise ProtoKNNError(f"cannot read {option} row {item!r}; write {what} or LABEL={what}, e.g. {example}")
         rows.append((label, head))
     seen = [label for label, _ in rows]
     duplicates = sorted({label for label in seen if seen.count(label) > 1})
     if duplicates:
-        raise ProtoKNNError(f"--heads names the row {duplicates[0]!r} twice; give each row its own label, "
-                            "e.g. pk=protoknn,pk-sum=protoknn")
+        raise ProtoKNNError(f"{option} names the row {duplicates[0]!r} twice; give each row its own label, "
+                            f"e.g. {example}")
     return rows
