@@ -94,3 +94,16 @@ def test_lr_sweep_picks_on_validation_and_scores_the_test_set_only_for_the_choic
     assert len(dirs) == 3  # two sweep runs on seed 0 (one reused for the final table) + seed 1
     tested = [p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").exists()]
     assert len(tested) == 2 and all(r["lr_scale"] == chosen["lr_scale"] for r in data["runs"])
+
+
+def test_step_time_is_the_median_over_feature_epochs_per_step():
+    from types import SimpleNamespace
+
+    from protoknn_plugin.benchmark.runner import _step_ms
+
+    # 10 steps per epoch: 2 s, 4 s and 3 s epochs are 200, 400 and 300 ms a step; the median is 300.
+    # Entries without epoch_seconds (none in practice, but a record must not break it) are ignored.
+    history = [{"epoch_seconds": 2.0}, {"epoch_seconds": 4.0}, {"val_accuracy": 0.5}, {"epoch_seconds": 3.0}]
+    assert _step_ms(SimpleNamespace(history=history), 10) == pytest.approx(300.0)
+    assert _step_ms(SimpleNamespace(history=history[:2]), 10) == pytest.approx(300.0)  # even count: the mean of the middle two
+    assert _step_ms(SimpleNamespace(history=[]), 10) is None

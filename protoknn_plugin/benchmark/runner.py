@@ -107,6 +107,16 @@ def _history(state) -> list:
             for i, h in enumerate(state.history) if "val_accuracy" in h]
 
 
+def _step_ms(state, steps_per_epoch: int) -> float | None:
+    """Median over feature epochs of wall milliseconds per training step (data loading included;
+    validation, projection and the kNN memory excluded), or None before the first epoch."""
+    per_step = sorted(1000.0 * h["epoch_seconds"] / steps_per_epoch for h in state.history if "epoch_seconds" in h)
+    if not per_step:
+        return None
+    middle = len(per_step) // 2
+    return per_step[middle] if len(per_step) % 2 else (per_step[middle - 1] + per_step[middle]) / 2
+
+
 def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits, run_dir: Path,
               progress: bool = False):
     """Train, resume or skip one run. Returns ``(record, model)``; model is None when skipped.
@@ -134,7 +144,8 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
         "val_accuracy": val_metrics.get(f"accuracy[{primary}]"),
         **{"val_" + k: v for k, v in val_metrics.items() if k.startswith("accuracy[")},
         **budget(trainer.phases, trainer.steps_per_epoch, trainer.config.batch_size, len(trainer.splits.train_labels)),
-        "train_seconds": state.train_seconds, "push_seconds": push.seconds,
+        "train_seconds": state.train_seconds, "step_ms": _step_ms(state, trainer.steps_per_epoch),
+        "push_seconds": push.seconds,
         "last_layer_seconds": last.seconds if last else 0.0, "peak_memory_mb": peak.peak_mb,
         "history": _history(state), "stages": state.stages,
     }

@@ -10,10 +10,10 @@ from typing import Any, Dict, List
 from .stats import Interval, mean_interval, paired_table
 
 # Columns in order; accuracy columns are added per k / top1 found in the runs.
-COST_KEYS = ("prototype_spread", "backbone_steps", "images_seen", "train_seconds", "push_seconds",
+COST_KEYS = ("prototype_spread", "backbone_steps", "images_seen", "train_seconds", "step_ms", "push_seconds",
              "last_layer_seconds", "last_layer_steps", "peak_memory_mb", "images_per_second")
 HEADERS = {"accuracy": "acc %", "prototype_spread": "spread (eq. 17)", "backbone_steps": "backbone steps",
-           "images_seen": "images seen", "train_seconds": "train s", "push_seconds": "push s",
+           "images_seen": "images seen", "train_seconds": "train s", "step_ms": "step ms", "push_seconds": "push s",
            "last_layer_seconds": "last-layer s", "last_layer_steps": "last-layer steps",
            "peak_memory_mb": "peak MB", "images_per_second": "test img/s", "val_accuracy": "val acc %"}
 
@@ -185,7 +185,7 @@ def rich_table(summary: List[Dict[str, Any]], title: str, runs: List[Dict[str, A
 
     # The terminal gets accuracy and the budget; results.md has every column.
     keys = [k for k in columns(summary, runs or []) if k.startswith("accuracy") or k in
-            ("backbone_steps", "images_seen", "train_seconds", "push_seconds", "last_layer_seconds")]
+            ("backbone_steps", "images_seen", "train_seconds", "step_ms", "push_seconds", "last_layer_seconds")]
     table = Table(title=escape(title))
     table.add_column("head", style="bold")
     table.add_column("n", justify="right")
