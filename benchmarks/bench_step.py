@@ -82,7 +82,7 @@ def _stub_faiss_if_missing() -> bool:
 
 FAISS_STUBBED = _stub_faiss_if_missing()
 
-from protoknn_plugin import cluster as cluster_module  # noqa: E402
+from protoknn_plugin import transport as transport_module  # noqa: E402
 from protoknn_plugin.backbones import BACKBONES  # noqa: E402
 from protoknn_plugin.cluster import affiliation, sample_counts, transport_plan  # noqa: E402
 from protoknn_plugin.errors import ProtoKNNError  # noqa: E402
@@ -178,7 +178,7 @@ def _malloc_trim() -> bool:
 @contextlib.contextmanager
 def count_sinkhorn_iterations(into: List[int]):
     """Record the iteration count of every Sinkhorn solve of the cluster loss (split step only)."""
-    original = getattr(cluster_module, "log_sinkhorn_batched", None)
+    original = getattr(transport_module, "log_sinkhorn_batched", None)
     if original is None:
         yield
         return
@@ -188,11 +188,11 @@ def count_sinkhorn_iterations(into: List[int]):
         into.append(int(result.n_iter))
         return result
 
-    cluster_module.log_sinkhorn_batched = recording
+    transport_module.log_sinkhorn_batched = recording  # the name transport_plan calls
     try:
         yield
     finally:
-        cluster_module.log_sinkhorn_batched = original
+        transport_module.log_sinkhorn_batched = original
 
 
 # ---------------------------------------------------------------- the head loss's parts
@@ -294,7 +294,11 @@ def build_head(name: str, args, device: torch.device) -> HeadBench:
     model = PrototypeModel(config)
     train = TrainConfig(epochs=args.epochs, batch_classes=args.batch_classes, per_class=args.per_class,
                         seed=args.seed, device=str(device))
-    trainer = Trainer(model, None, train, progress=False)
+    # The trainer needs only the training labels to lay out its phases; no data is read.
+    labels = torch.arange(args.num_classes).repeat_interleave(args.per_class)
+    splits = types.SimpleNamespace(train_labels=labels, name="synthetic",
+                                   classes=[str(c) for c in range(args.num_classes)])
+    trainer = Trainer(model, splits, train, progress=False)
     phase = pick_phase(trainer.phases)
     trainer._build_optimizer(phase)  # the trainer's own Adam groups and learning rates
     model.train()
@@ -331,7 +335,7 @@ def split_step(bench: HeadBench, images: torch.Tensor, labels: torch.Tensor, clo
     terms = clock.time(HEAD_LOSS, lambda: head.loss(out, labels))
 
     def backward_and_step():
-        bench.trainer._check_finite(terms)
+        bench.trainer._check_finite(terms, bench.trainer.state.global_step)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
