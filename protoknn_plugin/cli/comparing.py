@@ -9,7 +9,7 @@ import click
 
 from ..errors import ProtoKNNError
 from . import cli
-from .common import (_comparison_settings, _setup_threads, _split_list, comparison_options, console, err_console,
+from .common import (_comparison_settings, _setup_threads, comparison_options, console, err_console,
                      frozen_backbone_options, run_cli, training_options, with_preset)
 
 
