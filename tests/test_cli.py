@@ -1,5 +1,6 @@
 """The real CLI, end to end, in subprocesses: listings, errors, train/evaluate/benchmark/ablate."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -132,6 +133,19 @@ def test_benchmark_with_one_seed_prints_no_plus_minus(tmp_path):
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "results.md").read_text().split("\n\n")[0]
     assert "| cnn | 1 |" in table and "±" not in table
+
+
+def test_benchmark_workers_change_neither_the_run_directory_nor_the_result(tmp_path):
+    runs = {}
+    for workers in ("0", "2"):
+        result = run_cli("benchmark", "--heads", "protoknn", *TINY, "--seeds", "0", "--workers", workers,
+                         "--out", tmp_path / workers)
+        assert result.returncode == 0, result.stderr
+        runs[workers] = json.loads((tmp_path / workers / "results.json").read_text())["runs"][0]
+    # Same run key, so a rerun with other --workers resumes rather than retrains; same accuracies.
+    assert Path(runs["0"]["run_dir"]).name == Path(runs["2"]["run_dir"]).name
+    scores = {w: {k: v for k, v in run.items() if k.startswith("accuracy")} for w, run in runs.items()}
+    assert len(scores["0"]) >= 4 and scores["0"] == scores["2"]
 
 
 def test_ablate_runs_each_variant(tmp_path):

@@ -92,7 +92,7 @@ def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: Benchmark
         weights=settings.weights, backbone_options=dict(settings.backbone_options),
         head_options=dict(spec.head_options), seed=seed,
     )
-    train_config = TrainConfig(**{**asdict(settings.train), "seed": seed})
+    train_config = TrainConfig(**{**asdict(settings.train), "seed": seed, "workers": settings.workers})
     trainer = Trainer(PrototypeModel(config), splits, train_config, out_dir=str(run_dir) if run_dir else None,
                       progress=progress, dataset_name=settings.dataset, stage_eval=getattr(splits, "val", None),
                       data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
@@ -136,7 +136,8 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
     with PeakMemory(trainer.device) as peak, feeding(model, settings):
         state = trainer.fit(resume=resumed)
         val = getattr(splits, "val", None)
-        val_metrics = evaluate(model, val, trainer.config.eval_batch_size, trainer.device) if val is not None else {}
+        val_metrics = (evaluate(model, val, trainer.config.eval_batch_size, trainer.device, workers=settings.workers)
+                       if val is not None else {})
     primary = model.head.primary
     record: Dict[str, Any] = {
         "label": spec.label, "head": spec.head, "head_options": spec.head_options, "seed": seed,
@@ -172,7 +173,7 @@ def score_test(record: Dict[str, Any], splits, settings: BenchmarkSettings, mode
         model, _ = model_from_checkpoint(run_dir)
     device = next(model.parameters()).device
     with feeding(model, settings):
-        metrics = evaluate(model, splits.test, settings.train.eval_batch_size, device)
+        metrics = evaluate(model, splits.test, settings.train.eval_batch_size, device, workers=settings.workers)
     result = {**record, **metrics, "accuracy": metrics[f"accuracy[{record['primary']}]"]}
     write_json(run_dir / "metrics.json", result)
     return result

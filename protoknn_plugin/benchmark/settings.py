@@ -48,13 +48,17 @@ class BenchmarkSettings:
     frozen_backbone: bool = False
     cache_dir: Optional[str] = None
     image_size: Optional[int] = None
+    # DataLoader worker processes for every run's training and evaluation. They change the
+    # speed, never the result (the batches and their augmentation seeds are drawn up front),
+    # so they stay out of the run key, and out of ``train`` whose fields are in it.
+    workers: int = 0
 
     def sweep_seed_list(self) -> list:
         return list(self.sweep_seeds) if self.sweep_seeds else list(self.seeds)[:1]
 
 
 # Settings that do not change what a run computes, so they do not name its directory.
-_NOT_IN_KEY = {"seeds", "lr_scales", "sweep_seeds", "strict", "cache_dir"}
+_NOT_IN_KEY = {"seeds", "lr_scales", "sweep_seeds", "strict", "cache_dir", "workers"}
 _TRAIN_NOT_IN_KEY = {"seed", "device", "threads", "sync_every", "eval_batch_size"}
 
 

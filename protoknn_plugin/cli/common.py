@@ -205,14 +205,20 @@ def comparison_options(fn):
     fn = click.option("--lr-scales", default="1", show_default=True,
                       help="Learning-rate sweep: every rate of every head times each scale, e.g. 0.3,1,3; each row "
                            "keeps the scale with the best validation accuracy; 1 = the heads' own rates, no sweep.")(fn)
+    fn = click.option("--workers", type=int, default=0, show_default=True,
+                      help="DataLoader worker processes per run (0: load in the main process). Results do not depend "
+                           "on it; image folders read from disk gain, in-memory data (animals, the feature cache) "
+                           "does not.")(fn)
     fn = click.option("--val-fraction", type=float, default=0.1, show_default=True,
                       help="Share of each training class held out for validation (curves, stages, sweep); 0: none.")(fn)
     return fn
 
 
-def _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs, batch_classes, per_class, prototypes,
-                         dim, steps_per_epoch, device, seeds, val_fraction=0.0, lr_scales="1", sweep_seeds=None,
-                         frozen_backbone=False, cache_dir=None, image_size=None):
+def _comparison_settings(*, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs,
+                         batch_classes, per_class, prototypes, dim, steps_per_epoch, device, seeds, val_fraction=0.0,
+                         lr_scales="1", sweep_seeds=None, frozen_backbone=False, cache_dir=None, image_size=None,
+                         workers=0):
+    """BenchmarkSettings from the options benchmark and ablate share (by keyword, as click passes them)."""
     from ..benchmark import BenchmarkSettings
 
     train = _train_config(epochs, batch_classes, per_class, steps_per_epoch, device)
@@ -224,7 +230,8 @@ def _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weigh
                              prototypes=prototypes, dim=dim, limit=limit, strict=strict, crop=crop, seeds=_split_list(seeds, int),
                              backbone_options=parse_options(backbone_opts), train=train, lr_scales=tuple(scales),
                              sweep_seeds=_split_list(sweep_seeds, int) if sweep_seeds else None,
-                             frozen_backbone=frozen_backbone, cache_dir=cache_dir, image_size=image_size)
+                             frozen_backbone=frozen_backbone, cache_dir=cache_dir, image_size=image_size,
+                             workers=workers)
 
 
 # ---- run configuration files, data loading and precision (train, evaluate, predict, ...) -----------

@@ -78,9 +78,7 @@ def _specs(rows, head_opts):
 @click.option("--out", default="runs/benchmark", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
 @with_preset
-def benchmark(head_names, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, head_opts, epochs,
-              batch_classes, per_class, prototypes, dim, steps_per_epoch, device, threads, val_fraction, lr_scales,
-              sweep_seeds, image_size, frozen_backbone, cache_dir, explanations, seeds, out):
+def benchmark(head_names, head_opts, threads, explanations, out, **shared):
     """Train and evaluate every head on the same data, backbone initialisation and budget (images seen and
     backbone steps, checked before training), and print one table: mean ± 95% t-interval over seeds of
     test accuracy (per k for kNN heads), budget, push and last-layer cost, prototype spread, train seconds,
@@ -93,11 +91,9 @@ def benchmark(head_names, dataset, data_dir, limit, strict, crop, backbone, weig
 
     _setup_threads(threads)
     specs = _specs(parse_rows(head_names), head_opts)
-    settings = _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs,
-                                    batch_classes, per_class, prototypes, dim, steps_per_epoch, device, seeds,
-                                    val_fraction, lr_scales, sweep_seeds, frozen_backbone, cache_dir, image_size)
-    _run_interruptibly(specs, settings, out, f"heads on {dataset} ({backbone}, {epochs} epochs)",
-                       explanations=explanations)
+    settings = _comparison_settings(**shared)
+    _run_interruptibly(specs, settings, out, f"heads on {settings.dataset} ({settings.backbone}, "
+                                             f"{settings.train.epochs} epochs)", explanations=explanations)
 
 
 @cli.command()
@@ -113,9 +109,7 @@ def benchmark(head_names, dataset, data_dir, limit, strict, crop, backbone, weig
 @click.option("--out", default="runs/ablate", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
 @with_preset
-def ablate(variants, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, head_opts, epochs,
-           batch_classes, per_class, prototypes, dim, steps_per_epoch, device, threads, val_fraction, lr_scales,
-           sweep_seeds, image_size, frozen_backbone, cache_dir, seeds, out):
+def ablate(variants, head_opts, threads, out, **shared):
     """The paper's Table 7 on any dataset: ProtoKNN with each cluster-loss variant, accuracy at k = 1, 3, 5
     and prototype spread, with paired differences between rows. --head-opt protoknn.KEY=VALUE applies to
     every row, LABEL.KEY=VALUE to one (the label is the variant unless the row is LABEL=VARIANT).
@@ -138,7 +132,5 @@ def ablate(variants, dataset, data_dir, limit, strict, crop, backbone, weights, 
         base[label] = {"cluster_variant": variant, "cluster_reduction": reduction or "mean"}
     options = assign_head_options(rows, head_opts)
     specs = [RunSpec(label, head, {**base[label], **options[label]}) for label, head in rows]
-    settings = _comparison_settings(dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs,
-                                    batch_classes, per_class, prototypes, dim, steps_per_epoch, device, seeds,
-                                    val_fraction, lr_scales, sweep_seeds, frozen_backbone, cache_dir, image_size)
-    _run_interruptibly(specs, settings, out, f"cluster-loss ablation on {dataset}")
+    settings = _comparison_settings(**shared)
+    _run_interruptibly(specs, settings, out, f"cluster-loss ablation on {settings.dataset}")
