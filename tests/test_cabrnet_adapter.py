@@ -83,6 +83,39 @@ def test_protopnet_schedule_from_scratch_follows_the_benchmark_protocol():
     assert groups["prototypes"] == {"lr": ours.lrs["prototypes"]}
 
 
+@pytest.mark.parametrize("epochs, pretrained, backbone_steps, pushes", [
+    (4, False, 4 * 65, 1),     # from scratch: no warm epochs; one push, after the last epoch
+    (8, True, 6 * 65, 1),      # 2 warm epochs inside the budget leave the backbone 6 epochs
+    (25, True, 20 * 65, 3),    # pushes after epochs 4, 14 and 24
+])
+def test_cabrnet_protopnet_budget_by_hand(epochs, pretrained, backbone_steps, pushes):
+    from protoknn_plugin.adapters.cabrnet.baseline import cabrnet_budget
+
+    budget = cabrnet_budget("protopnet", epochs, 65, 110, {}, pretrained)
+    assert budget == {"feature_steps": epochs * 65, "images_seen": epochs * 65 * 110,
+                      "backbone_steps": backbone_steps, "pushes": pushes,
+                      "last_layer_steps": pushes * 20 * 65}  # 20 last-layer epochs of images per push
+
+
+def test_the_protocol_check_gives_the_cabrnet_row_the_plugin_protopnet_budget():
+    from types import SimpleNamespace
+
+    from protoknn_plugin.benchmark import BenchmarkSettings, RunSpec
+    from protoknn_plugin.benchmark.comparison import check_protocol
+    from protoknn_plugin.errors import ProtoKNNError
+    from protoknn_plugin.train import TrainConfig
+
+    splits = SimpleNamespace(channels=1, classes=[str(c) for c in range(10)], train_labels=torch.arange(10).repeat(72))
+    settings = BenchmarkSettings(train=TrainConfig(epochs=4))
+    specs = [RunSpec("protopnet", "protopnet"), RunSpec("theirs", "cabrnet:protopnet")]
+    budgets = check_protocol(specs, settings, splits)  # no CaBRNet install needed
+    for key in ("feature_steps", "images_seen", "backbone_steps", "pushes"):
+        assert budgets["theirs"][key] == budgets["protopnet"][key], key
+    assert budgets["theirs"]["backbone_steps"] == 4 * (720 // 110)
+    with pytest.raises(ProtoKNNError, match="valid: prototypes_per_class"):
+        check_protocol([RunSpec("theirs", "cabrnet:protopnet", {"warm_epoch": 1})], settings, splits)
+
+
 # ---------------------------------------------------------------- with CaBRNet
 @pytest.fixture(scope="module")
 def cabrnet():

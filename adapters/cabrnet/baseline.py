@@ -15,8 +15,10 @@ quarter of the budget), then joint epochs (StepLR 5, 0.1). CaBRNet projects ever
 follows the final epoch, each projection followed by ``last_layer_epochs`` last-layer
 epochs. The epilogue projects again (a no-op by then), without pruning.
 
-Entry point for benchmark.py: ``run_cabrnet_head(name, settings, splits, out_dir, seed,
-label=..., options=...)`` with ``name`` the part after ``cabrnet:``.
+Entry points for the benchmark: ``run_cabrnet_head(name, settings, splits, out_dir, seed,
+label=..., options=...)`` with ``name`` the part after ``cabrnet:``, and ``cabrnet_budget``,
+which the protocol check compares with the other rows' budgets before anything trains (it
+needs no CaBRNet install).
 """
 from __future__ import annotations
 
@@ -122,6 +124,39 @@ def protopnet_schedule(epochs: int, options: Dict[str, Any], pretrained: bool) -
     return {"training": training, "projection": projection, "warm_epochs": warm}
 
 
+def protopnet_budget(epochs: int, steps_per_epoch: int, batch_size: int, options: Optional[Dict[str, Any]],
+                     pretrained: bool) -> Dict[str, int]:
+    """The row's budget in the protocol's units (``benchmark.protocol.budget``), from its schedule.
+
+    Every training epoch and every last-layer epoch is one pass of ``steps_per_epoch``
+    class-balanced batches of images (CaBRNet fine-tunes the last layer on images, not on
+    cached profiles). ``pushes`` counts the projections inside training; the epilogue's final
+    projection repeats the last one on an unchanged model and is not counted.
+    """
+    opts = checked_options(options)
+    schedule = protopnet_schedule(epochs, opts, pretrained)
+    projection = schedule["projection"]
+    pushes = sum(1 for epoch in range(epochs) if epoch >= projection["start_epoch"]
+                 and (epoch - projection["start_epoch"]) % projection["frequency"] == 0)
+    feature_steps = epochs * steps_per_epoch
+    return {
+        "feature_steps": feature_steps,
+        "images_seen": feature_steps * batch_size,
+        "backbone_steps": (epochs - schedule["warm_epochs"]) * steps_per_epoch,
+        "last_layer_steps": pushes * projection["num_ft_epochs"] * steps_per_epoch,
+        "pushes": pushes,
+    }
+
+
+def checked_options(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The defaults updated with ``options``; a one-line error naming the valid keys otherwise."""
+    unknown = sorted(set(options or {}) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise ProtoKNNError(f"unknown cabrnet:protopnet option(s) {', '.join(unknown)}; "
+                            f"valid: {', '.join(DEFAULT_OPTIONS)}")
+    return {**DEFAULT_OPTIONS, **(options or {})}
+
+
 def build_cabrnet_protopnet(settings: Any, num_classes: int, in_channels: int, seed: int,
                             options: Dict[str, Any]) -> nn.Module:
     """CaBRNet ``ProtoPNet`` on the plugin backbone named by ``settings.backbone`` (seeded like PrototypeModel)."""
@@ -160,11 +195,7 @@ def run_cabrnet_protopnet(settings: Any, splits: Any, out_dir: Path | str, seed:
     from protoknn_plugin.prototypes import prototype_spread
     from protoknn_plugin.train import TrainConfig, resolve_device, seed_everything
 
-    unknown = sorted(set(options or {}) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise ProtoKNNError(f"unknown cabrnet:protopnet option(s) {', '.join(unknown)}; "
-                            f"valid: {', '.join(DEFAULT_OPTIONS)}")
-    opts = {**DEFAULT_OPTIONS, **(options or {})}
+    opts = checked_options(options)
     test_images = len(splits.test)
     check(test_images > 0, "the evaluation set is empty; check the dataset path and --limit")
     out = ensure_writable_dir(str(out_dir))
@@ -229,6 +260,15 @@ def _train_and_evaluate(settings, splits, train_config, device, seed, opts, out,
 
 
 CABRNET_HEADS: Dict[str, Callable[..., Dict[str, Any]]] = {"protopnet": run_cabrnet_protopnet}
+CABRNET_BUDGETS: Dict[str, Callable[..., Dict[str, int]]] = {"protopnet": protopnet_budget}
+
+
+def cabrnet_budget(name: str, epochs: int, steps_per_epoch: int, batch_size: int,
+                   options: Optional[Dict[str, Any]], pretrained: bool) -> Dict[str, int]:
+    """The budget of CaBRNet architecture ``name``'s row, for the protocol check before training."""
+    if name not in CABRNET_BUDGETS:
+        raise UnknownNameError("CaBRNet baseline", name, CABRNET_BUDGETS)
+    return CABRNET_BUDGETS[name](epochs, steps_per_epoch, batch_size, options, pretrained)
 
 
 def run_cabrnet_head(name: str, settings: Any, splits: Any, out_dir: Path | str, seed: int,

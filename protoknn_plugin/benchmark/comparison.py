@@ -31,8 +31,12 @@ def check_protocol(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits
     steps = settings.train.steps_per_epoch or max(1, len(splits.train_labels) // settings.train.batch_size)
     budgets = {}
     for spec in specs:
-        if spec.head.startswith("cabrnet:"):
-            continue  # its schedule is built by the adapter, which follows the same rules
+        if spec.head.startswith("cabrnet:"):  # its schedule is built by the adapter, under the same rules
+            from protoknn_plugin.adapters.cabrnet.baseline import cabrnet_budget
+
+            budgets[spec.label] = cabrnet_budget(spec.head.split(":", 1)[1], settings.train.epochs, steps,
+                                                 settings.train.batch_size, spec.head_options, pretrained)
+            continue
         head = create_head(spec.head, num_classes=len(splits.classes), backbone_channels=8, dim=settings.dim,
                            num_prototypes=settings.prototypes, **spec.head_options)
         budgets[spec.label] = budget(head.phases(settings.train.epochs, pretrained), steps,
@@ -142,8 +146,9 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
         for spec in specs:
             if spec.head.startswith("cabrnet:"):
                 _say(console, f"[bold]{spec.label}[/] seed {seed}")
-                runs.append(cabrnet_run(spec, seed, settings, splits,
-                                        runs_dir / run_dir_name(spec, settings, 1.0, seed), progress))
+                result = cabrnet_run(spec, seed, settings, splits, runs_dir / run_dir_name(spec, settings, 1.0, seed),
+                                     progress)
+                runs.append({**budgets[spec.label], **result})
                 continue
             scale = chosen[spec.label]["lr_scale"]
             run_dir = runs_dir / run_dir_name(spec, settings, scale, seed)
