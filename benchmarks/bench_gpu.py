@@ -18,7 +18,6 @@ Reports, in one JSON file and a rich table:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,10 +25,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import generate_jpegs, print_and_save  # noqa: E402  (benchmarks/, the script's folder)
 from protoknn_plugin.model import ModelConfig, PrototypeModel  # noqa: E402
 from protoknn_plugin.train import TrainConfig, Trainer  # noqa: E402
 from protoknn_plugin.train.loading import worker_options  # noqa: E402
@@ -69,22 +67,6 @@ def step_ms(head: str, precision: str, args, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return statistics.median(times)
-
-
-def generate_jpegs(root: Path, count: int, classes: int = 10, size: int = 224) -> None:
-    import numpy as np
-    from PIL import Image
-
-    done = root / ".complete"
-    if done.exists() and done.read_text() == f"{count} {size}":
-        return
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        folder = root / f"class{i % classes:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((size, size), Image.BILINEAR).save(folder / f"{i:06d}.jpg", quality=90)
-    done.write_text(f"{count} {size}")
 
 
 def loading_rate(root: Path, workers: int, device: torch.device, batch: int) -> float:
@@ -164,7 +146,7 @@ def main() -> None:
         rows += [("ProtoKNN step (ms, bf16)", f"{bf16:.1f}"), ("bf16 speed-up", f"{base / bf16:.2f}x")]
     if "loading" not in skip:
         root = Path(args.jpeg_root)
-        generate_jpegs(root, args.images)
+        generate_jpegs(root, args.images, classes=10, size=224)
         result["images_per_second"] = {}
         for workers in (int(w) for w in args.workers.split(",")):
             rate = loading_rate(root, workers, device, args.batch_classes * args.per_class)
@@ -174,15 +156,7 @@ def main() -> None:
         knn = knn_rates(args, device)
         result["knn"] = knn
         rows += [(f"kNN {key}", f"{value:.3g}" if isinstance(value, float) else str(value)) for key, value in knn.items()]
-    table = Table(title=f"protoknn engine on {result['device']}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    print_and_save(f"protoknn engine on {result['device']}", rows, result, args.out)
 
 
 if __name__ == "__main__":

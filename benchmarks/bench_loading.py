@@ -15,7 +15,6 @@ timing so that every setting sees a warm page cache.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -23,29 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import generate_jpegs, print_and_save  # noqa: E402  (benchmarks/, the script's folder)
 from protoknn_plugin.data import create_dataset  # noqa: E402
-
-
-def generate(root: Path, images: int, classes: int, size: int, seed: int = 0) -> None:
-    """``images`` smooth random JPEGs (quality 90) in ``classes`` folders; skipped if present."""
-    done = root / ".complete"
-    if done.exists() and done.read_text() == f"{images} {classes} {size}":
-        return
-    rng = np.random.default_rng(seed)
-    for i in range(images):
-        folder = root / f"class{i % classes:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        # low-frequency noise scaled up: JPEG sizes like photographs (~15-30 kB), not like white noise
-        small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((size, size), Image.BILINEAR).save(folder / f"{i:06d}.jpg", quality=90)
-    done.write_text(f"{images} {classes} {size}")
 
 
 def warm_cache(root: Path) -> None:
@@ -81,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = Path(args.root)
-    generate(root, args.images, args.classes, args.size)
+    generate_jpegs(root, args.images, args.classes, args.size)
     warm_cache(root)
     rss_before = peak_rss_mb()
     started = time.perf_counter()
@@ -94,17 +75,10 @@ def main() -> None:
               "images_per_second": {}}
     for workers in (int(w) for w in args.workers.split(",")):
         result["images_per_second"][str(workers)] = images_per_second(splits.train, workers, args.measure, args.batch)
-    table = Table(title=f"imagefolder loading ({args.label}): {args.images} JPEGs at {args.size} px")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("start-up (s)", f"{startup:.2f}")
-    table.add_row("peak RSS after start-up (MB)", f"{result['peak_rss_mb_after_startup']:.0f}")
-    for workers, rate in result["images_per_second"].items():
-        table.add_row(f"images/s, {workers} workers", f"{rate:.0f}")
-    Console().print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    rows = [("start-up (s)", f"{startup:.2f}"),
+            ("peak RSS after start-up (MB)", f"{result['peak_rss_mb_after_startup']:.0f}")]
+    rows += [(f"images/s, {workers} workers", f"{rate:.0f}") for workers, rate in result["images_per_second"].items()]
+    print_and_save(f"imagefolder loading ({args.label}): {args.images} JPEGs at {args.size} px", rows, result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """Explanations: contribution identity, activation boxes, counterfactuals, ProtoPNet's view, figures and CLI."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from protoknn_plugin.figures import (counterfactual_figure, explain_command, loo
 from protoknn_plugin.model import ModelConfig, PrototypeModel
 from protoknn_plugin.train import TrainConfig, Trainer
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, run_cli_parallel
 
 torch.set_num_threads(1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -284,15 +282,7 @@ def cli(runs, tmp_path_factory):
         "bad-class": ["explain", knn, "--image", "3", "--negative-class", "zebraa", "--out", out / "bad.png"],
         "cnn": ["explain", cnn, "--image", "3", "--out", out / "bad.png"],
     }
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
-    procs = {name: subprocess.Popen([sys.executable, "-m", "protoknn_plugin", *map(str, args)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for name, args in cases.items()}
-    results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    return out, results
+    return out, run_cli_parallel(cases, timeout=300)
 
 
 @pytest.mark.parametrize("case,png", [("explain-knn", "knn.png"), ("explain-ppn", "ppn.png"),
