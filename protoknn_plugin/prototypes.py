@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .errors import ProtoKNNError, UnknownNameError
 
 SIMILARITY_MODES = ("cosine", "log")
+PROTOTYPE_INITS = ("hypersphere", "uniform", "shifted-normal", "random")
 COST_SPACES = ("unit", "raw")
 ADDONS = ("linear", "protopnet")
 
@@ -135,10 +136,12 @@ class PrototypeLayer(nn.Module):
             start = hypersphere_init(num_prototypes, dim, seed=seed)
         elif init == "uniform":  # ProtoPNet's torch.rand initialisation
             start = torch.rand(num_prototypes, dim, generator=torch.Generator().manual_seed(seed))
+        elif init == "shifted-normal":  # N(0.5, 0.1): CaBRNet's ProtoPNet default, near the Sigmoid add-on's outputs
+            start = 0.5 + 0.1 * torch.randn(num_prototypes, dim, generator=torch.Generator().manual_seed(seed))
         elif init == "random":
             start = F.normalize(torch.randn(num_prototypes, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
         else:
-            raise UnknownNameError("prototype init", init, ("hypersphere", "uniform", "random"))
+            raise UnknownNameError("prototype init", init, PROTOTYPE_INITS)
         self.prototypes = nn.Parameter(start, requires_grad=not frozen)
         self.frozen = frozen
 

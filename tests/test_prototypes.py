@@ -124,3 +124,23 @@ def test_project_without_a_patch_of_the_class_is_a_clear_error():
 def test_unknown_modes_name_the_choices():
     with pytest.raises(UnknownNameError, match="cosine"):
         PrototypeLayer(3, 2, 3, similarity="cosin")
+    with pytest.raises(UnknownNameError, match="shifted-normal"):
+        PrototypeLayer(3, 2, 3, init="gaussian")
+
+
+def test_protopnet_prototype_inits_reference_uniform_and_cabrnets_shifted_normal():
+    from protoknn_plugin.heads import create_head
+    from protoknn_plugin.model import ModelConfig, PrototypeModel
+
+    def prototypes(**options):
+        config = ModelConfig(head="protopnet", backbone="small-cnn", num_classes=10, in_channels=1, dim=64,
+                             num_prototypes=1000, head_options=options, backbone_options={"width": 8})
+        return PrototypeModel(config).prototype_layer.prototypes.detach()
+
+    uniform, normal = prototypes(), prototypes(prototype_init="shifted-normal")
+    # U[0, 1]: mean 1/2, std 1/sqrt(12) = 0.289, inside [0, 1]; N(0.5, 0.1): mean 1/2, std 0.1.
+    assert uniform.min() >= 0 and uniform.max() <= 1
+    assert abs(uniform.mean() - 0.5) < 0.01 and abs(uniform.std() - 12 ** -0.5) < 0.01
+    assert abs(normal.mean() - 0.5) < 0.01 and abs(normal.std() - 0.1) < 0.005
+    with pytest.raises(UnknownNameError, match="shifted-normal"):
+        create_head("protopnet", num_classes=10, backbone_channels=8, prototype_init="normal")

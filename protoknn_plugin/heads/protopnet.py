@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UnknownNameError
 from ..prototypes import PrototypeOutputs
 from . import register_head
 from .base import Head, Phase, PrototypeSpec
@@ -44,6 +45,7 @@ class ProtoPNetHead(Head):
         scratch_backbone_lr: float = 1e-3,
         last_layer_lr: float = 1e-4,
         weight_decay: float = 1e-3,
+        prototype_init: str = "uniform",
     ):
         # num_prototypes is ignored unless it is a multiple of the class count: ProtoPNet's
         # prototypes are class-specific, `prototypes_per_class` of each class.
@@ -57,6 +59,10 @@ class ProtoPNetHead(Head):
         self.warm_lr, self.last_layer_lr = warm_lr, last_layer_lr
         self.joint_backbone_lr, self.scratch_backbone_lr = joint_backbone_lr, scratch_backbone_lr
         self.weight_decay = weight_decay
+        # "uniform": U[0, 1], the reference code's torch.rand; "shifted-normal": N(0.5, 0.1), CaBRNet's.
+        if prototype_init not in ("uniform", "shifted-normal"):
+            raise UnknownNameError("ProtoPNet prototype init", prototype_init, ("uniform", "shifted-normal"))
+        self.prototype_init = prototype_init
         self.register_buffer("prototype_class", torch.arange(total) // prototypes_per_class)
         self.last_layer = nn.Linear(total, num_classes, bias=False)
         identity = F.one_hot(self.prototype_class, num_classes).t().float()  # (C, P)
@@ -75,7 +81,8 @@ class ProtoPNetHead(Head):
         }
 
     def prototype_spec(self) -> PrototypeSpec:
-        return PrototypeSpec(self.requested_prototypes, similarity="log", addon="protopnet", init="uniform", frozen=False)
+        return PrototypeSpec(self.requested_prototypes, similarity="log", addon="protopnet", init=self.prototype_init,
+                             frozen=False)
 
     def _l1(self) -> Tensor:
         off_class = 1 - F.one_hot(self.prototype_class, self.num_classes).t().float()
