@@ -76,6 +76,31 @@ def test_run_directory_names_change_with_options_not_with_seed():
     assert run_key(spec, BenchmarkSettings(train=TrainConfig(epochs=5)), 1.0) != key
     assert run_key(spec, BenchmarkSettings(train=TrainConfig(epochs=4, seed=7), seeds=(3, 4)), 1.0) == key
     assert run_dir_name(RunSpec("full:sum", "protoknn"), settings, 1.0, 0).startswith("full-sum-")
+    # Workers change speed, not results: a rerun with other --workers resumes the same runs.
+    assert run_key(spec, BenchmarkSettings(train=TrainConfig(epochs=4), workers=4), 1.0) == key
+
+
+def test_a_head_revision_enters_the_run_key_so_runs_under_an_old_default_are_not_reused(monkeypatch):
+    from protoknn_plugin.heads.protopnet import ProtoPNetHead
+
+    settings = BenchmarkSettings(train=TrainConfig(epochs=4))
+    protopnet, protoknn = RunSpec("protopnet", "protopnet"), RunSpec("protoknn", "protoknn")
+    keys = {ProtoPNetHead.revision: run_key(protopnet, settings, 1.0)}
+    knn_key = run_key(protoknn, settings, 1.0)
+    for revision in (1, 3):
+        monkeypatch.setattr(ProtoPNetHead, "revision", revision)
+        keys[revision] = run_key(protopnet, settings, 1.0)
+        assert run_key(protoknn, settings, 1.0) == knn_key  # other heads keep their runs
+    assert len(set(keys.values())) == 3
+
+
+def test_run_keys_of_unrevised_heads_are_stable_across_releases():
+    # Finished runs are found by this hash; if it changes, every user's finished runs are
+    # silently retrained. A new setting must default to a value that leaves it out of the key
+    # (see settings._NOT_IN_KEY), or this pinned value changes on purpose.
+    settings = BenchmarkSettings(train=TrainConfig(epochs=4, val_fraction=0.1))
+    assert run_key(RunSpec("protoknn", "protoknn"), settings, 1.0) == "b27fabe8"
+    assert run_key(RunSpec("cnn", "cnn"), settings, 1.0) == "549753a9"
 
 
 def test_lr_sweep_picks_on_validation_and_scores_the_test_set_only_for_the_choice(tmp_path):

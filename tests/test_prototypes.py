@@ -128,7 +128,7 @@ def test_unknown_modes_name_the_choices():
         PrototypeLayer(3, 2, 3, init="gaussian")
 
 
-def test_protopnet_prototype_inits_reference_uniform_and_cabrnets_shifted_normal():
+def test_protopnet_prototype_inits_reference_uniform_and_cabrnets_shifted_normal_by_default():
     from protoknn_plugin.heads import create_head
     from protoknn_plugin.model import ModelConfig, PrototypeModel
 
@@ -137,7 +137,7 @@ def test_protopnet_prototype_inits_reference_uniform_and_cabrnets_shifted_normal
                              num_prototypes=1000, head_options=options, backbone_options={"width": 8})
         return PrototypeModel(config).prototype_layer.prototypes.detach()
 
-    uniform, normal = prototypes(), prototypes(prototype_init="shifted-normal")
+    uniform, normal = prototypes(prototype_init="uniform"), prototypes()  # the default is CaBRNet's
     # U[0, 1]: mean 1/2, std 1/sqrt(12) = 0.289, inside [0, 1]; N(0.5, 0.1): mean 1/2, std 0.1.
     assert uniform.min() >= 0 and uniform.max() <= 1
     assert abs(uniform.mean() - 0.5) < 0.01 and abs(uniform.std() - 12 ** -0.5) < 0.01

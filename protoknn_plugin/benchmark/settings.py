@@ -70,8 +70,24 @@ def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float) -> str:
     shared = {k: v for k, v in asdict(settings).items() if k not in _NOT_IN_KEY and k != "train"}
     shared["train"] = {k: v for k, v in asdict(settings.train).items() if k not in _TRAIN_NOT_IN_KEY}
     payload = {"head": spec.head, "options": spec.head_options, "lr_scale": float(lr_scale), **shared}
+    revision = _head_revision(spec.head)
+    if revision != 1:  # absent at 1, so the keys of heads never revised stay what they were
+        payload["head_revision"] = revision
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _head_revision(head: str) -> int:
+    """The registered head's ``revision`` (1 for CaBRNet rows and unknown names, which fail later)."""
+    from ..errors import ProtoKNNError
+    from ..heads import get_head_class
+
+    if head.startswith("cabrnet:"):
+        return 1
+    try:
+        return int(getattr(get_head_class(head), "revision", 1))
+    except ProtoKNNError:
+        return 1
 
 
 def run_dir_name(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float, seed: int) -> str:

@@ -79,6 +79,9 @@ class Head(nn.Module):
 
     name: str = "base"
     description: str = ""
+    # Bump when a default that changes results changes: benchmark run keys include it (from 2
+    # on), so runs made under the old default are trained again rather than reused.
+    revision: int = 1
     uses_prototypes: bool = True
     uses_memory: bool = False
     project_within_class: bool = False
