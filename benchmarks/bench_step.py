@@ -28,6 +28,8 @@ with the small CNN at 28 px, <= 1.05 with a big backbone (resnet50 at 224 px).
 
     python benchmarks/bench_step.py --threads 1                          # small CNN, 10 x 11, P 100, D 64
     python benchmarks/bench_step.py --batch-classes 56 --per-class 2 --prototypes 512 --dim 256
+    python benchmarks/bench_step.py --threads 1 --heads full=protoknn relaxed=protoknn \
+        --head-opt relaxed.cluster_variant=full-relaxed       # rows of one head with other options
     python benchmarks/bench_step.py --backbone resnet50 --batch-classes 56 --per-class 2 \\
         --prototypes 512 --dim 256 --device cuda --out bench-out/step-resnet50.json
 """
@@ -86,7 +88,9 @@ from protoknn_plugin import transport as transport_module  # noqa: E402
 from protoknn_plugin.backbones import BACKBONES  # noqa: E402
 from protoknn_plugin.cluster import affiliation, sample_counts, transport_plan  # noqa: E402
 from protoknn_plugin.errors import ProtoKNNError  # noqa: E402
+from protoknn_plugin.heads import HEADS as HEAD_REGISTRY  # noqa: E402
 from protoknn_plugin.heads.base import Phase  # noqa: E402
+from protoknn_plugin.heads.options import assign_head_options, parse_rows  # noqa: E402
 from protoknn_plugin.model import ModelConfig, PrototypeModel  # noqa: E402
 from protoknn_plugin.prototypes import PrototypeOutputs  # noqa: E402
 from protoknn_plugin.train import TrainConfig, Trainer, resolve_device  # noqa: E402
@@ -243,7 +247,8 @@ PARTS = {"protoknn": protoknn_parts, "protopnet": protopnet_parts, "cnn": cnn_pa
 # ---------------------------------------------------------------- one head
 @dataclass
 class HeadBench:
-    name: str
+    name: str  # the row label (the head name unless --heads gave LABEL=HEAD)
+    head: str  # the registered head
     model: PrototypeModel
     trainer: Trainer
     phase: Phase
@@ -287,10 +292,10 @@ def pick_phase(phases: List[Phase]) -> Phase:
     return trains_images[0]
 
 
-def build_head(name: str, args, device: torch.device) -> HeadBench:
+def build_head(label: str, name: str, options: Dict[str, object], args, device: torch.device) -> HeadBench:
     config = ModelConfig(head=name, backbone=args.backbone, num_classes=args.num_classes,
                          in_channels=args.in_channels, num_prototypes=args.prototypes, dim=args.dim,
-                         weights=args.weights, seed=args.seed)
+                         weights=args.weights, seed=args.seed, head_options=dict(options))
     model = PrototypeModel(config)
     train = TrainConfig(epochs=args.epochs, batch_classes=args.batch_classes, per_class=args.per_class,
                         seed=args.seed, device=str(device))
@@ -302,10 +307,10 @@ def build_head(name: str, args, device: torch.device) -> HeadBench:
     phase = pick_phase(trainer.phases)
     trainer._build_optimizer(phase)  # the trainer's own Adam groups and learning rates
     model.train()
-    bench = HeadBench(name, model, trainer, phase)
+    bench = HeadBench(label, name, model, trainer, phase)
     layer = model.prototype_layer
     bench.info.update({
-        "phase": phase.name, "phase_lrs": dict(phase.lrs),
+        "head": name, "head_options": dict(options), "phase": phase.name, "phase_lrs": dict(phase.lrs),
         "prototypes": None if layer is None else layer.num_prototypes,
         "dim": None if layer is None else int(layer.prototypes.shape[1]),
         "trainable_parameters": sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]),
@@ -325,7 +330,7 @@ def split_step(bench: HeadBench, images: torch.Tensor, labels: torch.Tensor, clo
         out = clock.time(PROTO, lambda: model.prototype_layer(features))
     else:
         out = PrototypeOutputs(None, None, None, None, None, features)
-    parts = PARTS.get(bench.name)
+    parts = PARTS.get(bench.head)
     if parts is not None:
         iterations: List[int] = []
         with count_sinkhorn_iterations(iterations):
@@ -428,7 +433,7 @@ def run(args) -> Dict[str, object]:
     clock = Clock(device)
     images, labels_host = make_batch(args, device)
     labels = labels_host.to(device)
-    benches = [build_head(name, args, device) for name in args.heads]
+    benches = [build_head(label, name, args.row_options[label], args, device) for label, name in args.rows]
 
     # Prime: one full and one split step per head (lazy Adam state, allocator, kernels), then
     # the snapshot that every later step starts from.
@@ -477,7 +482,7 @@ def run(args) -> Dict[str, object]:
     profiles = {}
     if args.profile != "none":
         for bench in benches:
-            if bench.name in ("protoknn", "protopnet"):
+            if bench.head in ("protoknn", "protopnet"):
                 path = args.out.with_name(f"{args.out.stem}-profile-{bench.name}.txt")
                 profile_step(bench, images, labels_host, args.profile, args.seed, path)
                 profiles[bench.name] = str(path)
@@ -534,8 +539,12 @@ def parse_args(argv=None):
     ap.add_argument("--dim", type=int, default=64, help="D, the add-on's output channels (default: %(default)s)")
     ap.add_argument("--weights", default="none", help="backbone weights: none (random), imagenet or PATH "
                                                       "(default: %(default)s)")
-    ap.add_argument("--heads", nargs="+", default=list(HEADS), help="heads to time, in this order "
-                                                                    "(default: %(default)s)")
+    ap.add_argument("--heads", nargs="+", default=list(HEADS),
+                    help="rows to time, in this order: HEAD or LABEL=HEAD, so one head can appear twice "
+                         "(default: %(default)s)")
+    ap.add_argument("--head-opt", action="append", default=[], metavar="LABEL.KEY=VALUE",
+                    help="a head option for one row (its label) or every row of a head (its name), repeatable, "
+                         "as `protoknn --head-opt`; e.g. full-implicit.cluster_variant=full-implicit")
     ap.add_argument("--epochs", type=int, default=20,
                     help="epochs the phases are laid out for; picks the phase (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds (default: %(default)s)")
@@ -572,11 +581,14 @@ def parse_args(argv=None):
         (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
         (args.warmup >= 1, f"--warmup must be >= 1 (the first round primes the optimiser), got {args.warmup}"),
         (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
-        (len(set(args.heads)) == len(args.heads), f"--heads names a head twice: {' '.join(args.heads)}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ProtoKNNError(message)
+    args.rows = parse_rows(",".join(args.heads))  # a label named twice is a one-line error
+    for _, name in args.rows:
+        HEAD_REGISTRY.get(name)  # an unknown head raises with close matches
+    args.row_options = assign_head_options(args.rows, args.head_opt)
     return args
 
 
