@@ -75,3 +75,18 @@ def test_faithfulness_rows_only_for_heads_that_have_them():
     assert len(lines) == 3 and lines[2].startswith("| pk | 2 | 2.00 ± ")  # mean of 1 and 3; cnn has no row
     assert "60.00 ±" in lines[2]  # flips in percent
     assert faithfulness_lines(summarise(runs[2:])) == []
+
+
+def test_paired_lines_of_a_further_metric_by_hand():
+    from protoknn_plugin.benchmark.tables import paired_lines
+
+    runs = [{"label": "a", "seed": 0, "prototype_spread": 0.8, "accuracy[k=1]": 0.90},
+            {"label": "a", "seed": 1, "prototype_spread": 0.9, "accuracy[k=1]": 0.80},
+            {"label": "b", "seed": 0, "prototype_spread": 0.7, "accuracy[k=1]": 0.85},
+            {"label": "b", "seed": 1, "prototype_spread": 0.7, "accuracy[k=1]": 0.85}]
+    # spread differences 0.1 and 0.2: mean 0.15, sd 0.0707, t(0.975, 1) = 12.706,
+    # half-width 12.706 * 0.0707 / sqrt(2) = 0.6353, in the metric's own unit.
+    assert paired_lines(runs, "prototype_spread")[2] == "| a − b | 2 | +0.1500 | [-0.4853, +0.7853] | no |"
+    # accuracies in points: differences +5 and -5 points, mean 0, sd 7.07, half-width 63.53.
+    assert paired_lines(runs, "accuracy[k=1]")[2] == "| a − b | 2 | +0.00 | [-63.53, +63.53] | no |"
+    assert "difference (points)" in paired_lines(runs, "accuracy[k=1]")[0]

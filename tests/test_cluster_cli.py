@@ -18,7 +18,10 @@ def test_ablate_runs_the_differentiable_variants_and_labelled_rows(tmp_path):
     assert options["learnable"] == {"cluster_variant": "full", "cluster_reduction": "mean", "frozen_prototypes": False}
     assert options["full-differentiable:sum"] == {"cluster_variant": "full-differentiable", "cluster_reduction": "sum"}
     assert all(r["step_ms"] > 0 for r in runs)
-    assert "step ms" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "step ms" in report
+    for metric in ("acc k=1 %", "spread (eq. 17)", "step ms", "peak MB"):  # compared pair by pair too
+        assert f"Paired differences of `{metric}`" in report
 
 
 def test_ablate_refuses_a_row_named_twice(tmp_path):

@@ -114,8 +114,11 @@ def explain_runs(runs: List[Dict[str, Any]], splits, out_dir: Path, settings: Be
 
 def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: str, title: str = "benchmark",
                    console=None, progress: bool = False, splits=None, explanations: bool = False,
-                   explanation_images: int = 200) -> List[Dict[str, Any]]:
+                   explanation_images: int = 200, paired_keys: Sequence[str] = ()) -> List[Dict[str, Any]]:
     """Train every spec under every seed, write results.{json,csv,md} and the figures, return the summary.
+
+    Every pair of rows is compared on ``acc %``; ``paired_keys`` (e.g. ``accuracy[k=1]``,
+    ``prototype_spread``) adds a paired table per further metric to results.md.
 
     Raises ``train.Interrupted`` (checkpoint written) on SIGINT/SIGTERM; rerunning resumes.
     """
@@ -166,7 +169,7 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
             "train_images": len(splits.train_labels), "val_images": len(splits.val) if getattr(splits, "val", None) is not None else 0,
             "test_images": len(splits.test), "lr_scales": list(settings.lr_scales),
             "sweep_seeds": settings.sweep_seed_list(), "chosen": chosen, "budgets": budgets,
-            "torch_threads": torch.get_num_threads(), "title": title}
+            "torch_threads": torch.get_num_threads(), "title": title, "paired_keys": list(paired_keys)}
     write_results(out_dir, runs, summary, meta)
     written = write_figures(out_dir, runs, summary)
     if console is not None:

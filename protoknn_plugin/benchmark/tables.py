@@ -83,13 +83,18 @@ def markdown_table(summary, runs) -> List[str]:
     return lines
 
 
-def paired_lines(runs) -> List[str]:
-    lines = ["| a − b | n | difference (points) | 95% interval | excludes 0 |", "|---|---|---|---|---|"]
-    for pair in paired_table(per_seed(runs)):
+def paired_lines(runs, key: str = "accuracy") -> List[str]:
+    """The paired-difference table of ``key``: accuracies in points, other metrics in their own unit."""
+    points = key.startswith("accuracy")
+    scale, digits = (100.0, 2) if points else (1.0, 4 if key == "prototype_spread" else 1)
+    unit = "difference (points)" if points else "difference"
+    lines = [f"| a − b | n | {unit} | 95% interval | excludes 0 |", "|---|---|---|---|---|"]
+    for pair in paired_table(per_seed(runs, key)):
         d: Interval = pair["diff"]
-        interval = "—" if d.half_width is None else f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
+        interval = ("—" if d.half_width is None
+                    else f"[{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]")
         verdict = "—" if d.half_width is None else ("yes" if d.excludes_zero() else "no")
-        lines.append(f"| {pair['a']} − {pair['b']} | {d.n} | {100 * d.mean:+.2f} | {interval} | {verdict} |")
+        lines.append(f"| {pair['a']} − {pair['b']} | {d.n} | {scale * d.mean:+.{digits}f} | {interval} | {verdict} |")
     return lines
 
 
@@ -147,6 +152,8 @@ def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str,
               + ", ".join(f"{label} x{c['lr_scale']:g}" for label, c in (meta.get("chosen") or {}).items()) + ".",
               "", "Paired differences of `acc %` (same seed = same data order and initialisation):", ""]
     lines += paired_lines(runs)
+    for key in meta.get("paired_keys") or ():  # further metrics compared pair by pair (ablate)
+        lines += ["", f"Paired differences of `{_header(key)}`:", ""] + paired_lines(runs, key)
     stages = stage_lines(runs)
     if stages:
         lines += ["", "Validation accuracy at every stage (mean over seeds):", ""] + stages
