@@ -299,8 +299,9 @@ def build_head(label: str, name: str, options: Dict[str, object], args, device: 
     model = PrototypeModel(config)
     train = TrainConfig(epochs=args.epochs, batch_classes=args.batch_classes, per_class=args.per_class,
                         seed=args.seed, device=str(device))
-    # The trainer needs only the training labels to lay out its phases; no data is read.
-    labels = torch.arange(args.num_classes).repeat_interleave(args.per_class)
+    # The trainer needs only the training labels to lay out its phases (and to check k against
+    # the smallest class); no data is read. At least 10 per class, as a real training set has.
+    labels = torch.arange(args.num_classes).repeat_interleave(max(args.per_class, 10))
     splits = types.SimpleNamespace(train_labels=labels, name="synthetic",
                                    classes=[str(c) for c in range(args.num_classes)])
     trainer = Trainer(model, splits, train, progress=False)
