@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -110,11 +111,8 @@ def _history(state) -> list:
 def _step_ms(state, steps_per_epoch: int) -> float | None:
     """Median over feature epochs of wall milliseconds per training step (data loading included;
     validation, projection and the kNN memory excluded), or None before the first epoch."""
-    per_step = sorted(1000.0 * h["epoch_seconds"] / steps_per_epoch for h in state.history if "epoch_seconds" in h)
-    if not per_step:
-        return None
-    middle = len(per_step) // 2
-    return per_step[middle] if len(per_step) % 2 else (per_step[middle - 1] + per_step[middle]) / 2
+    per_step = [1000.0 * h["epoch_seconds"] / steps_per_epoch for h in state.history if "epoch_seconds" in h]
+    return statistics.median(per_step) if per_step else None
 
 
 def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits, run_dir: Path,

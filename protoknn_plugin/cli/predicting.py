@@ -33,19 +33,15 @@ def predict(run_dir, paths, output, neighbours, top_classes, top_prototypes, bat
     squared distances (kNN heads) or the top class probabilities (linear heads), and the top
     contributing prototypes. Unreadable files are listed on stderr and skipped. Uses best.pt
     when the run has one. Cost: one forward pass per image plus one kNN search per batch."""
-    from ..checkpoint import load_checkpoint
     from ..errors import ProtoKNNError
     from ..predict import collect_images, predict_files
-    from ..train import model_from_checkpoint, resolve_device
-    from .training import rebuild_data
+    from ..train import resolve_device
+    from .training import load_finished_run
 
     if batch_size < 1 or neighbours < 1 or top_classes < 1 or top_prototypes < 0:
         raise ProtoKNNError("--batch-size, --neighbours and --top-classes must be at least 1, --top-prototypes at least 0")
-    if not load_checkpoint(run_dir)["train_state"].get("complete"):
-        raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
+    model, _, splits = load_finished_run(run_dir, last, data_dir, image_size)
     files = collect_images(paths)
-    model, saved = model_from_checkpoint(run_dir, best=not last)
-    splits = rebuild_data(saved, data_dir, image_size)
     dev = resolve_device(device)
     model.to(dev)
     from rich.progress import Progress

@@ -121,11 +121,21 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     distributed.teardown()
 
 
-def rebuild_data(saved, data_dir, image_size):
-    """The run's dataset as it was trained (folder, limit, crop, image size), unless overridden."""
-    from ..data.catalog import rebuild_run_data
+def load_finished_run(run_dir, last, data_dir, image_size):
+    """``(model, saved, splits)`` of a run that finished training, for evaluate and predict.
 
-    return rebuild_run_data(saved["dataset"], saved.get("data") or {}, data_dir, image_size, augment=True)
+    The model comes from best.pt unless ``last`` (or the run has none); the data is the run's
+    dataset as it was trained (folder, limit, crop, image size) unless overridden.
+    """
+    from ..checkpoint import load_checkpoint
+    from ..data.catalog import rebuild_run_data
+    from ..train import model_from_checkpoint
+
+    if not load_checkpoint(run_dir)["train_state"].get("complete"):
+        raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
+    model, saved = model_from_checkpoint(run_dir, best=not last)
+    splits = rebuild_run_data(saved["dataset"], saved.get("data") or {}, data_dir, image_size, augment=True)
+    return model, saved, splits
 
 
 @cli.command()
@@ -140,13 +150,9 @@ def evaluate(run_dir, data_dir, device, last, workers, image_size):
     """Test accuracy of a trained run: top-1, and for kNN heads k = 1, 3, 5, 10 from one search.
     Uses RUN_DIR/best.pt (best validation accuracy) when it exists, else checkpoint.pt.
     Writes RUN_DIR/metrics.json. Cost: one pass over the test set."""
-    from ..checkpoint import load_checkpoint
-    from ..train import evaluate as evaluate_model, model_from_checkpoint, resolve_device, write_json
+    from ..train import evaluate as evaluate_model, resolve_device, write_json
 
-    if not load_checkpoint(run_dir)["train_state"].get("complete"):
-        raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
-    model, saved = model_from_checkpoint(run_dir, best=not last)
-    splits = rebuild_data(saved, data_dir, image_size)
+    model, saved, splits = load_finished_run(run_dir, last, data_dir, image_size)
     dev = resolve_device(device)
     metrics = evaluate_model(model.to(dev), splits.test, device=dev, workers=workers)
     metrics["checkpoint"] = "checkpoint.pt" if last or not (Path(run_dir) / "best.pt").exists() else "best.pt"
