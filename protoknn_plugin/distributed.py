@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -59,9 +60,26 @@ def setup(device: torch.device) -> Optional[torch.device]:
     return device
 
 
-def teardown() -> None:
-    if is_active():
-        dist.destroy_process_group()
+def teardown(timeout_s: float = 600.0) -> None:
+    """Wait for every rank, then destroy the process group.
+
+    Without the barrier a rank that finishes first destroys its group and exits while a peer
+    is still in a collective or about to destroy its own; gloo's worker thread then dies with
+    its peer and aborts the process. A barrier that fails (a peer died or never arrived within
+    ``timeout_s``) ends in one ProtoKNNError line instead.
+    """
+    if not is_active():
+        return
+    try:
+        if dist.get_backend() == "gloo":  # gloo's barrier takes a timeout and names the missing rank
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except RuntimeError as err:  # DistBackendError and gloo timeouts are RuntimeErrors
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ProtoKNNError(f"rank {rank()} could not reach the final barrier ({first_line}); "
+                            "another process ended early: check its log, then rerun with --resume") from None
+    dist.destroy_process_group()
 
 
 def shard(items: list) -> list:

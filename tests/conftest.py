@@ -47,3 +47,35 @@ def assert_one_line_error(result, *words):
 @pytest.fixture(scope="session")
 def tiny_args():
     return list(TINY)
+
+
+def _run_rank(rank, worker, world, init_file, args):
+    """One spawned rank: join the group, run ``worker(rank, world, *args)``, then leave through
+    the product's teardown (a barrier before the group is destroyed)."""
+    import torch.distributed as dist
+
+    from protoknn_plugin import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    worker(rank, world, *args)
+    distributed.teardown()
+
+
+def spawn_ranks(worker, world, tmp_path, *args):
+    """Run ``worker(rank, world, *args)`` in ``world`` processes under one gloo group.
+
+    Every test that spawns ranks goes through here, so no rank destroys its group while a peer
+    is still using it (gloo aborts the process when that happens)."""
+    import torch.multiprocessing as mp
+
+    init_file = tmp_path / "dist-init-store"
+    mp.spawn(_run_rank, args=(worker, world, str(init_file), args), nprocs=world, join=True)
+
+
+def cli_interrupted_at_step(args, trainer_index=1, step=1, timeout=600):
+    """Run the CLI with SIGTERM sent right after ``step`` of the ``trainer_index``-th run it
+    trains (tests/sigterm_at_step.py): the same interruption on every machine, at any speed."""
+    script = os.path.join(os.path.dirname(__file__), "sigterm_at_step.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+    return subprocess.run([sys.executable, script, str(trainer_index), str(step), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)

@@ -11,10 +11,11 @@ import torch.multiprocessing as mp
 
 from protoknn_plugin import distributed
 from protoknn_plugin.checkpoint import load_checkpoint
+from protoknn_plugin.errors import ProtoKNNError
 from protoknn_plugin.heads import create_head
 from protoknn_plugin.prototypes import PrototypeLayer
 
-from conftest import TINY
+from conftest import TINY, spawn_ranks
 
 
 def _setup_pieces():
@@ -50,10 +51,9 @@ class _Pieces(torch.nn.Module):
         return self.head.loss(out, distributed.gather_labels(labels))["total"]
 
 
-def _worker(rank, world, init_file, result_file):
+def _worker(rank, world, result_file):
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     layer, head, features, labels = _setup_pieces()
     local = list(range(rank, len(labels), world))
     ddp = DistributedDataParallel(_Pieces(layer, head), find_unused_parameters=True)
@@ -62,12 +62,11 @@ def _worker(rank, world, init_file, result_file):
     global_labels = distributed.gather_labels(labels[local])
     if rank == 0:
         torch.save({"grads": _grads(layer, head), "labels": global_labels}, result_file)
-    dist.destroy_process_group()
 
 
 def test_ddp_with_gathered_loss_gives_single_process_gradients(tmp_path):
     expected = _single_process_grads()
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "result.pt")), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, tmp_path, str(tmp_path / "result.pt"))
     got = torch.load(tmp_path / "result.pt")
     assert got["labels"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # global batch order restored
     assert len(got["grads"]) == len(expected)
@@ -78,6 +77,28 @@ def test_ddp_with_gathered_loss_gives_single_process_gradients(tmp_path):
             assert torch.allclose(g, e, atol=1e-5, rtol=1e-4)
             checked += 1
     assert checked >= 3
+
+
+def _rank_whose_peer_dies(rank, world, init_file, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.barrier()  # both ranks are in the group
+    if rank == 1:
+        os._exit(0)  # leaves without the final barrier, like a crashed peer
+    try:
+        distributed.teardown(timeout_s=20)
+        outcome = "returned"
+    except ProtoKNNError as err:
+        outcome = str(err)
+    with open(result_file, "w") as handle:
+        handle.write(outcome)
+
+
+def test_teardown_after_a_peer_died_ends_in_one_line(tmp_path):
+    result = tmp_path / "outcome.txt"
+    mp.spawn(_rank_whose_peer_dies, args=(2, str(tmp_path / "store"), str(result)), nprocs=2, join=True)
+    outcome = result.read_text()
+    assert outcome.startswith("rank 0 could not reach the final barrier"), outcome
+    assert "\n" not in outcome and "--resume" in outcome
 
 
 def test_shard_refuses_uneven_global_batch(monkeypatch):

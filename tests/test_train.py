@@ -1,9 +1,3 @@
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
@@ -13,7 +7,7 @@ from protoknn_plugin.errors import ProtoKNNError
 from protoknn_plugin.model import ModelConfig, PrototypeModel
 from protoknn_plugin.train import TrainConfig, Trainer, evaluate, model_from_checkpoint
 
-from conftest import TINY, run_cli
+from conftest import TINY, cli_interrupted_at_step, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +111,12 @@ def test_sigterm_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     assert done.returncode == 0, done.stderr
 
     interrupted = tmp_path / "interrupted"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "protoknn_plugin", *args, "--out", str(interrupted)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not (interrupted / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    stopped = cli_interrupted_at_step([*args, "--out", interrupted], step=12)  # in the second epoch
+    err = stopped.stderr
+    assert stopped.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     partial = load_checkpoint(interrupted)["train_state"]
-    assert not partial["complete"]
+    assert not partial["complete"] and partial["global_step"] == 12 and partial["epoch"] == 1
 
     resumed = run_cli(*args, "--out", interrupted, "--resume")
     assert resumed.returncode == 0, resumed.stderr
