@@ -57,6 +57,7 @@ def save_atomic(state: Dict[str, Any], path: str | os.PathLike) -> None:
     # RuntimeError about stream positions; plain file writes give an honest OSError.
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    had_previous = path.exists()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -73,7 +74,9 @@ def save_atomic(state: Dict[str, Any], path: str | os.PathLike) -> None:
             full = err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
             reason = "the disk is full" if full else (err.strerror or str(err))
             raise ProtoKNNError(
-                f"could not write checkpoint {str(path)!r}: {reason}; the previous checkpoint is intact, free space and rerun with --resume"
+                f"could not write checkpoint {str(path)!r}: {reason}; " + (
+                    "the previous checkpoint is intact, free space and rerun with --resume" if had_previous else
+                    "no checkpoint had been saved yet, free space and rerun the same command")
             ) from None
         raise
     # Make the rename itself durable.
@@ -134,7 +137,30 @@ def load_checkpoint(path: str | os.PathLike, best: bool = False) -> Dict[str, An
             raise ProtoKNNError(f"checkpoint {str(path)!r} has unreadable settings; it is corrupt") from None
     if not isinstance(state, dict) or "model_config" not in state:
         raise ProtoKNNError(f"{str(path)!r} is not a protoknn checkpoint (no model_config); pass a run directory written by `protoknn train`")
+    check_checkpoint_layout(state, path)
     return state
+
+
+def corrupt_checkpoint(path: str | os.PathLike, detail: str) -> ProtoKNNError:
+    """The one-line error for a checkpoint that loads but does not hold what a protoknn run holds."""
+    detail = " ".join(str(detail).split())[:200]
+    return ProtoKNNError(f"checkpoint {str(path)!r} is corrupt or incompatible ({detail}); retrain the run, "
+                         "or pass a run directory written by `protoknn train` of this version")
+
+
+def check_checkpoint_layout(state: Dict[str, Any], path: str | os.PathLike) -> None:
+    """The parts every command reads have the right kinds: settings are mappings, weights tensors."""
+    if not isinstance(state.get("model_config"), dict):
+        raise corrupt_checkpoint(path, f"model_config is a {type(state.get('model_config')).__name__}, not a mapping")
+    if not isinstance(state.get("train_state"), dict):
+        raise corrupt_checkpoint(path, "no train_state mapping")
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")
+                                                for k, v in weights.items()):
+        raise corrupt_checkpoint(path, "model weights are not a mapping of tensors")
+    for key in ("train_config", "data"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise corrupt_checkpoint(path, f"{key} is a {type(state[key]).__name__}, not a mapping")
 
 
 def check_run_dir(out: str | os.PathLike, resume: bool, overwrite: bool) -> None:

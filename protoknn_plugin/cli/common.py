@@ -253,19 +253,66 @@ def _read_config(ctx: click.Context, param, value):
         _fail(f"cannot read --config {value!r} ({err.strerror or err}); pass an existing YAML file")
     except yaml.YAMLError as err:
         _fail(f"--config {value!r} is not valid YAML ({str(err).splitlines()[0]}); fix the file")
-    data = data or {}
+    defaults = config_defaults(ctx.command, ctx.info_name, data, value)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def config_defaults(command: click.Command, command_name: str, data, source: str) -> dict:
+    """The option values of a --config file's mapping, each checked against the option's declared
+    type (one-line exit 2 naming key, value and type otherwise). Used by --config itself."""
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        _fail(f"--config {value!r} must hold a mapping of option: value; e.g. epochs: 10")
-    names = {p.name for p in ctx.command.params if p.name}
+        _fail(f"--config {source!r} must hold a mapping of option: value; e.g. epochs: 10")
+    params = {p.name: p for p in command.params if p.name}
     defaults = {}
     for key, item in data.items():
         name = str(key).replace("-", "_")
-        if name not in names or name in NOT_IN_CONFIG:
-            _fail(f"--config {value!r}: {key!r} is not an option of `{ctx.info_name}`; remove it "
-                  f"(see `protoknn {ctx.info_name} --help`)")
-        defaults[name] = item
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
+        if name not in params or name in NOT_IN_CONFIG:
+            _fail(f"--config {source!r}: {key!r} is not an option of `{command_name}`; remove it "
+                  f"(see `protoknn {command_name} --help`)")
+        try:
+            defaults[name] = config_value(params[name], item)
+        except ValueError as err:
+            _fail(f"--config {source!r}: {key}: {_shown(item)} is not {err}; fix the value in the file")
+    return defaults
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_value(param: click.Parameter, value):
+    """``value`` of a config file as the option's declared type, or ValueError naming that type.
+
+    Numbers are read as text where the option takes text (YAML reads ``precision: 32`` as a
+    number); a bool is never a number; None leaves the option at its default."""
+    if value is None:
+        return None
+    if getattr(param, "multiple", False):
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+            raise ValueError("a list of text items (e.g. [width=16])")
+        return [str(v) for v in items]
+    kind = param.type
+    if getattr(param, "is_flag", False) or isinstance(kind, click.types.BoolParamType):
+        if not isinstance(value, bool):
+            raise ValueError("true or false")
+        return value
+    if isinstance(kind, click.types.IntParamType):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("a whole number")
+        return value
+    if isinstance(kind, click.types.FloatParamType):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("a number")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("text")
+    if isinstance(kind, click.Choice) and str(value) not in kind.choices:
+        raise ValueError(f"one of {', '.join(map(str, kind.choices))}")
+    return str(value)
 
 
 def _fail(message: str):
@@ -318,3 +365,20 @@ def loading_options(fn):
 def precision_option(fn):
     return click.option("--precision", type=click.Choice(["32", "bf16", "16-mixed"]), default="32", show_default=True,
                         help="Mixed precision for the backbone and add-on (losses stay float32); 16-mixed needs a GPU.")(fn)
+
+
+# Smallest value of each numeric option (None, where allowed, keeps the option's default meaning).
+OPTION_MINIMUMS = {"epochs": 1, "batch_classes": 2, "per_class": 1, "prototypes": 1, "dim": 1, "steps_per_epoch": 1,
+                   "limit": 1, "threads": 1, "workers": 0, "image_size": 8, "k": 1, "images": 1, "n": 1,
+                   "neighbours": 1, "top_classes": 1, "top_prototypes": 0, "batch_size": 1, "top": 1}
+
+
+def check_option_ranges(params: dict) -> None:
+    """One line for the first numeric option below its smallest value or a fraction outside [0, 1)."""
+    for name, smallest in OPTION_MINIMUMS.items():
+        value = params.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < smallest:
+            raise ProtoKNNError(f"--{name.replace('_', '-')} must be at least {smallest}, got {value}")
+    fraction = params.get("val_fraction")
+    if isinstance(fraction, float) and not 0.0 <= fraction < 1.0:
+        raise ProtoKNNError(f"--val-fraction must be in [0, 1), got {fraction}; e.g. 0.1")

@@ -9,7 +9,8 @@ import click
 
 from ..errors import ProtoKNNError
 from . import cli
-from .common import (_print_metrics, _report_skipped, _setup_threads, _train_config, config_option, console,
+from .common import (_print_metrics, _report_skipped, _setup_threads, _train_config, check_option_ranges,
+                     config_option, console,
                      err_console, frozen_backbone_options, loading_options, parse_options, precision_option, run_cli,
                      training_options, with_preset, workers_option, write_run_config)
 
@@ -51,14 +52,18 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     With --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
     later runs; EfficientNet-Lite0 at 128 px: ~70 images per CPU-second), then epochs read the cache.
     """
-    from ..checkpoint import check_run_dir, ensure_writable_dir
+    from ..checkpoint import check_run_dir, ensure_writable_dir, load_checkpoint
     from ..data import create_dataset
     from ..model import ModelConfig, PrototypeModel
     from ..train import Interrupted, Trainer, evaluate, write_json
+    from ..train.loading import check_batch_settings
     from .. import distributed
 
     params = dict(click.get_current_context().params, **locals())
+    # Check first, then write: every refusal below leaves the run directory as it was.
+    check_option_ranges(params)
     check_run_dir(out, resume, overwrite)
+    saved = load_checkpoint(out) if resume else None
     _setup_threads(threads)
     splits = create_dataset(dataset, data_dir, limit=limit, strict=strict, crop=crop, image_size=image_size)
     _report_skipped(splits)
@@ -74,6 +79,14 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
                                   backbone_options=parse_options(backbone_opts))
     model = PrototypeModel(config)
     data_info = {"data_dir": data_dir, "limit": limit, "crop": crop, "image_size": image_size}
+    train_config = _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed, deterministic)
+    train_config.val_fraction, train_config.workers = val_fraction, workers
+    train_config.precision, train_config.tensorboard = precision, tensorboard
+    train_config.__post_init__()  # check the new fields
+    if saved is not None:
+        _check_resume(saved, out, model, train_config, dataset, dict(data_info, frozen_backbone=frozen_backbone),
+                      splits)
+    check_batch_settings(splits.train_labels, train_config)  # before a feature cache is built
     frozen = None
     if frozen_backbone:
         from ..frozen import prepare_feature_cache
@@ -90,11 +103,11 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
             sys.exit(130)
         splits = frozen.splits
         data_info.update(frozen.info)
-    train_config = _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed, deterministic)
-    train_config.val_fraction, train_config.workers = val_fraction, workers
-    train_config.precision, train_config.tensorboard = precision, tensorboard
-    train_config.__post_init__()  # check the new fields
     trainer = Trainer(model, splits, train_config, out_dir=out, dataset_name=dataset, data_info=data_info)
+    check_batch_settings(trainer.splits.train_labels, train_config)  # after the validation hold-out
+    note = trainer.continued_state(saved)[1] if saved is not None else None
+    if saved is not None and note is None and saved["train_state"].get("complete"):
+        note = f"the run already finished its {epochs} epoch(s): evaluating it again; a larger --epochs trains on"
     if distributed.is_main():
         ensure_writable_dir(out)
         if overwrite:
@@ -103,6 +116,8 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
             for stale in ("best.pt", "metrics.json", "metrics.csv"):
                 (Path(out) / stale).unlink(missing_ok=True)
         write_run_config(out, {k: params[k] for k in click.get_current_context().params})
+        if note:
+            console.print(note, markup=False, highlight=False)
     with frozen.bypassed() if frozen else contextlib.nullcontext():  # maps instead of images, backbone frozen
         try:
             state = trainer.fit(resume=resume)
@@ -119,6 +134,19 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
         write_json(Path(out) / "metrics.json", metrics)
         _print_metrics({k: v for k, v in metrics.items() if k != "best"}, f"{head} on {dataset}")
     distributed.teardown()
+
+
+def _check_resume(saved, out, model, train_config, dataset, data_info, splits) -> None:
+    """Refuse to resume with settings that change the results, or a checkpoint that does not fit."""
+    from dataclasses import asdict
+
+    from ..checkpoint import CHECKPOINT_NAME
+    from ..train import load_model_state
+    from ..train.resuming import check_same_run
+
+    check_same_run(saved, model.config.to_dict(), asdict(train_config), dataset, data_info,
+                   list(getattr(splits, "classes", [])))
+    load_model_state(model, saved, str(Path(out) / CHECKPOINT_NAME))  # the trainer loads it again
 
 
 def load_finished_run(run_dir, last, data_dir, image_size):

@@ -1,6 +1,7 @@
 """Scoring a model and rebuilding one from a run directory."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -10,25 +11,54 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import distributed
-from ..checkpoint import load_checkpoint
+from ..checkpoint import checkpoint_path, corrupt_checkpoint, load_checkpoint
 from ..errors import ProtoKNNError
 from ..model import ModelConfig, PrototypeModel
 from .loading import plain_loader
 
 
-def load_model_state(model: PrototypeModel, saved: Dict[str, Any]) -> None:
-    """Load weights (including a kNN memory of any size) and the projection record."""
-    model.load_state_dict(saved["model"])
-    model.load_projection_state(saved.get("projection"))
+def load_model_state(model: PrototypeModel, saved: Dict[str, Any], where: str = "checkpoint") -> None:
+    """Load weights (including a kNN memory of any size) and the projection record; weights that
+    do not fit the model (names, shapes) are the one-line corrupt-or-incompatible error."""
+    try:
+        model.load_state_dict(saved["model"])
+        model.load_projection_state(saved.get("projection"))
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise corrupt_checkpoint(where, _first_problem(err)) from None
+
+
+def _first_problem(err: Exception) -> str:
+    """torch lists every mismatch over many lines; the first one names the problem."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line:
+            return line
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def model_config_from(saved: Dict[str, Any], where: str = "checkpoint") -> ModelConfig:
+    """The checkpoint's ModelConfig; unknown or ill-typed fields are the corrupt-or-incompatible error."""
+    cfg = dict(saved["model_config"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(map(str, cfg)) - known)
+    if unknown:
+        raise corrupt_checkpoint(where, f"unknown model_config key {unknown[0]!r}")
+    return ModelConfig(**cfg)
 
 
 def model_from_checkpoint(path, best: bool = False) -> Tuple[PrototypeModel, Dict[str, Any]]:
     """Rebuild the model of a run directory (its best.pt when ``best`` and it exists) or of a checkpoint file."""
     saved = load_checkpoint(path, best=best)
-    cfg = dict(saved["model_config"])
-    cfg["weights"] = "none"  # the trained weights come from the checkpoint, not from the original source
-    model = PrototypeModel(ModelConfig(**cfg), for_loading=True)
-    load_model_state(model, saved)
+    where = str(checkpoint_path(path, best))
+    config = model_config_from(saved, where)
+    config.weights = "none"  # the trained weights come from the checkpoint, not from the original source
+    try:
+        model = PrototypeModel(config, for_loading=True)
+    except ProtoKNNError as err:
+        raise corrupt_checkpoint(where, str(err)) from None
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise corrupt_checkpoint(where, f"model_config: {type(err).__name__}: {err}") from None
+    load_model_state(model, saved, where)
     model.config.weights = saved["model_config"].get("weights")
     return model, saved
 

@@ -116,6 +116,17 @@ def epoch_batches(labels: Tensor, config: TrainConfig) -> List[List[int]]:
     """One epoch of class-balanced batches from PML's MPerClassSampler, drawn up front."""
     from pytorch_metric_learning.samplers import MPerClassSampler
 
+    check_batch_settings(labels, config)
+    batch = config.batch_size
+    steps = config.steps_per_epoch or max(1, len(labels) // batch)
+    sampler = MPerClassSampler(labels.numpy(), m=config.per_class, batch_size=batch,
+                               length_before_new_iter=steps * batch)
+    order = [int(i) for i in iter(sampler)]  # plain ints: checkpoints hold no numpy objects
+    return [order[i * batch:(i + 1) * batch] for i in range(len(order) // batch)]
+
+
+def check_batch_settings(labels: Tensor, config: TrainConfig) -> None:
+    """Refuse batch settings the training labels (N,) cannot fill: checked before a run writes anything."""
     counts = torch.bincount(labels)
     present = int((counts > 0).sum())
     if config.batch_classes < 2:
@@ -124,14 +135,10 @@ def epoch_batches(labels: Tensor, config: TrainConfig) -> List[List[int]]:
         raise ProtoKNNError(
             f"--batch-classes {config.batch_classes} is more than the {present} classes in the training set; lower it"
         )
+    if config.per_class < 1:
+        raise ProtoKNNError(f"--per-class must be at least 1, got {config.per_class}")
     smallest = int(counts[counts > 0].min())
     if config.per_class > smallest:
         raise ProtoKNNError(
             f"--per-class {config.per_class} is larger than the smallest class ({smallest} images); lower --per-class"
         )
-    batch = config.batch_size
-    steps = config.steps_per_epoch or max(1, len(labels) // batch)
-    sampler = MPerClassSampler(labels.numpy(), m=config.per_class, batch_size=batch,
-                               length_before_new_iter=steps * batch)
-    order = [int(i) for i in iter(sampler)]  # plain ints: checkpoints hold no numpy objects
-    return [order[i * batch:(i + 1) * batch] for i in range(len(order) // batch)]
