@@ -45,6 +45,18 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return out
 
 
+def is_writable_dir(path: str | os.PathLike) -> bool:
+    """Whether files can be created in the existing folder ``path``.
+
+    Tried, not asked: ``os.access`` says yes to root even on a read-only mount or an immutable
+    folder. The probe file is removed at once, so the folder's contents stay as they were."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            return True
+    except OSError:
+        return False
+
+
 def save_atomic(state: Dict[str, Any], path: str | os.PathLike) -> None:
     """torch.save ``state`` to ``path`` atomically (temp file + fsync + os.replace).
 

@@ -7,12 +7,12 @@
 * ``prototype_grid_figure``: every projected prototype on its source image.
 
 Figures are drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through
-pyplot, so nothing global changes and no display is needed.
+pyplot, so nothing global changes and no display is needed. Every text is drawn with
+``parse_math=False``: class and file names are data, never mathtext (a class named ``$x^$``).
 """
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
+from .checkpoint import is_writable_dir
 from .errors import ProtoKNNError, check
 from .explain import (Box, Counterfactual, LooksLike, check_explainable, check_top, counterfactual, resolve_class,
                       source_boxes, this_looks_like_that)
@@ -70,7 +71,7 @@ def _show(ax, splits, image: Tensor, box: Optional[Box] = None, title: str = "",
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=fontsize)
+        ax.set_title(title, fontsize=fontsize, parse_math=False)
 
 
 def _crop(image: Tensor, box: Box) -> Tensor:
@@ -81,7 +82,7 @@ def _crop(image: Tensor, box: Box) -> Tensor:
 def _text_panel(ax, text: str, fontsize: float = 10, **kwargs) -> None:
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=fontsize, transform=ax.transAxes,
-            family="monospace", **kwargs)
+            family="monospace", parse_math=False, **kwargs)
 
 
 def _num(value: float, sign: bool = False) -> str:
@@ -106,7 +107,7 @@ def _new_figure(width: float, height: float, rows: int, cols: int, title: str, t
     height += space_above
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
-    fig.suptitle(title, fontsize=title_size, fontweight="bold", y=1 - 0.2 / height, va="top")
+    fig.suptitle(title, fontsize=title_size, fontweight="bold", y=1 - 0.2 / height, va="top", parse_math=False)
     grid = fig.add_gridspec(rows, cols, top=1 - space_above / height, bottom=0.02, left=0.02, right=0.98, **space)
     return fig, grid
 
@@ -122,7 +123,7 @@ def check_figure_path(out_path) -> Path:
     except OSError as err:
         raise ProtoKNNError(f"cannot write figure {str(path)!r}: cannot create its folder ({err.strerror or err}); "
                             "pass --out to a path you can write") from None
-    if not os.access(path.parent, os.W_OK) or path.is_dir():
+    if path.is_dir() or not is_writable_dir(path.parent):
         raise ProtoKNNError(f"cannot write figure {str(path)!r}: "
                             f"{'it is a folder' if path.is_dir() else 'its folder is not writable'}; "
                             "pass --out to a path you can write")
@@ -184,7 +185,7 @@ def counterfactual_figure(cf: Counterfactual, splits, out_path) -> Path:
         _text_panel(fig.add_subplot(grid[row, 2]), f"c_{proto.index} = {_num(proto.score, sign=True)}",
                     fontsize=10.5, fontweight="bold")
         if first:
-            fig.axes[-1].set_title(headers[2], fontsize=9)
+            fig.axes[-1].set_title(headers[2], fontsize=9, parse_math=False)
         for col, key in enumerate(("anchor", "positive", "negative"), start=3):
             ax = fig.add_subplot(grid[row, col])
             _show(ax, splits, images[key], proto.boxes[key],
@@ -261,7 +262,8 @@ def prototype_grid_figure(model, splits, out_path) -> Path:
     space_above = TITLE_SPACE + TITLE_LINE * title.count("\n") - 0.3
     fig = Figure(figsize=(panel_width, panel_height + space_above), dpi=DPI)
     FigureCanvasAgg(fig)
-    fig.suptitle(title, fontsize=10.5, fontweight="bold", y=1 - 0.15 / (panel_height + space_above), va="top")
+    fig.suptitle(title, fontsize=10.5, fontweight="bold", y=1 - 0.15 / (panel_height + space_above), va="top",
+                 parse_math=False)
     ax = fig.add_axes((0.01, 0.005, 0.98, panel_height / (panel_height + space_above) - 0.005))
     ax.imshow(mosaic, interpolation="nearest" if side < 96 else "antialiased")
     ax.set_xlim(-0.5, mosaic.shape[1] - 0.5)
@@ -278,7 +280,7 @@ def prototype_grid_figure(model, splits, out_path) -> Path:
         owner = _class_name(splits, int(proto_class[i])) if proto_class is not None else \
             "from " + _class_name(splits, int(splits.train_labels[src]))
         ax.text(x + side / 2, y - band * 0.08, f"p{i} · {owner}\ntrain #{src}", ha="center", va="bottom",
-                fontsize=7.5)
+                fontsize=7.5, parse_math=False)
     if small_cells:
         xs, ys = zip(*small_cells)
         ax.plot(xs, ys, linestyle="none", marker="+", markersize=9, markeredgewidth=1.8, color=CELL_COLOR)

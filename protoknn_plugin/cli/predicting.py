@@ -41,6 +41,7 @@ def predict(run_dir, paths, output, neighbours, top_classes, top_prototypes, bat
     if batch_size < 1 or neighbours < 1 or top_classes < 1 or top_prototypes < 0:
         raise ProtoKNNError("--batch-size, --neighbours and --top-classes must be at least 1, --top-prototypes at least 0")
     model, _, splits = load_finished_run(run_dir, last, data_dir, image_size)
+    target = check_output_file(Path(output) if output else Path(run_dir) / "predictions.csv", output is None)
     files = collect_images(paths)
     dev = resolve_device(device)
     model.to(dev)
@@ -51,12 +52,30 @@ def predict(run_dir, paths, output, neighbours, top_classes, top_prototypes, bat
         columns, rows, unreadable = predict_files(
             model, splits, files, batch_size, dev, workers=workers, neighbours=neighbours, top_classes=top_classes,
             top_prototypes=top_prototypes, on_batch=lambda n: progress.advance(task, n))
-    target = Path(output) if output else Path(run_dir) / "predictions.csv"
-    with target.open("w", newline="") as handle:
+    tmp = target.with_name(f".{target.name}.tmp")
+    with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    tmp.replace(target)
     for path in unreadable:
         err_console.print(f"warning: unreadable image skipped: {path}", markup=False, highlight=False)
     print(f"{len(rows)} prediction(s) written to {target}" + (f"; {len(unreadable)} unreadable file(s) skipped"
                                                               if unreadable else ""))
+
+
+def check_output_file(target: Path, in_run_dir: bool) -> Path:
+    """The CSV path, checked before any prediction is computed: its folder exists and is writable."""
+    from ..checkpoint import is_writable_dir
+    from ..errors import ProtoKNNError
+
+    fix = "pass --output FILE in a folder you can write"
+    if target.is_dir():
+        raise ProtoKNNError(f"--output {str(target)!r} is a folder; {fix}, e.g. --output predictions.csv")
+    if not target.parent.is_dir():
+        raise ProtoKNNError(f"cannot write {str(target)!r}: the folder {str(target.parent)!r} does not exist; "
+                            f"create it or {fix}")
+    if not is_writable_dir(target.parent):
+        where = "the run directory" if in_run_dir else "the folder"
+        raise ProtoKNNError(f"cannot write {str(target)!r}: {where} {str(target.parent)!r} is not writable; {fix}")
+    return target

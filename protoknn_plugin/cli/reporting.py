@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from . import cli
-from .common import console, run_cli
+from .common import console, err_console, run_cli
 
 
 def _parse_ms(value: str):
@@ -28,11 +28,17 @@ def faithfulness(run_dir, n, seed, sigma, ms, data_dir):
     stability under noise, consistency (datasets with part annotations: cub200) and prototype purity.
     Writes RUN_DIR/faithfulness.json and prints a table. Cost: about 10 forward passes per test image
     plus one pass over the training set; the same command gives the same numbers."""
+    from ..checkpoint import is_writable_dir
     from ..faithfulness import measure_run
 
-    result = measure_run(run_dir, n=n, seed=seed, sigma=sigma, ms=_parse_ms(ms), data_dir=data_dir)
+    writable = is_writable_dir(run_dir)  # reading a run never needs write access
+    result = measure_run(run_dir, n=n, seed=seed, sigma=sigma, ms=_parse_ms(ms), data_dir=data_dir, write=writable)
     print_faithfulness(result)
-    console.print(f"written to {run_dir}/faithfulness.json", markup=False, highlight=False)
+    if writable:
+        console.print(f"written to {run_dir}/faithfulness.json", markup=False, highlight=False)
+    else:
+        err_console.print(f"warning: {run_dir} is not writable, so faithfulness.json was not written; "
+                          "the tables above are the result", markup=False, highlight=False)
 
 
 def print_faithfulness(result) -> None:
@@ -85,10 +91,19 @@ def _ratio(value) -> str:
 def report(run_dir, out, images, seed, faithfulness, data_dir):
     """Write a static HTML report of a finished run into OUT: index.html (config, metrics, faithfulness
     table, learning curves), prototypes.html (each prototype's source patch and 10 nearest training
-    patches) and one page per sampled test image (ProtoKNN: counterfactuals against the 3 runner-up
+    patches) and one page per sampled test image (ProtoKNN: counterfactuals against up to 3 runner-up
     classes; ProtoPNet: "this looks like that"). Opens from disk, no server or JavaScript. Cost: one
     pass over the training set, plus the faithfulness measurement when RUN_DIR has none."""
+    from pathlib import Path
+
+    from ..checkpoint import is_writable_dir
+    from ..faithfulness import RESULT_NAME
     from ..report import write_report
 
-    path = write_report(run_dir, out, images=images, data_dir=data_dir, seed=seed, faithfulness=faithfulness)
+    cache = is_writable_dir(run_dir)  # reading a run never needs write access
+    path = write_report(run_dir, out, images=images, data_dir=data_dir, seed=seed, faithfulness=faithfulness,
+                        cache_faithfulness=cache)
+    if faithfulness and not cache and not (Path(run_dir) / RESULT_NAME).exists():
+        err_console.print(f"warning: {run_dir} is not writable, so the faithfulness measured for the report was not "
+                          f"kept in {RESULT_NAME}", markup=False, highlight=False)
     console.print(f"report written to {path}", markup=False, highlight=False)

@@ -178,11 +178,17 @@ def evaluate(run_dir, data_dir, device, last, workers, image_size):
     """Test accuracy of a trained run: top-1, and for kNN heads k = 1, 3, 5, 10 from one search.
     Uses RUN_DIR/best.pt (best validation accuracy) when it exists, else checkpoint.pt.
     Writes RUN_DIR/metrics.json. Cost: one pass over the test set."""
+    from ..checkpoint import is_writable_dir
     from ..train import evaluate as evaluate_model, resolve_device, write_json
 
     model, saved, splits = load_finished_run(run_dir, last, data_dir, image_size)
+    writable = is_writable_dir(run_dir)  # reading a run never needs write access
     dev = resolve_device(device)
     metrics = evaluate_model(model.to(dev), splits.test, device=dev, workers=workers)
     metrics["checkpoint"] = "checkpoint.pt" if last or not (Path(run_dir) / "best.pt").exists() else "best.pt"
-    write_json(Path(run_dir) / "metrics.json", metrics)
+    if writable:
+        write_json(Path(run_dir) / "metrics.json", metrics)
     _print_metrics(metrics, f"{saved['model_config']['head']} on {saved['dataset']}")
+    if not writable:
+        err_console.print(f"warning: {run_dir} is not writable, so metrics.json was left as it was; "
+                          "the table above is the result", markup=False, highlight=False)

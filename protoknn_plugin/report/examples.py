@@ -127,6 +127,14 @@ def _looks_like_section(model, splits, tiles, index, image, label) -> str:
             + "".join(rows) + "</section>")
 
 
+def _count_words(count: int) -> str:
+    """'the runner-up class' or 'the three runner-up classes': the page counts what it shows."""
+    if count == 1:
+        return "the runner-up class"
+    words = {2: "two", 3: "three"}
+    return f"the {words.get(count, str(count))} runner-up classes"
+
+
 def write_example(out, model, splits, tiles, index: int, predicted: int, nav, others: Dict[str, str]) -> str:
     """Write the page of test image ``index``; ``others``: {label: href} of the same image under other heads."""
     image, label = splits.test[index]
@@ -139,8 +147,8 @@ def write_example(out, model, splits, tiles, index: int, predicted: int, nav, ot
     if getattr(model.head, "knn", None) is not None:
         runners, nearest_class = runner_up_classes(model, image)
         body.append(f"<p>The counterfactuals explain the k = 1 prediction (the class of the nearest training "
-                    f"image): <strong>{esc(_class_name(splits, nearest_class))}</strong>, against the three "
-                    "runner-up classes: "
+                    f"image): <strong>{esc(_class_name(splits, nearest_class))}</strong>, against "
+                    + _count_words(len(runners)) + ": "
                     + ", ".join(f'<a href="#vs-{c}">{esc(_class_name(splits, c))}</a>' for c in runners) + ".</p>")
         body += [_counterfactual_section(model, splits, tiles, index, image, int(label), c) for c in runners]
     else:

@@ -105,12 +105,14 @@ def _config_rows(saved: dict) -> List[tuple]:
 
 def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed: int = 0,
                  faithfulness: bool = True, indices: Optional[Sequence[int]] = None,
-                 others: Optional[Dict[str, str]] = None, up: Optional[str] = None) -> Path:
+                 others: Optional[Dict[str, str]] = None, up: Optional[str] = None,
+                 cache_faithfulness: bool = True) -> Path:
     """Write the site of one finished run into ``out``; returns the index page's path.
 
     ``faithfulness``: use RUN_DIR/faithfulness.json, computing it when absent (about a minute on
     the default runs). ``indices``: test images to give pages (default: ``images`` of them,
     misclassified first). ``others``: {label: folder prefix} of the same pages under other runs.
+    ``cache_faithfulness``: keep a faithfulness measured here in RUN_DIR (False for a read-only run).
     """
     from ..faithfulness import RESULT_NAME, measure_run, nearest_patches, purity
     from ..figures import _check_run, _load_model, _run_splits
@@ -124,7 +126,8 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
     nearest = nearest_patches(model, splits.train_plain, k=10)
     result = _read_json(run_dir / RESULT_NAME) if faithfulness else None
     if faithfulness and result is None:
-        result = measure_run(run_dir, splits=splits, data_dir=data_dir, seed=seed, nearest=nearest, model=model)
+        result = measure_run(run_dir, splits=splits, data_dir=data_dir, seed=seed, nearest=nearest, model=model,
+                             write=cache_faithfulness)
     tiles = TileWriter(splits, out)
     nav = _nav(up)
     write_gallery(out, model, splits, nearest, tiles, nav, purity(nearest.labels))
