@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ProtoKNNError
 from .base import (IMAGE_SUFFIXES, SPLIT_SEED, DatasetNotFoundError, FileImageDataset, quick_image_problem,
@@ -31,24 +31,55 @@ DEFAULT_IMAGE_SIZE = 224
 
 
 def _visible_dirs(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in _listing(folder) if not p.name.startswith(".") and p.is_dir())
 
 
-def _image_files(folder: Path) -> List[Path]:
+def _listing(folder: Path) -> List[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise ProtoKNNError(f"imagefolder: cannot list {folder} ({err.strerror or err}); make it readable or "
+                            "remove it.") from None
+
+
+def _image_files(folder: Path, unreadable: List[str]) -> List[Path]:
+    """The image files of ``folder``, sorted; entries that cannot be inspected (a symlink loop, a
+    dangling link, no permission) are appended to ``unreadable``."""
+    names = []
     # os.scandir knows file types from the directory listing: no stat per image.
     with os.scandir(folder) as entries:
-        names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith(".")
-                       and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
-    return [folder / name for name in names]
+        for entry in entries:
+            if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                is_file = entry.is_file()
+                if is_file and entry.is_symlink():
+                    os.stat(entry.path)  # a link's target must be readable too
+            except OSError:
+                unreadable.append(str(folder / entry.name))
+                continue
+            if is_file:
+                names.append(entry.name)
+            elif entry.is_symlink():  # dangling: it names an image that is not there
+                unreadable.append(str(folder / entry.name))
+    return [folder / name for name in sorted(names)]
 
 
-def scan_class_folders(root: Path) -> Dict[str, List[Path]]:
-    """Class name -> its image files, for a folder holding one sub-folder per class."""
+def scan_class_folders(root: Path, unreadable: Optional[List[str]] = None) -> Dict[str, List[Path]]:
+    """Class name -> its image files, for a folder holding one sub-folder per class; entries that
+    cannot be read go to ``unreadable`` (a list the caller reports) instead of stopping the walk."""
+    unreadable = [] if unreadable is None else unreadable
     class_dirs = _visible_dirs(root)
     if not class_dirs:
         raise ProtoKNNError(f"imagefolder: {root} has no class sub-folders; put each class's images "
                             "in its own sub-folder (root/<class>/<image>).")
-    files = {d.name: _image_files(d) for d in class_dirs}
+    files = {}
+    for folder in class_dirs:
+        try:
+            files[folder.name] = _image_files(folder, unreadable)
+        except OSError as err:
+            raise ProtoKNNError(f"imagefolder: cannot list class folder {folder} ({err.strerror or err}); make it "
+                                "readable or remove it.") from None
     empty = [name for name, paths in files.items() if not paths]
     if empty:
         raise ProtoKNNError(f"imagefolder: class folder {root / empty[0]} has no images "
@@ -91,13 +122,14 @@ def _find_test_folder(root: Path):
 def build_file_lists(root: Path, strict: bool):
     """((train_paths, train_labels), (test_paths, test_labels), classes, skipped)."""
     test_root = _find_test_folder(root)
+    unlisted: List[str] = []  # entries of the walk that could not be inspected: skipped like bad images
     has_train = (root / "train").is_dir()
     if has_train != (test_root is not None):
         present = "train/" if has_train else f"{test_root.name}/"
         raise ProtoKNNError(f"imagefolder: {root} has {present} but not its partner (train/ and test/); "
                             "add the missing split or use a flat folder of class sub-folders.")
     if has_train:
-        train_files, test_files = scan_class_folders(root / "train"), scan_class_folders(test_root)
+        train_files, test_files = scan_class_folders(root / "train", unlisted), scan_class_folders(test_root, unlisted)
         unknown = sorted(set(test_files) - set(train_files))
         if unknown:
             raise ProtoKNNError(f"imagefolder: class folder {test_root / unknown[0]} has no partner in "
@@ -106,12 +138,15 @@ def build_file_lists(root: Path, strict: bool):
         train_paths, train_labels = _flatten(train_files, classes)
         test_paths, test_labels = _flatten(test_files, classes)
     else:
-        files = scan_class_folders(root)
+        files = scan_class_folders(root, unlisted)
         classes = sorted(files)
         all_paths, all_labels = _flatten(files, classes)
         train_paths, train_labels, test_paths, test_labels = all_paths, all_labels, [], []
+    if unlisted and strict:
+        raise ProtoKNNError(f"imagefolder: cannot read {unlisted[0]} (a broken or looping link, or no permission); "
+                            "fix or delete it, or run without strict to skip unreadable entries.")
     checked = {}
-    skipped: List[str] = []
+    skipped: List[str] = list(unlisted)
     for paths, labels, key in ((train_paths, train_labels, "train"), (test_paths, test_labels, "test")):
         good, bad = _check_images(paths, strict)
         skipped += bad

@@ -139,11 +139,14 @@ class ProtoKNNHead(Head):
 
     def check_data(self, labels: Tensor) -> None:
         """Fail before training when k cannot work on this training set (labels (N,))."""
-        largest_k = max(self.knn.ks + (self.knn.k,))
-        if largest_k > len(labels):
-            raise ProtoKNNError(
-                f"k={largest_k} is larger than the {len(labels)} training profiles in the kNN memory; lower --k or use more data"
-            )
+        if self.knn.k > len(labels):
+            raise ProtoKNNError(f"k={self.knn.k} is larger than the {len(labels)} training profiles in the kNN memory; "
+                                "lower --k or use more data")
+        largest_k = max(self.knn.ks)
+        if largest_k > len(labels):  # a k the evaluation always reports, not one the user set
+            raise ProtoKNNError(f"the kNN memory would hold only {len(labels)} training profiles, fewer than k={largest_k}, "
+                                f"which evaluation always reports (k = {', '.join(map(str, self.knn.ks))}); "
+                                "use more training images (a larger --limit or more data)")
         counts = torch.bincount(labels.cpu(), minlength=self.num_classes)
         smallest = int(counts[counts > 0].min())
         if self.knn.k > smallest:
