@@ -124,6 +124,7 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
     """
     from ..data import create_dataset
     from ..data.base import carve_validation
+    from ..train.loading import check_batch_settings
     from .figures import write_figures
     from .tables import rich_paired, rich_table, summarise, write_results
 
@@ -139,6 +140,7 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
     if settings.train.val_fraction and getattr(splits, "val", None) is None:
         splits = carve_validation(splits, settings.train.val_fraction)
     budgets = check_protocol(specs, settings, splits)
+    check_batch_settings(splits.train_labels, settings.train)  # before the feature cache is built
     image_splits = splits
     if settings.frozen_backbone:
         splits = cached_splits(specs, settings, splits, console)
