@@ -279,21 +279,28 @@ def config_defaults(command: click.Command, command_name: str, data, source: str
 
 
 def _shown(value) -> str:
-    text = repr(value)
+    text = "null" if value is None else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_NULL = object()  # a YAML null for an option that needs a value: wrong type for every kind
 
 
 def config_value(param: click.Parameter, value):
     """``value`` of a config file as the option's declared type, or ValueError naming that type.
 
     Numbers are read as text where the option takes text (YAML reads ``precision: 32`` as a
-    number); a bool is never a number; None leaves the option at its default."""
+    number); a bool is never a number; null only where the option's own default is null."""
     if value is None:
-        return None
+        if getattr(param, "multiple", False):
+            return []
+        if param.default is None:
+            return None
+        value = _NULL
     if getattr(param, "multiple", False):
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
-            raise ValueError("a list of text items (e.g. [width=16])")
+            raise ValueError("a list of text items, e.g. [width=16]")
         return [str(v) for v in items]
     kind = param.type
     if getattr(param, "is_flag", False) or isinstance(kind, click.types.BoolParamType):
