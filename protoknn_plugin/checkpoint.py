@@ -161,18 +161,24 @@ def corrupt_checkpoint(path: str | os.PathLike, detail: str) -> ProtoKNNError:
 
 
 def check_checkpoint_layout(state: Dict[str, Any], path: str | os.PathLike) -> None:
-    """The parts every command reads have the right kinds: settings are mappings, weights tensors."""
+    """The parts a checkpoint holds have the right kinds: settings are mappings, weights tensors."""
     if not isinstance(state.get("model_config"), dict):
         raise corrupt_checkpoint(path, f"model_config is a {type(state.get('model_config')).__name__}, not a mapping")
-    if not isinstance(state.get("train_state"), dict):
-        raise corrupt_checkpoint(path, "no train_state mapping")
-    weights = state.get("model")
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")
-                                                for k, v in weights.items()):
-        raise corrupt_checkpoint(path, "model weights are not a mapping of tensors")
-    for key in ("train_config", "data"):
+    for key in ("train_state", "train_config", "data"):
         if state.get(key) is not None and not isinstance(state[key], dict):
             raise corrupt_checkpoint(path, f"{key} is a {type(state[key]).__name__}, not a mapping")
+    weights = state.get("model")
+    if weights is not None and (not isinstance(weights, dict) or not all(
+            isinstance(v, torch.Tensor) or str(k).endswith("_extra_state") for k, v in weights.items())):
+        raise corrupt_checkpoint(path, "model weights are not a mapping of tensors")
+
+
+def require_run_parts(state: Dict[str, Any], path: str | os.PathLike) -> Dict[str, Any]:
+    """``state`` if it holds what a run's checkpoint must (weights and progress), else the one-line error."""
+    for key in ("model", "train_state"):
+        if not isinstance(state.get(key), dict):
+            raise corrupt_checkpoint(path, f"no {key} mapping")
+    return state
 
 
 def check_run_dir(out: str | os.PathLike, resume: bool, overwrite: bool) -> None:

@@ -306,10 +306,10 @@ def _check_run(run_dir):
 
     Only reads the checkpoint: bad requests fail before the (slow) model is built.
     """
-    from .checkpoint import load_checkpoint
+    from .checkpoint import checkpoint_path, load_checkpoint, require_run_parts
     from .heads import get_head_class
 
-    saved = load_checkpoint(run_dir)
+    saved = require_run_parts(load_checkpoint(run_dir), checkpoint_path(run_dir))
     head = str((saved.get("model_config") or {}).get("head"))
     if not get_head_class(head).uses_prototypes:
         raise ProtoKNNError(f"run {str(run_dir)!r} uses head {head!r}, which has no prototypes, so it cannot be "

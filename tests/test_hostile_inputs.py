@@ -141,12 +141,35 @@ REFUSED = {
 }
 
 
+# Rows also run through the installed CLI in a subprocess; the others run the same click command
+# in this process (one import of torch for all rows instead of one per row).
+THROUGH_SUBPROCESS = {"resume with another dim", "checkpoint with a tensor of the wrong shape, resumed",
+                      "config list for a number"}
+
+
+def invoke(*args):
+    """The `protoknn` command in this process: (returncode, stdout, stderr) like run_cli's result."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    from protoknn_plugin.cli import cli
+    from protoknn_plugin.data.base import DatasetWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DatasetWarning)  # as `protoknn` itself does
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_refused_command_leaves_the_run_directory_as_it_was(case, run, tmp_path):
     prepare, words = REFUSED[case]
     args = prepare(run, tmp_path)
     before = digest(run)
-    result = run_cli(*args)
+    result = run_cli(*args) if case in THROUGH_SUBPROCESS else invoke(*args)
     assert result.returncode == 2, result.stderr
     assert_one_line_error(result, *words)
     assert digest(run) == before
@@ -224,3 +247,63 @@ def test_names_are_text_and_looping_links_are_skipped(tmp_path):
     drawn = run_cli("prototypes", run, "--out", tmp_path / "p.png")
     assert drawn.returncode == 0, drawn.stderr
     assert (tmp_path / "e.png").stat().st_size > 0 and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_a_failed_first_checkpoint_does_not_promise_a_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    from protoknn_plugin.checkpoint import save_atomic
+    from protoknn_plugin.errors import ProtoKNNError
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(ProtoKNNError, match="no checkpoint had been saved yet") as first:
+        save_atomic({"model_config": {"head": "x"}}, path)
+    assert "intact" not in str(first.value) and not path.exists()
+    monkeypatch.undo()
+    save_atomic({"model_config": {"head": "x"}}, path)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(ProtoKNNError, match="previous checkpoint is intact"):
+        save_atomic({"model_config": {"head": "y"}}, path)
+
+
+def _plan(*epochs, after=("project",)):
+    from protoknn_plugin.heads.base import Phase
+
+    return [Phase(f"p{i}", e, {"head": 1e-3}, after=after if i == len(epochs) - 1 else ()) for i, e in enumerate(epochs)]
+
+
+def test_more_epochs_continue_a_finished_run_in_its_last_phase():
+    from protoknn_plugin.train.resuming import continue_plan
+    from protoknn_plugin.train.state import TrainState
+
+    finished = TrainState(phase=1, epoch=0, global_step=30, complete=True)
+    state, note = continue_plan(finished, _plan(4), _plan(6), (4, 6))
+    # back into phase 0 after its 4th epoch; steps and history are kept, the phase end runs again
+    assert (state.phase, state.epoch, state.complete, state.global_step) == (0, 4, False, 30)
+    assert "from epoch 4 to 6" in note and "project" in note
+
+
+def test_more_epochs_on_an_interrupted_run_keep_its_progress():
+    from protoknn_plugin.train.resuming import continue_plan
+    from protoknn_plugin.train.state import TrainState
+
+    stopped = TrainState(phase=0, epoch=2, step=1)
+    state, note = continue_plan(stopped, _plan(4), _plan(6), (4, 6))
+    assert state == stopped and "4 -> 6" in note
+
+
+def test_a_plan_that_changes_in_the_trained_part_is_refused():
+    """ProtoPNet-like: pushes move with the epoch count, so the phases already trained differ."""
+    from protoknn_plugin.errors import ProtoKNNError
+    from protoknn_plugin.train.resuming import check_epochs, continue_plan
+    from protoknn_plugin.train.state import TrainState
+
+    finished = TrainState(phase=3, complete=True)
+    with pytest.raises(ProtoKNNError, match="phase plan"):
+        continue_plan(finished, _plan(2, 2, 1), _plan(3, 3, 1), (4, 6))
+    with pytest.raises(ProtoKNNError, match="not remove"):
+        check_epochs(4, 3)

@@ -52,7 +52,7 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     With --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
     later runs; EfficientNet-Lite0 at 128 px: ~70 images per CPU-second), then epochs read the cache.
     """
-    from ..checkpoint import check_run_dir, ensure_writable_dir, load_checkpoint
+    from ..checkpoint import check_run_dir, checkpoint_path, ensure_writable_dir, load_checkpoint, require_run_parts
     from ..data import create_dataset
     from ..model import ModelConfig, PrototypeModel
     from ..train import Interrupted, Trainer, evaluate, write_json
@@ -63,7 +63,7 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     # Check first, then write: every refusal below leaves the run directory as it was.
     check_option_ranges(params)
     check_run_dir(out, resume, overwrite)
-    saved = load_checkpoint(out) if resume else None
+    saved = require_run_parts(load_checkpoint(out), checkpoint_path(out)) if resume else None
     _setup_threads(threads)
     splits = create_dataset(dataset, data_dir, limit=limit, strict=strict, crop=crop, image_size=image_size)
     _report_skipped(splits)
@@ -155,11 +155,11 @@ def load_finished_run(run_dir, last, data_dir, image_size):
     The model comes from best.pt unless ``last`` (or the run has none); the data is the run's
     dataset as it was trained (folder, limit, crop, image size) unless overridden.
     """
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import checkpoint_path, load_checkpoint, require_run_parts
     from ..data.catalog import rebuild_run_data
     from ..train import model_from_checkpoint
 
-    if not load_checkpoint(run_dir)["train_state"].get("complete"):
+    if not require_run_parts(load_checkpoint(run_dir), checkpoint_path(run_dir))["train_state"].get("complete"):
         raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
     model, saved = model_from_checkpoint(run_dir, best=not last)
     splits = rebuild_run_data(saved["dataset"], saved.get("data") or {}, data_dir, image_size, augment=True)

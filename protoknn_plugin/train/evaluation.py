@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import distributed
-from ..checkpoint import checkpoint_path, corrupt_checkpoint, load_checkpoint
+from ..checkpoint import checkpoint_path, corrupt_checkpoint, load_checkpoint, require_run_parts
 from ..errors import ProtoKNNError
 from ..model import ModelConfig, PrototypeModel
 from .loading import plain_loader
@@ -48,8 +48,8 @@ def model_config_from(saved: Dict[str, Any], where: str = "checkpoint") -> Model
 
 def model_from_checkpoint(path, best: bool = False) -> Tuple[PrototypeModel, Dict[str, Any]]:
     """Rebuild the model of a run directory (its best.pt when ``best`` and it exists) or of a checkpoint file."""
-    saved = load_checkpoint(path, best=best)
     where = str(checkpoint_path(path, best))
+    saved = require_run_parts(load_checkpoint(path, best=best), where)
     config = model_config_from(saved, where)
     config.weights = "none"  # the trained weights come from the checkpoint, not from the original source
     try:
