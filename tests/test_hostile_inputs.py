@@ -307,3 +307,13 @@ def test_a_plan_that_changes_in_the_trained_part_is_refused():
         continue_plan(finished, _plan(2, 2, 1), _plan(3, 3, 1), (4, 6))
     with pytest.raises(ProtoKNNError, match="not remove"):
         check_epochs(4, 3)
+
+
+def test_config_whose_yaml_would_run_code_is_refused_without_running_it(run, tmp_path):
+    marker = tmp_path / "pwned"
+    config = config_file(tmp_path, f'epochs: !!python/object/apply:os.system ["touch {marker}"]\n')
+    before = digest(run)
+    result = invoke("train", *TINY, "--config", config, "--out", run, "--resume")
+    assert result.returncode == 2
+    assert_one_line_error(result, "not valid YAML")
+    assert not marker.exists() and digest(run) == before

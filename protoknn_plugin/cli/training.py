@@ -52,9 +52,8 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     With --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
     later runs; EfficientNet-Lite0 at 128 px: ~70 images per CPU-second), then epochs read the cache.
     """
-    from ..checkpoint import check_run_dir, checkpoint_path, ensure_writable_dir, load_checkpoint, require_run_parts
+    from ..checkpoint import check_run_dir, checkpoint_path, load_checkpoint, require_run_parts
     from ..data import create_dataset
-    from ..model import ModelConfig, PrototypeModel
     from ..train import Interrupted, Trainer, evaluate, write_json
     from ..train.loading import check_batch_settings
     from .. import distributed
@@ -67,17 +66,9 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     _setup_threads(threads)
     splits = create_dataset(dataset, data_dir, limit=limit, strict=strict, crop=crop, image_size=image_size)
     _report_skipped(splits)
-    head_options = {}
-    if head == "protoknn":
-        head_options = dict(task_loss=task_loss, aux_loss=aux_loss, cluster_variant=cluster_variant,
-                            cluster_reduction=cluster_reduction, memory=memory, k=k)
-    from ..heads.options import assign_head_options
-
-    head_options.update(assign_head_options([(head, head)], head_opts)[head])  # --head-opt wins
-    config = ModelConfig.for_data(splits, head=head, backbone=backbone, num_prototypes=prototypes, dim=dim,
-                                  weights=weights, head_options=head_options, seed=seed,
-                                  backbone_options=parse_options(backbone_opts))
-    model = PrototypeModel(config)
+    model = _new_model(splits, head, head_opts, backbone, backbone_opts, weights, prototypes, dim, seed,
+                       dict(task_loss=task_loss, aux_loss=aux_loss, cluster_variant=cluster_variant,
+                            cluster_reduction=cluster_reduction, memory=memory, k=k))
     data_info = {"data_dir": data_dir, "limit": limit, "crop": crop, "image_size": image_size}
     train_config = _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed, deterministic)
     train_config.val_fraction, train_config.workers = val_fraction, workers
@@ -87,20 +78,8 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
         _check_resume(saved, out, model, train_config, dataset, dict(data_info, frozen_backbone=frozen_backbone),
                       splits)
     check_batch_settings(splits.train_labels, train_config)  # before a feature cache is built
-    frozen = None
-    if frozen_backbone:
-        from ..frozen import prepare_feature_cache
-        from ..train import resolve_device
-
-        try:
-            frozen = prepare_feature_cache(model, splits, dataset=dataset, data_dir=data_dir, limit=limit, crop=crop,
-                                           cache_dir=cache_dir, device=resolve_device(device),
-                                           log=lambda line: console.print(line, markup=False, highlight=False,
-                                                                          soft_wrap=True))
-        except KeyboardInterrupt:
-            err_console.print("interrupted while building the feature cache: the split in progress was discarded, "
-                              "finished splits are kept; run the same command again", markup=False)
-            sys.exit(130)
+    frozen = _feature_cache(model, splits, dataset, data_dir, limit, crop, cache_dir, device) if frozen_backbone else None
+    if frozen:
         splits = frozen.splits
         data_info.update(frozen.info)
     trainer = Trainer(model, splits, train_config, out_dir=out, dataset_name=dataset, data_info=data_info)
@@ -109,15 +88,7 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     if saved is not None and note is None and saved["train_state"].get("complete"):
         note = f"the run already finished its {epochs} epoch(s): evaluating it again; a larger --epochs trains on"
     if distributed.is_main():
-        ensure_writable_dir(out)
-        if overwrite:
-            # The old run's results go now; its checkpoint.pt stays until the new run's first
-            # checkpoint replaces it atomically, so a new run that fails early loses nothing saved.
-            for stale in ("best.pt", "metrics.json", "metrics.csv"):
-                (Path(out) / stale).unlink(missing_ok=True)
-        write_run_config(out, {k: params[k] for k in click.get_current_context().params})
-        if note:
-            console.print(note, markup=False, highlight=False)
+        _start_writing(out, overwrite, {k: params[k] for k in click.get_current_context().params}, note)
     with frozen.bypassed() if frozen else contextlib.nullcontext():  # maps instead of images, backbone frozen
         try:
             state = trainer.fit(resume=resume)
@@ -134,6 +105,50 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
         write_json(Path(out) / "metrics.json", metrics)
         _print_metrics({k: v for k, v in metrics.items() if k != "best"}, f"{head} on {dataset}")
     distributed.teardown()
+
+
+def _new_model(splits, head, head_opts, backbone, backbone_opts, weights, prototypes, dim, seed, protoknn_options):
+    """The model to train: ``protoknn_options`` (its own flags) apply to the protoknn head; --head-opt wins."""
+    from ..heads.options import assign_head_options
+    from ..model import ModelConfig, PrototypeModel
+
+    head_options = dict(protoknn_options) if head == "protoknn" else {}
+    head_options.update(assign_head_options([(head, head)], head_opts)[head])
+    config = ModelConfig.for_data(splits, head=head, backbone=backbone, num_prototypes=prototypes, dim=dim,
+                                  weights=weights, head_options=head_options, seed=seed,
+                                  backbone_options=parse_options(backbone_opts))
+    return PrototypeModel(config)
+
+
+def _feature_cache(model, splits, dataset, data_dir, limit, crop, cache_dir, device):
+    """--frozen-backbone: the splits' backbone maps, computed once into the feature cache."""
+    from ..frozen import prepare_feature_cache
+    from ..train import resolve_device
+
+    try:
+        return prepare_feature_cache(model, splits, dataset=dataset, data_dir=data_dir, limit=limit, crop=crop,
+                                     cache_dir=cache_dir, device=resolve_device(device),
+                                     log=lambda line: console.print(line, markup=False, highlight=False,
+                                                                    soft_wrap=True))
+    except KeyboardInterrupt:
+        err_console.print("interrupted while building the feature cache: the split in progress was discarded, "
+                          "finished splits are kept; run the same command again", markup=False)
+        sys.exit(130)
+
+
+def _start_writing(out, overwrite, options, note) -> None:
+    """The first changes to the run directory, made only after every check passed."""
+    from ..checkpoint import ensure_writable_dir
+
+    ensure_writable_dir(out)
+    if overwrite:
+        # The old run's results go now; its checkpoint.pt stays until the new run's first
+        # checkpoint replaces it atomically, so a new run that fails early loses nothing saved.
+        for stale in ("best.pt", "metrics.json", "metrics.csv"):
+            (Path(out) / stale).unlink(missing_ok=True)
+    write_run_config(out, options)
+    if note:
+        console.print(note, markup=False, highlight=False)
 
 
 def _check_resume(saved, out, model, train_config, dataset, data_info, splits) -> None:
