@@ -84,7 +84,11 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
         data_info.update(frozen.info)
     trainer = Trainer(model, splits, train_config, out_dir=out, dataset_name=dataset, data_info=data_info)
     check_batch_settings(trainer.splits.train_labels, train_config)  # after the validation hold-out
-    note = trainer.continued_state(saved)[1] if saved is not None else None
+    note = None
+    if saved is not None:
+        from ..train.resuming import resume_progress
+
+        note = resume_progress(saved, model, train_config, trainer.phases, str(checkpoint_path(out)))[1]
     if saved is not None and note is None and saved["train_state"].get("complete"):
         note = f"the run already finished its {epochs} epoch(s): evaluating it again; a larger --epochs trains on"
     if distributed.is_main():

@@ -133,3 +133,14 @@ def continue_plan(state: TrainState, old: List[Phase], new: List[Phase],
     raise ProtoKNNError(f"--epochs {total_new}: this head's phase plan for {total_new} epochs differs from the "
                         f"{total_old}-epoch plan in the part already trained; keep --epochs {total_old}, or start a "
                         "new run with --overwrite or another --out")
+
+
+def resume_progress(saved: Dict[str, Any], model, config, phases: List[Phase],
+                    where: str) -> Tuple[TrainState, Optional[str]]:
+    """The checkpoint's progress on the phase plan ``phases`` of ``config`` (which may hold more
+    epochs than the saved run) and a line saying so; refuses a plan the trained part cannot follow."""
+    state = saved_state(saved, where)
+    saved_epochs = int((saved.get("train_config") or {}).get("epochs", config.epochs))
+    check_epochs(saved_epochs, config.epochs)
+    old = model.head.phases(saved_epochs, model.pretrained_backbone)
+    return continue_plan(state, old, phases, (saved_epochs, config.epochs))

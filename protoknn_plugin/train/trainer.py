@@ -21,7 +21,7 @@ from .config import TrainConfig, resolve_device
 from .evaluation import evaluate, load_model_state
 from .loading import KeyedBatches, epoch_batches, keyed_batches, plain_loader, training_loader
 from .precision import Precision, outputs_to_float
-from .resuming import check_epochs, continue_plan, saved_state
+from .resuming import resume_progress
 from .records import METRICS_CSV, TensorBoardWriter, make_progress, write_metrics_csv
 from .rng import rng_state, seed_everything, set_rng_state
 from .state import SignalGuard, TrainState
@@ -134,7 +134,8 @@ class Trainer:
                 "use the same settings or a new --out directory"
             )
         load_model_state(self.model, saved, str(self.out_dir / CHECKPOINT_NAME))
-        self.state, _ = self.continued_state(saved)
+        self.state, _ = resume_progress(saved, self.model, self.config, self.phases,
+                                        str(self.out_dir / CHECKPOINT_NAME))
         if not self.state.complete and self.state.phase < len(self.phases):
             self._build_optimizer(self.phases[self.state.phase])
             if saved.get("optimizer"):
@@ -145,15 +146,6 @@ class Trainer:
             self.precision.scaler.load_state_dict(saved["scaler"])
         set_rng_state(saved["rng"])
         return True
-
-    def continued_state(self, saved: Dict[str, Any]) -> Tuple[TrainState, Optional[str]]:
-        """The checkpoint's progress on this trainer's phase plan (which may be longer: more
-        epochs) and a line saying so; refuses a plan the trained part cannot follow."""
-        state = saved_state(saved, str(self.out_dir / CHECKPOINT_NAME))
-        saved_epochs = int((saved.get("train_config") or {}).get("epochs", self.config.epochs))
-        check_epochs(saved_epochs, self.config.epochs)
-        old = self.model.head.phases(saved_epochs, self.model.pretrained_backbone)
-        return continue_plan(state, old, self.phases, (saved_epochs, self.config.epochs))
 
     # ---- phases ----------------------------------------------------------------------
     def _build_optimizer(self, phase: Phase) -> None:
