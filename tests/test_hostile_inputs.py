@@ -317,3 +317,20 @@ def test_config_whose_yaml_would_run_code_is_refused_without_running_it(run, tmp
     assert result.returncode == 2
     assert_one_line_error(result, "not valid YAML")
     assert not marker.exists() and digest(run) == before
+
+
+def test_benchmark_refuses_a_batch_the_classes_cannot_fill_before_building_the_feature_cache(tmp_path):
+    from protoknn_plugin.backbones import create_backbone
+
+    root = tmp_path / "data"
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (40 * c + 5 * i, 100, 30 * i)).save(root / name / f"{i}.png")
+    torch.save(create_backbone("small-cnn", in_channels=3, width=4).trunk.state_dict(), tmp_path / "w.pt")
+    result = run_cli("benchmark", "--dataset", "imagefolder", "--data-dir", root, "--frozen-backbone",
+                     "--weights", tmp_path / "w.pt", "--backbone-opt", "width=4", "--cache-dir", tmp_path / "cache",
+                     "--heads", "protoknn", "--seeds", "0", "--epochs", "1", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert_one_line_error(result, "--batch-classes 10", "2 classes")
+    assert not (tmp_path / "cache").exists()  # refused before one backbone pass
