@@ -61,8 +61,8 @@ def hypersphere_init(
     (lr 0.1, momentum 0.9) and renormalises rows after every step. The result is
     deterministic in its arguments, so it is computed once per process.
     """
-    # Small matrices gain nothing from threads, and on a busy 2-core machine two torch
-    # threads made this 10x slower (measured), so it runs on one.
+    # Small matrices gain nothing from threads, and on a busy machine each of the many small
+    # steps waits on thread hand-offs, so it runs on one.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -73,7 +73,7 @@ def _specs(rows, head_opts):
 @click.option("--explanations", is_flag=True,
               help="Also measure every prototype row's explanations (protoknn faithfulness: deletion, stability, "
                    "purity on 200 test images) as extra columns, and write OUT/report/, one HTML report of the "
-                   "first seed's runs. Costs about a minute per run on this 2-core CPU.")
+                   "first seed's runs. Adds time to every prototype run (docs/results.md gives measured times).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--out", default="runs/benchmark", show_default=True, type=click.Path(), help="Output directory.")
 @run_cli
@@ -85,8 +85,8 @@ def benchmark(head_names, head_opts, threads, explanations, out, **shared):
     peak memory, test images/s; then the paired difference of every two rows. With --lr-scales, every row
     picks its rate on the validation split first. Writes OUT/results.json, results.csv, results.md,
     results.png, curves.png and OUT/runs/<label>-<hash>-seed<N>/; the same command again skips finished
-    runs and resumes interrupted ones. Cost with no options: 3 heads x 3 seeds x 4 epochs on `animals`,
-    about 10 minutes on a 2-core CPU."""
+    runs and resumes interrupted ones. Cost with no options: 3 heads x 3 seeds x 4 epochs on `animals`
+    (docs/results.md gives measured wall times)."""
     from ..heads.options import parse_rows
 
     _setup_threads(threads)

@@ -47,9 +47,9 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     (every option, reusable with --config), OUT/metrics.csv (one row per epoch: losses, learning
     rates, validation accuracy, seconds, images/s), OUT/best.pt with --val-fraction, and
     OUT/metrics.json with test accuracy at the end. Cost: about epochs x (training set / batch)
-    steps; on this 2-core CPU the small CNN on `animals` takes a few seconds per epoch per 1000 images.
+    steps; the small CNN on `animals` is the cheapest model, docs/performance.md has measured costs.
     With --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
-    later runs; EfficientNet-Lite0 at 128 px: ~70 images per CPU-second), then epochs read the cache.
+    later runs), then epochs read the cache.
     """
     from ..checkpoint import check_run_dir, ensure_writable_dir
     from ..data import create_dataset

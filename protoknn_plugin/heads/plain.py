@@ -46,10 +46,9 @@ class PlainCNNHead(Head):
 
     def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
         # The standard recipe for a classifier trained in a short budget: warm-up then cosine
-        # decay to 0, so the weights evaluated are not taken mid-oscillation at full rate (at a
-        # constant 1e-3 the final accuracy swung by 18 points across seeds). lr 3e-3: with 1e-3
-        # the small CNN had not converged in the default 4 epochs (validation still rising,
-        # test 81.5 / 77.9 / 80.1 over seeds 0-2); with 3e-3 it reached 90.0 / 88.6 / 87.3.
+        # decay to 0, so the weights evaluated are not taken mid-oscillation at full rate. lr 3e-3
+        # rather than 1e-3, at which the small CNN had not converged in the default 4 epochs
+        # (docs/history.md).
         backbone_lr = 1e-5 if pretrained_backbone else self.lr
         decay = {"backbone": self.weight_decay, "head": self.weight_decay} if self.weight_decay else {}
         return [Phase("train", epochs, {"backbone": backbone_lr, "head": self.lr}, schedule=self.schedule,

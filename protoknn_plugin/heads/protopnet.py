@@ -62,9 +62,8 @@ class ProtoPNetHead(Head):
         self.weight_decay = weight_decay
         # "shifted-normal": N(0.5, 0.1), CaBRNet's, near the Sigmoid add-on's outputs, so the log
         # similarities and the cluster cost have useful gradients from the first step; "uniform":
-        # U[0, 1], the reference code's torch.rand, which lies farther from every patch. On a short
-        # budget from scratch the reference init cost our ProtoPNet 12 points against CaBRNet's
-        # (docs/protocol.md, cross-check); the stronger baseline is the default.
+        # U[0, 1], the reference code's torch.rand, which lies farther from every patch. The
+        # stronger baseline is the default (docs/protocol.md, cross-check with CaBRNet's).
         if prototype_init not in ("uniform", "shifted-normal"):
             raise UnknownNameError("ProtoPNet prototype init", prototype_init, ("uniform", "shifted-normal"))
         self.prototype_init = prototype_init
