@@ -137,7 +137,8 @@ def _slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/results.md", "docs/history.md", "docs/development.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/results.md", "docs/history.md", "docs/development.md",
+                                  "docs/datasets.md", "docs/cabrnet.md"])
 def test_links_lead_to_files_and_headings_that_exist(page):
     path = REPO / page
     for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
