@@ -54,7 +54,13 @@ def test_metrics_csv_has_one_row_per_epoch_with_every_number(run):
             assert float(row[term]) == pytest.approx(entry[term]), term
         for group, lr in entry["lr"].items():
             assert float(row[f"lr[{group}]"]) == pytest.approx(lr)
-        assert 0.0 <= float(row["val_accuracy"]) <= 1.0 and float(row["images_per_second"]) > 0
+        # --limit 200 with --val-fraction 0.2 holds out 40 images: an accuracy counts them, and the
+        # head's primary column (k=5) is the one that chooses best.pt
+        correct = float(row["val_accuracy"]) * 40
+        assert correct == pytest.approx(round(correct), abs=1e-6)
+        assert row["val_accuracy"] == row["val_accuracy[k=5]"]
+        # images/s is the epoch's images (3 steps of 10 classes x 11 images) over its seconds
+        assert float(row["images_per_second"]) * float(row["epoch_seconds"]) == pytest.approx(3 * 10 * 11)
 
 
 def test_tensorboard_events_hold_the_csv_numbers(run):
