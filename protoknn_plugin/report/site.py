@@ -95,6 +95,23 @@ def faithfulness_table(result: dict) -> str:
             + '<p>See docs/explanations.md in the protoknn repository for what each number measures.</p>')
 
 
+def projection_table(pushes: List[dict]) -> str:
+    """One row per push: where the prototypes landed, how far they moved, validation before and after."""
+    def percent(value):
+        return "—" if value is None else f"{100 * value:.2f} %"
+
+    rows = []
+    for push in pushes:
+        before, after = push.get("val_accuracy_before"), push.get("val_accuracy_after")
+        change = "—" if before is None or after is None else f"{100 * (after - before):+.2f}"
+        rows.append((f"{push['phase']} (step {push['global_step']})", push["prototypes"], push["distinct_images"],
+                     push["distinct_patches"], *("—" if push.get(k) is None else _num(push[k]) for k in ("cosine_mean", "cosine_min")),
+                     percent(before), percent(after), change))
+    head = ("push", "prototypes", "distinct images", "distinct patches", "cosine mean", "cosine min",
+            "val before", "val after", "after − before (points)")
+    return table(head, rows, caption="cosine: between each prototype before projection and the patch it moved to")
+
+
 def _config_rows(saved: dict) -> List[tuple]:
     rows = [("dataset", saved.get("dataset"))]
     for group in ("model_config", "train_config", "data"):
@@ -105,12 +122,14 @@ def _config_rows(saved: dict) -> List[tuple]:
 
 def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed: int = 0,
                  faithfulness: bool = True, indices: Optional[Sequence[int]] = None,
-                 others: Optional[Dict[str, str]] = None, up: Optional[str] = None) -> Path:
+                 others: Optional[Dict[str, str]] = None, up: Optional[str] = None, choice: str = "best",
+                 say=None) -> Path:
     """Write the site of one finished run into ``out``; returns the index page's path.
 
     ``faithfulness``: use RUN_DIR/faithfulness.json, computing it when absent (about a minute on
     the default runs). ``indices``: test images to give pages (default: ``images`` of them,
     misclassified first). ``others``: {label: folder prefix} of the same pages under other runs.
+    ``choice``/``say``: which model to load and where its one-line note goes (``figures._load_model``).
     """
     from ..faithfulness import RESULT_NAME, measure_run, nearest_patches, purity
     from ..figures import _check_run, _load_model, _run_splits
@@ -120,9 +139,11 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
     run_dir, out = Path(run_dir), ensure_writable_dir(out)
     saved = _check_run(run_dir)
     splits = _run_splits(saved, data_dir)
-    model = _load_model(run_dir)
+    model = _load_model(run_dir, choice, say)
     nearest = nearest_patches(model, splits.train_plain, k=10)
     result = _read_json(run_dir / RESULT_NAME) if faithfulness else None
+    if result is not None and result.get("checkpoint", "checkpoint.pt") != model.checkpoint_file:
+        result = None  # measured on another of the run's models
     if faithfulness and result is None:
         result = measure_run(run_dir, splits=splits, data_dir=data_dir, seed=seed, nearest=nearest, model=model)
     tiles = TileWriter(splits, out)
@@ -151,6 +172,12 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
             if metrics else "<p>No metrics.json in the run directory (run <code>protoknn evaluate</code>).</p>",
             "<h2>Faithfulness of the explanations</h2>",
             faithfulness_table(result) if result else "<p>Not measured (run <code>protoknn faithfulness</code>).</p>"]
+    pushes = (saved.get("train_state") or {}).get("pushes") or []
+    body += ["<h2>Projection</h2>",
+             f"<p>This report shows <code>{esc(model.checkpoint_file)}</code>"
+             + (", whose prototypes were never projected onto training patches: its explanations show no real "
+                "training patch." if choice == "unprojected" else ".") + "</p>",
+             projection_table(pushes) if pushes else "<p>No push recorded (a run from an older version).</p>"]
     curves = learning_curves(curve_points(run_dir, saved), out)
     body += ["<h2>Learning curves</h2>",
              figure(curves, "training loss terms per epoch", "") if curves else "<p>No training history.</p>"]
