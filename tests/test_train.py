@@ -232,3 +232,14 @@ def test_a_best_pt_from_before_the_projected_flag_is_not_loaded_by_default(anima
     assert loaded.file == "checkpoint.pt" and "un-projected" in loaded.note
     with pytest.raises(ProtoKNNError, match="never projected.*--unprojected"):
         load_trained_model(tmp_path / "best.pt")
+
+
+def test_a_run_on_a_frozen_backbone_has_no_warm_phase(animals_small, monkeypatch):
+    # A pretrained backbone gets ProtoPNet's warm phase, unless the run records it frozen (cached).
+    monkeypatch.setattr(PrototypeModel, "pretrained_backbone", property(lambda self: True))
+    config = TrainConfig(epochs=8, steps_per_epoch=2)
+    trains = Trainer(tiny_model("protopnet"), animals_small, config, progress=False)
+    frozen = Trainer(tiny_model("protopnet"), animals_small, config, progress=False,
+                     data_info={"frozen_backbone": True})
+    assert [(p.name, p.epochs) for p in trains.phases][:2] == [("warm", 2), ("joint", 6)]
+    assert [(p.name, p.epochs) for p in frozen.phases] == [("joint", 8), ("last-layer", 20)]
