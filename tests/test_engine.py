@@ -43,6 +43,9 @@ def test_run_dir_holds_checkpoints_config_and_records(run):
     # stdout is a pipe here: one plain line per epoch instead of a bar
     lines = [line for line in done.stdout.splitlines() if line.startswith("train epoch ")]
     assert [line.split()[2] for line in lines] == ["1", "2"]
+    # and one line for the push: how far the prototypes moved, validation before -> after
+    push = [line for line in done.stdout.splitlines() if line.startswith("push after train (step 6): cosine")]
+    assert len(push) == 1 and "prototypes, validation" in push[0] and "% -> " in push[0]
 
 
 def test_metrics_csv_has_one_row_per_epoch_with_every_number(run):

@@ -121,7 +121,21 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
         metrics["processes"] = distributed.world_size()
         write_json(Path(out) / "metrics.json", metrics)
         _print_metrics({k: v for k, v in metrics.items() if k not in ("best", "pushes")}, f"{head} on {dataset}")
+        for push in state.pushes:
+            console.print(push_line(push), markup=False, highlight=False)
     distributed.teardown()
+
+
+def push_line(push) -> str:
+    """One line per push: how far the prototypes moved, where they landed, validation before -> after."""
+    def percent(value):
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    cosine = ("" if push.get("cosine_mean") is None
+              else f"cosine to its patch mean {push['cosine_mean']:.3f} (min {push['cosine_min']:.3f}), ")
+    return (f"push after {push['phase']} (step {push['global_step']}): {cosine}{push['distinct_images']} images / "
+            f"{push['distinct_patches']} patches for {push['prototypes']} prototypes, validation "
+            f"{percent(push.get('val_accuracy_before'))} -> {percent(push.get('val_accuracy_after'))}")
 
 
 def load_finished_run(run_dir, choice, data_dir, image_size):
