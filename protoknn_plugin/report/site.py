@@ -181,6 +181,9 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
     curves = learning_curves(curve_points(run_dir, saved), out)
     body += ["<h2>Learning curves</h2>",
              figure(curves, "training loss terms per epoch", "") if curves else "<p>No training history.</p>"]
+    if pushes:
+        body.append("<p>The per-epoch validation accuracies are those of the un-projected model (metrics.csv: "
+                    "<code>projected</code> False); the accuracy after each push is in the Projection section.</p>")
     body += [f'<h2 id="examples">Test images ({len(entries)}, misclassified first)</h2>',
              f"<ul>{''.join(entries)}</ul>" if entries else "<p>No test image pages (--images 0).</p>",
              "<h2>Run configuration</h2>", table(("setting", "value"), _config_rows(saved))]
