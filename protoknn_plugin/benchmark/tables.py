@@ -158,7 +158,9 @@ def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str,
     seeds = ",".join(str(s) for s in meta.get("seeds", []))
     changes = schedule_changes(meta)
     lines = markdown_table(summary, runs, marked=changes)
-    lines += [f"{SCHEDULE_MARK} {label}: {change}, from its paper's values." for label, change in changes.items()]
+    if changes:
+        lines += [""] + [f"{SCHEDULE_MARK} {label} changes its paper's schedule: {change}."
+                         for label, change in changes.items()]
     lines += ["", f"mean ± half-width of the 95% t-interval over n seeds ({seeds}); `acc %` is each head's own "
               f"prediction (top-1, or its primary k); dataset {meta.get('dataset')}, backbone {meta.get('backbone')}, "
               f"{meta.get('epochs')} epochs; learning-rate scale per row: "
