@@ -35,6 +35,13 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
+def _stored_faithfulness(path: Path, checkpoint_file: str) -> Optional[dict]:
+    """A faithfulness.json measured on ``checkpoint_file`` (files without the key were measured on
+    checkpoint.pt), else None."""
+    result = _read_json(path)
+    return result if result is not None and result.get("checkpoint", "checkpoint.pt") == checkpoint_file else None
+
+
 def curve_points(run_dir: Path, saved: dict) -> Dict[str, List[float]]:
     """Per-epoch series {name: values}: RUN_DIR/metrics.csv if present, else the checkpoint's history."""
     rows: List[dict] = []
@@ -112,6 +119,19 @@ def projection_table(pushes: List[dict]) -> str:
     return table(head, rows, caption="cosine: between each prototype before projection and the patch it moved to")
 
 
+UNPROJECTED_CURVES = ("The per-epoch validation accuracies are those of the un-projected model (metrics.csv: "
+                      "projected False); the accuracy after each push is in the Projection section.")
+
+
+def projection_section(pushes: List[dict], checkpoint_file: str, choice: str) -> List[str]:
+    """The report's "Projection" section: which model file it shows, and every push's measurement."""
+    unprojected = (", whose prototypes were never projected onto training patches: its explanations show no "
+                   "real training patch." if choice == "unprojected" else ".")
+    return ["<h2>Projection</h2>",
+            f"<p>This report shows <code>{esc(checkpoint_file)}</code>{unprojected}</p>",
+            projection_table(pushes) if pushes else "<p>No push recorded (a run from an older version).</p>"]
+
+
 def _config_rows(saved: dict) -> List[tuple]:
     rows = [("dataset", saved.get("dataset"))]
     for group in ("model_config", "train_config", "data"):
@@ -141,9 +161,7 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
     splits = _run_splits(saved, data_dir)
     model = _load_model(run_dir, choice, say)
     nearest = nearest_patches(model, splits.train_plain, k=10)
-    result = _read_json(run_dir / RESULT_NAME) if faithfulness else None
-    if result is not None and result.get("checkpoint", "checkpoint.pt") != model.checkpoint_file:
-        result = None  # measured on another of the run's models
+    result = _stored_faithfulness(run_dir / RESULT_NAME, model.checkpoint_file) if faithfulness else None
     if faithfulness and result is None:
         result = measure_run(run_dir, splits=splits, data_dir=data_dir, seed=seed, nearest=nearest, model=model)
     tiles = TileWriter(splits, out)
@@ -173,17 +191,11 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
             "<h2>Faithfulness of the explanations</h2>",
             faithfulness_table(result) if result else "<p>Not measured (run <code>protoknn faithfulness</code>).</p>"]
     pushes = (saved.get("train_state") or {}).get("pushes") or []
-    body += ["<h2>Projection</h2>",
-             f"<p>This report shows <code>{esc(model.checkpoint_file)}</code>"
-             + (", whose prototypes were never projected onto training patches: its explanations show no real "
-                "training patch." if choice == "unprojected" else ".") + "</p>",
-             projection_table(pushes) if pushes else "<p>No push recorded (a run from an older version).</p>"]
+    body += projection_section(pushes, model.checkpoint_file, choice)
     curves = learning_curves(curve_points(run_dir, saved), out)
     body += ["<h2>Learning curves</h2>",
-             figure(curves, "training loss terms per epoch", "") if curves else "<p>No training history.</p>"]
-    if pushes:
-        body.append("<p>The per-epoch validation accuracies are those of the un-projected model (metrics.csv: "
-                    "<code>projected</code> False); the accuracy after each push is in the Projection section.</p>")
+             figure(curves, "training loss terms per epoch", UNPROJECTED_CURVES if pushes else "") if curves
+             else "<p>No training history.</p>"]
     body += [f'<h2 id="examples">Test images ({len(entries)}, misclassified first)</h2>',
              f"<ul>{''.join(entries)}</ul>" if entries else "<p>No test image pages (--images 0).</p>",
              "<h2>Run configuration</h2>", table(("setting", "value"), _config_rows(saved))]
