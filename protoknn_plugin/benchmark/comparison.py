@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-import torch
-
 from ..checkpoint import ensure_writable_dir
 from ..errors import ProtoKNNError
-from .protocol import budget, check_same_budget
+from .protocol import budget, check_same_budget, schedule_change
 from .runner import cabrnet_run, score_test, train_run
 from .settings import BenchmarkSettings, RunSpec, run_dir_name
 
@@ -24,7 +22,9 @@ def _pretrained(settings: BenchmarkSettings, channels: int) -> bool:
 
 
 def check_protocol(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits) -> Dict[str, Dict[str, int]]:
-    """Every plugin row's budget, before anything trains; raises when they differ."""
+    """Every plugin row's budget, before anything trains; raises when they differ. A row whose
+    last-layer epochs or pushes differ from its head's defaults (the paper's values) gets
+    ``schedule_change`` (protocol.schedule_change), which the table marks."""
     from ..heads import create_head
 
     pretrained = _pretrained(settings, splits.channels)
@@ -37,10 +37,15 @@ def check_protocol(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits
             budgets[spec.label] = cabrnet_budget(spec.head.split(":", 1)[1], settings.train.epochs, steps,
                                                  settings.train.batch_size, spec.head_options, pretrained)
             continue
-        head = create_head(spec.head, num_classes=len(splits.classes), backbone_channels=8, dim=settings.dim,
-                           num_prototypes=settings.prototypes, **spec.head_options)
-        budgets[spec.label] = budget(head.phases(settings.train.epochs, pretrained), steps,
-                                     settings.train.batch_size, len(splits.train_labels))
+        row, paper = (budget(create_head(spec.head, num_classes=len(splits.classes), backbone_channels=8,
+                                         dim=settings.dim, num_prototypes=settings.prototypes, **options)
+                             .phases(settings.train.epochs, pretrained, frozen_backbone=settings.frozen_backbone),
+                             steps, settings.train.batch_size, len(splits.train_labels), settings.frozen_backbone)
+                      for options in (spec.head_options, {}))
+        budgets[spec.label] = row
+        change = schedule_change(row, paper)
+        if change:
+            row["schedule_change"] = change
     check_same_budget(budgets, pretrained)
     return budgets
 
@@ -169,7 +174,10 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
             "train_images": len(splits.train_labels), "val_images": len(splits.val) if getattr(splits, "val", None) is not None else 0,
             "test_images": len(splits.test), "lr_scales": list(settings.lr_scales),
             "sweep_seeds": settings.sweep_seed_list(), "chosen": chosen, "budgets": budgets,
-            "torch_threads": torch.get_num_threads(), "title": title, "paired_keys": list(paired_keys)}
+            # Each run records its own thread count and device kind (they are in its run key too).
+            "threads": sorted({r["threads"] for r in runs if r.get("threads") is not None}),
+            "device_kinds": sorted({r["device_kind"] for r in runs if r.get("device_kind")}),
+            "title": title, "paired_keys": list(paired_keys)}
     write_results(out_dir, runs, summary, meta)
     written = write_figures(out_dir, runs, summary)
     if console is not None:

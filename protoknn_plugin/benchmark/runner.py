@@ -22,8 +22,9 @@ from ..checkpoint import CHECKPOINT_NAME
 from ..model import ModelConfig, PrototypeModel
 from ..prototypes import prototype_spread
 from ..train import TrainConfig, Trainer, evaluate, model_from_checkpoint, write_json
+from .projection import projection_fields
 from .protocol import budget, scale_lrs
-from .settings import BenchmarkSettings, RunSpec
+from .settings import BenchmarkSettings, RunSpec, machine_identity
 
 
 class PeakMemory:
@@ -142,7 +143,9 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
         "lr_scale": lr_scale, "primary": primary, "run_dir": str(run_dir), "resumed": resumed,
         "val_accuracy": val_metrics.get(f"accuracy[{primary}]"),
         **{"val_" + k: v for k, v in val_metrics.items() if k.startswith("accuracy[")},
-        **budget(trainer.phases, trainer.steps_per_epoch, trainer.config.batch_size, len(trainer.splits.train_labels)),
+        **budget(trainer.phases, trainer.steps_per_epoch, trainer.config.batch_size, len(trainer.splits.train_labels),
+                 settings.frozen_backbone),
+        **machine_identity(trainer.device), **projection_fields(state.pushes),
         "train_seconds": state.train_seconds, "step_ms": _step_ms(state, trainer.steps_per_epoch),
         "push_seconds": push.seconds,
         "last_layer_seconds": last.seconds if last else 0.0, "peak_memory_mb": peak.peak_mb,

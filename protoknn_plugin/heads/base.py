@@ -109,7 +109,9 @@ class Head(nn.Module):
         """Named loss terms plus ``total`` (the one to backpropagate)."""
         raise NotImplementedError
 
-    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+    def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
+        """The phases of ``epochs`` feature-training epochs. ``frozen_backbone``: the backbone is
+        frozen and cached (it never trains, whatever the phases' rates say)."""
         raise NotImplementedError
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:

@@ -166,7 +166,7 @@ class ProtoKNNHead(Head):
                 groups.setdefault(name, []).extend(params)
         return groups
 
-    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+    def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
         # A pretrained backbone is fine-tuned gently (docs/method.md: 1e-5); one trained
         # from scratch needs the same rate as the rest or it never learns.
         backbone_lr = 1e-5 if pretrained_backbone else self.lr
