@@ -146,7 +146,8 @@ class TrialJob:
 
 def make_pruner(optuna):
     """The one pruner every row gets."""
-    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS)
+    # Steps are epochs counted from 1, and Optuna prunes from step n_warmup_steps on.
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS + 1)
 
 
 class TunedRow:
@@ -201,7 +202,8 @@ class TunedRow:
         if not complete:
             raise ProtoKNNError(f"every trial of row {self.spec.label!r} was pruned; raise --tune")
         best = max(complete, key=lambda t: (t.value, -t.number))  # ties: the earlier trial
-        return {"params": dict(best.params), "val_accuracy": best.value, "trial": best.number,
+        # Counted among finished trials: a trial taken up again after an interruption keeps its place.
+        return {"params": dict(best.params), "val_accuracy": best.value, "trial": finished.index(best) + 1,
                 "trials": len(finished), "pruned": len(finished) - len(complete)}
 
 
@@ -236,7 +238,7 @@ def tune_rows(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits, out
                 row.tell(trial, result)
                 if say is not None:
                     shown = "pruned" if result["state"] == "pruned" else f"val {100 * result['value']:.1f}%"
-                    say(f"[bold]{row.spec.label}[/] trial {trial.number + 1}: {shown}")
+                    say(f"[bold]{row.spec.label}[/] trial {len(row.finished())}/{trials}: {shown}")
     chosen.update({row.spec.label: row.choice() for row in rows})
     return chosen
 
