@@ -74,6 +74,17 @@ def sweep(specs, settings, splits, runs_dir: Path, console=None, progress=False,
     return chosen
 
 
+def seed_jobs(specs, settings: BenchmarkSettings, chosen, runs_dir: Path) -> List[RunJob]:
+    """Every row under every seed with its chosen rate, each scored on the test split once."""
+    jobs = []
+    for seed in settings.seeds:
+        for spec in specs:
+            scale = 1.0 if spec.head.startswith("cabrnet:") else chosen[spec.label]["lr_scale"]
+            jobs.append(RunJob(spec, seed, scale, runs_dir / run_dir_name(spec, settings, scale, seed), score=True,
+                               title=f"[bold]{spec.label}[/] seed {seed}"))
+    return jobs
+
+
 def tune_then_fix(specs, plugin_specs, settings, splits, out_dir: Path, runs_dir: Path, executor, trials: int,
                   pretrained: bool, console=None):
     """``--tune``: tune the plugin rows, write the choice to results.md, return the rows with
@@ -170,12 +181,7 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
                                       _pretrained(settings, image_splits.channels), console)
     else:
         chosen = sweep(plugin_specs, settings, splits, runs_dir, console, progress, executor)
-    jobs = []
-    for seed in settings.seeds:
-        for spec in specs:
-            scale = 1.0 if spec.head.startswith("cabrnet:") else chosen[spec.label]["lr_scale"]
-            jobs.append(RunJob(spec, seed, scale, runs_dir / run_dir_name(spec, settings, scale, seed), score=True,
-                               title=f"[bold]{spec.label}[/] seed {seed}"))
+    jobs = seed_jobs(specs, settings, chosen, runs_dir)
     runs = [{**budgets[job.spec.label], **result} if job.spec.head.startswith("cabrnet:") else result
             for job, result in zip(jobs, executor.map(jobs, settings, splits))]
     if explanations:

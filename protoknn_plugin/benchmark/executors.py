@@ -133,7 +133,14 @@ class RayExecutor:
         for job in jobs:
             self.say(job.title + job.note() + " (Ray task)")
             refs.append(self.task.remote(job, settings, self._splits[key], self.threads))
-        return self.ray.get(refs)
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as err:
+            # The worker's own error (a bad option: one line; an interruption), not Ray's wrapper.
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
 
     def close(self) -> None:
         self._splits = {}
