@@ -51,14 +51,21 @@ def test_two_benchmarks_on_the_same_out_train_each_run_exactly_once(tmp_path):
     assert sorted(Path(f).name for f in fits) == sorted(p.name for p in (out / "runs").iterdir())
 
 
-def test_ray_without_the_extra_is_one_line_naming_it(tmp_path):
-    blockers = tmp_path / "blockers" / "ray"
-    blockers.mkdir(parents=True)
-    (blockers / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
+@pytest.mark.parametrize("module, options, extra", [("ray", ["--executor", "ray"], "cluster"),
+                                                     ("optuna", ["--tune", "3"], "tune")])
+def test_a_missing_extra_is_one_line_naming_it_before_anything_trains(tmp_path, module, options, extra):
+    blocker = tmp_path / "blockers" / module
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{module}'\", name='{module}')\n")
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "blockers"), os.environ.get("PYTHONPATH", "")])}
-    result = run_cli(*TWO_BY_TWO, "--executor", "ray", "--out", tmp_path / "out", env=env)
-    assert_one_line_error(result, "--executor ray", "protoknn-plugin[cluster]")
+    result = run_cli(*TWO_BY_TWO, *options, "--out", tmp_path / "out", env=env)
+    assert_one_line_error(result, options[0], f"protoknn-plugin[{extra}]")
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_tune_and_an_lr_grid_together_are_one_line(tmp_path):
+    result = run_cli(*TWO_BY_TWO, "--tune", "3", "--lr-scales", "0.3,1,3", "--out", tmp_path / "out")
+    assert_one_line_error(result, "--tune", "--lr-scales")
 
 
 def test_address_without_the_ray_executor_is_one_line(tmp_path):

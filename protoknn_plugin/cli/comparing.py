@@ -117,6 +117,8 @@ def benchmark(head_names, head_opts, threads, explanations, out, tune, executor,
     if tune:  # say now, not after loading the data, when the search library is missing
         from ..benchmark.tuning import optuna_module
 
+        if len(settings.lr_scales) > 1:
+            raise ProtoKNNError("--tune and --lr-scales both choose the rates; use one of them")
         optuna_module()
     runner = None
     if executor != "in-process" or address is not None:
