@@ -41,11 +41,3 @@ def run_lock(run_dir: Path, wait: bool = True) -> Iterator[bool]:
     finally:
         os.close(fd)
 
-
-def is_locked(run_dir: Path) -> bool:
-    """Whether another process holds ``run_dir``'s lock now (a snapshot, for messages only)."""
-    path = Path(run_dir) / LOCK_NAME
-    if not path.exists():
-        return False
-    with run_lock(run_dir, wait=False) as held:
-        return not held
