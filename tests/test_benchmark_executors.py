@@ -47,6 +47,7 @@ def test_two_benchmarks_on_the_same_out_train_each_run_exactly_once(tmp_path):
     results = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
     fits = log.read_text().splitlines()
+    assert "ray imported" not in fits  # the default executor never imports Ray
     assert len(fits) == 4 and len(set(fits)) == 4, fits  # 2 heads x 2 seeds, each trained by one process
     assert sorted(Path(f).name for f in fits) == sorted(p.name for p in (out / "runs").iterdir())
 
