@@ -172,3 +172,15 @@ def test_the_median_pruner_stops_a_trial_below_the_median_of_earlier_trials_at_t
     assert not job.should_prune([0.62, 0.2])   # best 0.62 (epoch 1), above it
     assert not job.should_prune([0.0])         # epoch 1 is the pruner's warm-up
     assert not _pruning_job(finished[:2]).should_prune([0.0, 0.0])  # too few finished trials yet
+
+
+def test_options_fixed_with_head_opt_are_left_out_of_the_search_and_kept_in_the_choice():
+    from protoknn_plugin.benchmark import RunSpec
+    from protoknn_plugin.benchmark.tuning import row_space, tuned_specs
+
+    fixed = RunSpec("cnn", "cnn", {"lr": 0.01})
+    assert set(row_space(fixed, False)) == {"weight_decay", "warmup_epochs"}
+    chosen = {"cnn": {"params": {"weight_decay": 1e-4, "warmup_epochs": 0.25}}}
+    assert tuned_specs([fixed], chosen)[0].head_options == {"lr": 0.01, "weight_decay": 1e-4, "warmup_epochs": 0.25}
+    assert set(row_space(RunSpec("pp", "protopnet"), True)) - set(row_space(RunSpec("pp", "protopnet"), False)) == {
+        "joint_backbone_lr"}  # a pretrained backbone's rate is searched only when there is one
