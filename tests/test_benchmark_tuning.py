@@ -2,6 +2,7 @@
 tuning resumes without training a finished trial again (and chooses what an uninterrupted one
 chooses), the test split is read only after the choice is written, and the search spaces
 are the heads' own options around their defaults."""
+import importlib.util
 import inspect
 import json
 import os
@@ -13,7 +14,8 @@ import pytest
 
 from conftest import TINY, cli_interrupted_at_step, run_cli
 
-pytest.importorskip("optuna", reason="--tune needs the extra protoknn-plugin[tune] (optuna)")
+needs_optuna = pytest.mark.skipif(importlib.util.find_spec("optuna") is None,
+                                  reason="--tune needs the extra protoknn-plugin[tune] (optuna)")
 
 ARGS = ["benchmark", "--heads", "protoknn,cnn", *TINY, "--epochs", "2", "--seeds", "0", "--tune", "3"]
 
@@ -41,6 +43,7 @@ def reference(tmp_path_factory):
     return out
 
 
+@needs_optuna
 def test_every_row_gets_the_same_number_of_trials_and_the_choice_is_in_results_md(reference):
     trials = _trials(reference)
     assert set(trials) == {"protoknn", "cnn"}
@@ -64,6 +67,7 @@ def _space(label):
     return get_head_class(label).search_space(False)
 
 
+@needs_optuna
 def test_sigterm_mid_trial_then_rerun_resumes_it_and_chooses_what_an_uninterrupted_tuning_chose(tmp_path,
                                                                                                  reference):
     out = tmp_path / "out"
@@ -110,6 +114,7 @@ class SpyDataset:
         return getattr(self._inner, name)
 
 
+@needs_optuna
 def test_the_test_split_is_read_only_after_the_choice_is_written(tmp_path):
     import torch
 
@@ -162,6 +167,7 @@ def _pruning_job(finished):
                     epochs=4, finished=finished)
 
 
+@needs_optuna
 def test_the_median_pruner_stops_a_trial_below_the_median_of_earlier_trials_at_the_same_epoch():
     curves = [[0.5, 0.6, 0.7], [0.4, 0.7, 0.8], [0.3, 0.5, 0.9]]  # epoch 2: median 0.6
     finished = [{"params": {"lr": 1e-3}, "state": "complete", "value": c[-1], "curve": c} for c in curves]
