@@ -102,6 +102,12 @@ class Head(nn.Module):
         """Head options and their defaults, for `protoknn heads`."""
         return {}
 
+    @classmethod
+    def search_space(cls, pretrained_backbone: bool = False) -> Dict[str, object]:
+        """Option -> range (``heads.space``) that ``protoknn benchmark --tune`` searches; every
+        key is a constructor option. Empty: nothing to tune (the row trains its defaults)."""
+        return {}
+
     # ---- training --------------------------------------------------------------
     def check_data(self, labels: Tensor) -> None:
         """Raise ProtoKNNError before training if this head cannot work on these training labels (N,)."""

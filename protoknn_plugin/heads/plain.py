@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..prototypes import PrototypeOutputs
 from . import register_head
 from .base import Head, Phase
+from .space import FloatRange
 
 
 @register_head("cnn")
@@ -34,6 +35,15 @@ class PlainCNNHead(Head):
     def defaults(cls) -> Dict[str, object]:
         return {"loss": "cross-entropy", "lr": 3e-3,
                 "schedule": "Adam, linear warm-up 0.5 epoch then cosine decay to 0 (per step)"}
+
+    @classmethod
+    def search_space(cls, pretrained_backbone: bool = False) -> Dict[str, object]:
+        # The usual classifier knobs around this recipe's lr 3e-3 and warm-up of half an epoch.
+        return {
+            "lr": FloatRange(3e-4, 3e-2, log=True),
+            "weight_decay": FloatRange(1e-6, 1e-2, log=True),
+            "warmup_epochs": FloatRange(0.0, 1.0),
+        }
 
     def logits(self, out: PrototypeOutputs) -> Tensor:
         return self.classifier(out.backbone_features.mean(dim=(2, 3)))

@@ -21,6 +21,7 @@ from ..losses import create_metric_loss
 from ..prototypes import PrototypeOutputs
 from . import register_head
 from .base import Head, Phase, PrototypeSpec
+from .space import FloatRange
 
 
 def _flag(name: str, value) -> bool:
@@ -115,6 +116,19 @@ class ProtoKNNHead(Head):
                                                   "full-differentiable (both)",
             "frozen_prototypes": "true (the paper); false trains them from the same hyperspherical start "
                                  "at prototype_lr 1e-3 (own optimizer group `prototypes`)",
+        }
+
+    @classmethod
+    def search_space(cls, pretrained_backbone: bool = False) -> Dict[str, object]:
+        # Around the paper's eq. 13 weights (0.1, 1.0), its Sinkhorn reg and temperature (0.05)
+        # and its rate 1e-3; the number of prototypes is a shared protocol setting, not tuned.
+        return {
+            "lr": FloatRange(1e-4, 1e-2, log=True),
+            "cluster_weight": FloatRange(0.01, 1.0, log=True),
+            "aux_weight": FloatRange(0.1, 3.0, log=True),
+            "tau": FloatRange(0.01, 0.2, log=True),
+            "reg": FloatRange(0.02, 0.2, log=True),
+            "margin": FloatRange(0.05, 0.5),
         }
 
     def prototype_spec(self) -> PrototypeSpec:

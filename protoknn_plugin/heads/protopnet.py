@@ -17,6 +17,7 @@ from ..errors import UnknownNameError
 from ..prototypes import PrototypeOutputs
 from . import register_head
 from .base import Head, Phase, PrototypeSpec
+from .space import FloatRange
 
 
 @register_head("protopnet")
@@ -83,6 +84,23 @@ class ProtoPNetHead(Head):
             "lrs": "warm/joint add-on + prototypes 3e-3, joint backbone 1e-4 (pretrained) or 1e-3 (from scratch), "
                    "last layer 1e-4; weight decay 1e-3 on backbone and add-on",
             "predict": "argmax of the linear last layer",
+        }
+
+    @classmethod
+    def search_space(cls, pretrained_backbone: bool = False) -> Dict[str, object]:
+        # Around the reference code's rates (add-on and prototypes 3e-3, joint backbone 1e-4,
+        # last layer 1e-4), weight decay 1e-3 and loss weights 0.8 / 0.08. The epochs of the
+        # phases stay fixed (they are the budget), and so does the prototype count, which the
+        # protocol shares between rows.
+        backbone = ({"joint_backbone_lr": FloatRange(1e-5, 1e-3, log=True)} if pretrained_backbone
+                    else {"scratch_backbone_lr": FloatRange(1e-4, 1e-2, log=True)})
+        return {
+            "warm_lr": FloatRange(3e-4, 3e-2, log=True),
+            **backbone,
+            "last_layer_lr": FloatRange(1e-5, 1e-3, log=True),
+            "weight_decay": FloatRange(1e-5, 1e-2, log=True),
+            "cluster_weight": FloatRange(0.2, 1.6),
+            "separation_weight": FloatRange(0.02, 0.16),
         }
 
     def prototype_spec(self) -> PrototypeSpec:

@@ -61,9 +61,13 @@ class Trainer:
     def __init__(self, model: PrototypeModel, splits, config: TrainConfig, out_dir: Optional[str] = None,
                  progress: bool = True, dataset_name: str = "", on_step: Optional[Callable[[int], None]] = None,
                  data_info: Optional[Dict[str, Any]] = None, stage_eval: Optional[Dataset] = None,
-                 run_settings: Optional[Dict[str, Any]] = None):
+                 run_settings: Optional[Dict[str, Any]] = None,
+                 on_epoch: Optional[Callable[[List[Dict[str, Any]]], None]] = None):
         """``stage_eval``: a dataset scored at every phase boundary (recorded in ``state.stages``).
-        ``run_settings``: the command's resolved options, kept in the checkpoint."""
+        ``run_settings``: the command's resolved options, kept in the checkpoint.
+        ``on_epoch``: called with the whole history (resumed epochs included) after every feature
+        epoch, once the checkpoint is written; an exception it raises (a tuner pruning the run)
+        stops training with nothing lost."""
         from ..data.base import carve_validation
 
         if config.val_fraction and getattr(splits, "val", None) is None:
@@ -96,6 +100,7 @@ class Trainer:
         self.precision = Precision(config.precision, self.device)
         self.forward_loss: nn.Module = LossForward(self.model, self.precision)
         self.on_step = on_step
+        self.on_epoch = on_epoch
         self.sync_every = config.sync_every or (1 if self.device.type == "cpu" else 10)
         self.steps_per_epoch = config.steps_per_epoch or max(1, len(splits.train_labels) // config.batch_size)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -432,6 +437,8 @@ class Trainer:
                     self._keep_best(scores, {"phase": phase.name, "epoch": st.epoch, "when": "after epoch"})
                     self.save()
                     guard.raise_if_received()
+                    if self.on_epoch is not None:
+                        self.on_epoch(st.history)
                 self._keep_optimizer(phase)
                 self._after(phase)
                 st.phase, st.epoch = st.phase + 1, 0
