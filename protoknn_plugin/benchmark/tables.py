@@ -83,18 +83,34 @@ def markdown_table(summary, runs) -> List[str]:
     return lines
 
 
+PAIRED_COLUMNS = ("a − b", "n", "difference", "95% interval", "p", "Holm p", "claimed")
+HOLM_NOTE = ("`95% interval` and `p` (paired t-test) are uncorrected; a difference is `claimed` only when "
+             "Holm's step-down over every pair of the table rejects 0 at 5% (`Holm p` < 0.05).")
+
+
+def _p_text(p) -> str:
+    return "—" if p is None else ("<0.0001" if p < 1e-4 else f"{p:.4f}")
+
+
+def paired_cells(pair: Dict[str, Any], scale: float = 100.0, digits: int = 2) -> List[str]:
+    """One pair's cells in PAIRED_COLUMNS order: the uncorrected interval and p, Holm's p and the claim."""
+    d: Interval = pair["diff"]
+    interval = "—" if d.half_width is None else f"[{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]"
+    claimed = "—" if pair["claimed"] is None else ("yes" if pair["claimed"] else "no")
+    return [f"{pair['a']} − {pair['b']}", str(d.n), f"{scale * d.mean:+.{digits}f}", interval,
+            _p_text(pair["p"]), _p_text(pair["holm_p"]), claimed]
+
+
 def paired_lines(runs, key: str = "accuracy") -> List[str]:
-    """The paired-difference table of ``key``: accuracies in points, other metrics in their own unit."""
+    """The paired-difference table of ``key``: accuracies in points, other metrics in their own unit;
+    Holm's correction runs over the pairs of this table."""
     points = key.startswith("accuracy")
     scale, digits = (100.0, 2) if points else (1.0, 4 if key == "prototype_spread" else 1)
     unit = "difference (points)" if points else "difference"
-    lines = [f"| a − b | n | {unit} | 95% interval | excludes 0 |", "|---|---|---|---|---|"]
+    header = [unit if name == "difference" else name for name in PAIRED_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for pair in paired_table(per_seed(runs, key)):
-        d: Interval = pair["diff"]
-        interval = ("—" if d.half_width is None
-                    else f"[{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]")
-        verdict = "—" if d.half_width is None else ("yes" if d.excludes_zero() else "no")
-        lines.append(f"| {pair['a']} − {pair['b']} | {d.n} | {scale * d.mean:+.{digits}f} | {interval} | {verdict} |")
+        lines.append("| " + " | ".join(paired_cells(pair, scale, digits)) + " |")
     return lines
 
 
@@ -131,7 +147,8 @@ def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str,
         return {**{k: v for k, v in row.items() if k != "intervals"},
                 **{k: vars(i) for k, i in row["intervals"].items()}}
 
-    pairs = [{"a": p["a"], "b": p["b"], **vars(p["diff"])} for p in paired_table(per_seed(runs))]
+    pairs = [{"a": p["a"], "b": p["b"], **vars(p["diff"]), "p": p["p"], "holm_p": p["holm_p"], "claimed": p["claimed"]}
+             for p in paired_table(per_seed(runs))]
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": [plain(r) for r in summary],
                                                   "paired": pairs, "runs": runs}, indent=2, default=str))
     keys = columns(summary, runs)
@@ -150,7 +167,7 @@ def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str,
               f"prediction (top-1, or its primary k); dataset {meta.get('dataset')}, backbone {meta.get('backbone')}, "
               f"{meta.get('epochs')} epochs; learning-rate scale per row: "
               + ", ".join(f"{label} x{c['lr_scale']:g}" for label, c in (meta.get("chosen") or {}).items()) + ".",
-              "", "Paired differences of `acc %` (same seed = same data order and initialisation):", ""]
+              "", "Paired differences of `acc %` (same seed = same data order and initialisation). " + HOLM_NOTE, ""]
     lines += paired_lines(runs)
     for key in meta.get("paired_keys") or ():  # further metrics compared pair by pair (ablate)
         lines += ["", f"Paired differences of `{_header(key)}`:", ""] + paired_lines(runs, key)
@@ -211,12 +228,9 @@ def rich_paired(runs: List[Dict[str, Any]]):
     pairs = paired_table(per_seed(runs))
     if not pairs:
         return None
-    table = Table(title="paired differences of acc % (same seed, same data)")
-    for name in ("a − b", "n", "difference", "95% interval", "excludes 0"):
+    table = Table(title="paired differences of acc % (same seed, same data); claimed: Holm over all pairs, 5%")
+    for name in PAIRED_COLUMNS:
         table.add_column(name, justify="right" if name != "a − b" else "left")
     for pair in pairs:
-        d: Interval = pair["diff"]
-        interval = "—" if d.half_width is None else f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
-        verdict = "—" if d.half_width is None else ("yes" if d.excludes_zero() else "no")
-        table.add_row(escape(f"{pair['a']} − {pair['b']}"), str(d.n), f"{100 * d.mean:+.2f}", interval, verdict)
+        table.add_row(*(escape(cell) for cell in paired_cells(pair)))
     return table
