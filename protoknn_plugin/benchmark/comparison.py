@@ -1,16 +1,17 @@
-"""A whole comparison: check the protocol, run the learning-rate sweep on the validation
-split, train every row under every seed with its chosen rate, score the test set once per
-run, and write the tables and figures."""
+"""A whole comparison: check the protocol, run the sweep of learning-rate scales and schedules
+on the validation split, train every row under every seed with its choice, choose each row's
+prediction (kNN heads: k) on the validation split, score the test set once per run, and write
+the tables and figures."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..checkpoint import ensure_writable_dir
 from ..errors import ProtoKNNError
-from .protocol import budget, check_same_budget
+from .protocol import budget, check_same_budget, with_schedule
 from .runner import cabrnet_run, score_test, train_run
 from .settings import BenchmarkSettings, RunSpec, run_dir_name
 
@@ -50,26 +51,86 @@ def _say(console, text: str) -> None:
         console.print(text)
 
 
-def sweep(specs, settings, splits, runs_dir: Path, console=None, progress=False) -> Dict[str, Dict[str, Any]]:
-    """Per row: the lr scale with the best mean validation accuracy over the sweep seeds."""
-    if len(settings.lr_scales) == 1:
-        return {s.label: {"lr_scale": float(settings.lr_scales[0]), "val": {}} for s in specs}
-    if getattr(splits, "val", None) is None:
-        raise ProtoKNNError("the learning-rate sweep picks on a validation split; set --val-fraction above 0")
+def choose_prediction(records: Sequence[Dict[str, Any]], primary: str) -> Tuple[str, Dict[str, float]]:
+    """The prediction (``top1``, or for kNN heads the k) with the best mean validation accuracy over
+    ``records`` -> (its name, {name: mean}). Ties go to the head's primary prediction, then to the
+    first in the head's order (the smaller k). Without validation scores: (primary, {})."""
+    names = [key[len("val_accuracy["):-1] for key in records[0] if key.startswith("val_accuracy[")] if records else []
+    names = [n for n in names if all(r.get(f"val_accuracy[{n}]") is not None for r in records)]
+    if not names:
+        return primary, {}
+    means = {n: sum(r[f"val_accuracy[{n}]"] for r in records) / len(records) for n in names}
+    return max(names, key=lambda n: (means[n], n == primary)), means
+
+
+def swept_schedules(spec: RunSpec, settings: BenchmarkSettings, splits) -> List[str]:
+    """``settings.schedules`` for this row, less those that give the same phases as an earlier one
+    (the plain CNN's own schedule already is warm-up + cosine): they would train the same runs twice."""
+    if len(settings.schedules) < 2:
+        return list(settings.schedules)
+    from ..heads import create_head
+
+    head = create_head(spec.head, num_classes=len(splits.classes), backbone_channels=8, dim=settings.dim,
+                       num_prototypes=settings.prototypes, **spec.head_options)
+    own = head.phases(settings.train.epochs, _pretrained(settings, splits.channels))
+    kept, seen = [], []
+    for schedule in settings.schedules:
+        phases = with_schedule(own, schedule)
+        if phases not in seen:
+            kept.append(schedule)
+            seen.append(phases)
+    return kept
+
+
+def sweep(specs, settings, splits, runs_dir: Path, console=None, progress=False,
+          schedules: Optional[Dict[str, List[str]]] = None) -> Dict[str, Dict[str, Any]]:
+    """Per row: the (lr scale, schedule) whose best prediction (kNN heads: the best k) has the best
+    mean validation accuracy over the sweep seeds. ``schedules``: label -> the schedules to try
+    (default ``settings.schedules``). Ties go to the scale nearest 1, then to the head's own schedule.
+
+    Returns label -> ``{"lr_scale", "schedule", "val": [{"lr_scale", "schedule", "prediction",
+    "val_accuracy"}, ...]}`` (``val`` is empty for a row with one setting: nothing is swept).
+    """
+    schedules = schedules or {}
+    grids = {s.label: [(float(scale), schedule) for schedule in schedules.get(s.label, settings.schedules)
+                       for scale in settings.lr_scales] for s in specs}
+    if any(len(grid) > 1 for grid in grids.values()) and getattr(splits, "val", None) is None:
+        raise ProtoKNNError("the learning-rate and schedule sweep picks on a validation split; set --val-fraction above 0")
     chosen = {}
     for spec in specs:
-        scores = {}
-        for scale in settings.lr_scales:
-            vals = []
+        grid = grids[spec.label]
+        if len(grid) == 1:
+            chosen[spec.label] = {"lr_scale": grid[0][0], "schedule": grid[0][1], "val": []}
+            continue
+        scores = []
+        for scale, schedule in grid:
+            records = []
             for seed in settings.sweep_seed_list():
-                _say(console, f"[bold]{spec.label}[/] sweep lr x{scale:g} seed {seed}")
+                _say(console, f"[bold]{spec.label}[/] sweep lr x{scale:g} {schedule} schedule, seed {seed}")
                 record, _ = train_run(spec, seed, scale, settings, splits,
-                                      runs_dir / run_dir_name(spec, settings, scale, seed), progress)
-                vals.append(record["val_accuracy"])
-            scores[float(scale)] = sum(vals) / len(vals)
-        best = max(scores, key=lambda s: (scores[s], -abs(s - 1.0)))  # ties: the head's own rate
-        chosen[spec.label] = {"lr_scale": best, "val": scores}
+                                      runs_dir / run_dir_name(spec, settings, scale, seed, schedule), progress, schedule)
+                records.append(record)
+            prediction, means = choose_prediction(records, records[0]["primary"])
+            scores.append({"lr_scale": scale, "schedule": schedule, "prediction": prediction,
+                           "val_accuracy": means.get(prediction)})
+        best = max(scores, key=lambda c: (c["val_accuracy"] or 0.0, -abs(c["lr_scale"] - 1.0), c["schedule"] == "own"))
+        chosen[spec.label] = {"lr_scale": best["lr_scale"], "schedule": best["schedule"], "val": scores}
     return chosen
+
+
+def choose_predictions(runs: List[Dict[str, Any]], chosen: Dict[str, Dict[str, Any]]) -> None:
+    """Every plugin row's prediction chosen on the validation split of its final runs (all seeds);
+    its test accuracy becomes the row's ``accuracy``. Adds ``prediction`` and
+    ``val_by_prediction`` to ``chosen[label]`` and ``prediction`` to each run."""
+    for label, choice in chosen.items():
+        records = [r for r in runs if r["label"] == label]
+        if not records:
+            continue
+        prediction, means = choose_prediction(records, records[0]["primary"])
+        choice.update(prediction=prediction, val_by_prediction=means)
+        for run in records:
+            run["prediction"] = prediction
+            run["accuracy"] = run.get(f"accuracy[{prediction}]", run["accuracy"])
 
 
 def cached_splits(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits, console=None):
@@ -140,10 +201,11 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
         splits = carve_validation(splits, settings.train.val_fraction)
     budgets = check_protocol(specs, settings, splits)
     image_splits = splits
+    plugin_specs = [s for s in specs if not s.head.startswith("cabrnet:")]
+    schedules = {s.label: swept_schedules(s, settings, splits) for s in plugin_specs}
     if settings.frozen_backbone:
         splits = cached_splits(specs, settings, splits, console)
-    plugin_specs = [s for s in specs if not s.head.startswith("cabrnet:")]
-    chosen = sweep(plugin_specs, settings, splits, runs_dir, console, progress)
+    chosen = sweep(plugin_specs, settings, splits, runs_dir, console, progress, schedules)
     runs = []
     for seed in settings.seeds:
         for spec in specs:
@@ -153,12 +215,13 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
                                      progress)
                 runs.append({**budgets[spec.label], **result})
                 continue
-            scale = chosen[spec.label]["lr_scale"]
-            run_dir = runs_dir / run_dir_name(spec, settings, scale, seed)
+            scale, schedule = chosen[spec.label]["lr_scale"], chosen[spec.label]["schedule"]
+            run_dir = runs_dir / run_dir_name(spec, settings, scale, seed, schedule)
             done = (run_dir / "metrics.json").exists()
             _say(console, f"[bold]{spec.label}[/] seed {seed}" + (" (done, read from metrics.json)" if done else ""))
-            record, model = train_run(spec, seed, scale, settings, splits, run_dir, progress)
+            record, model = train_run(spec, seed, scale, settings, splits, run_dir, progress, schedule)
             runs.append(score_test(record, splits, settings, model))
+    choose_predictions(runs, chosen)
     if explanations:
         explain_runs(runs, image_splits, out_dir, settings, console, images=explanation_images)
     summary = summarise(runs)
@@ -168,6 +231,7 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
             "limit": settings.limit, "val_fraction": settings.train.val_fraction,
             "train_images": len(splits.train_labels), "val_images": len(splits.val) if getattr(splits, "val", None) is not None else 0,
             "test_images": len(splits.test), "lr_scales": list(settings.lr_scales),
+            "schedules": list(settings.schedules),
             "sweep_seeds": settings.sweep_seed_list(), "chosen": chosen, "budgets": budgets,
             "torch_threads": torch.get_num_threads(), "title": title, "paired_keys": list(paired_keys)}
     write_results(out_dir, runs, summary, meta)

@@ -1,4 +1,4 @@
-"""One benchmark run: train (or resume, or skip) a (row, learning-rate scale, seed) in its own
+"""One benchmark run: train (or resume, or skip) a (row, learning-rate scale, schedule, seed) in its own
 directory, then score it on the validation split, and on the test split once it is chosen.
 
 A run directory holds ``checkpoint.pt`` (the Trainer's, written atomically every epoch),
@@ -22,7 +22,7 @@ from ..checkpoint import CHECKPOINT_NAME
 from ..model import ModelConfig, PrototypeModel
 from ..prototypes import prototype_spread
 from ..train import TrainConfig, Trainer, evaluate, model_from_checkpoint, write_json
-from .protocol import budget, scale_lrs
+from .protocol import budget, scale_lrs, with_schedule
 from .settings import BenchmarkSettings, RunSpec
 
 
@@ -86,8 +86,9 @@ def feeding(model, settings: BenchmarkSettings):
 
 
 def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits,
-                  run_dir: Optional[Path], progress: bool = False) -> Trainer:
-    """The Trainer of one run, its phases' learning rates scaled by ``lr_scale``."""
+                  run_dir: Optional[Path], progress: bool = False, schedule: str = "own") -> Trainer:
+    """The Trainer of one run, its phases' learning rates scaled by ``lr_scale``, under ``schedule``
+    (``protocol.with_schedule``)."""
     config = ModelConfig.for_data(
         splits, head=spec.head, backbone=settings.backbone, num_prototypes=settings.prototypes, dim=settings.dim,
         weights=settings.weights, backbone_options=dict(settings.backbone_options),
@@ -98,7 +99,7 @@ def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: Benchmark
                       progress=progress, dataset_name=settings.dataset, stage_eval=getattr(splits, "val", None),
                       data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
                                  "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone})
-    trainer.phases = scale_lrs(trainer.phases, lr_scale)
+    trainer.phases = with_schedule(scale_lrs(trainer.phases, lr_scale), schedule)
     return trainer
 
 
@@ -116,7 +117,7 @@ def _step_ms(state, steps_per_epoch: int) -> float | None:
 
 
 def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits, run_dir: Path,
-              progress: bool = False):
+              progress: bool = False, schedule: str = "own"):
     """Train, resume or skip one run. Returns ``(record, model)``; model is None when skipped.
 
     Raises ``train.Interrupted`` on SIGINT/SIGTERM, with the checkpoint written.
@@ -124,7 +125,7 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
     record_path = run_dir / "run.json"
     if record_path.exists():
         return json.loads(record_path.read_text()), None
-    trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress)
+    trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress, schedule)
     model = trainer.model
     push = model.project_prototypes = _Timed(model.project_prototypes)
     last = None
@@ -139,7 +140,7 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
     primary = model.head.primary
     record: Dict[str, Any] = {
         "label": spec.label, "head": spec.head, "head_options": spec.head_options, "seed": seed,
-        "lr_scale": lr_scale, "primary": primary, "run_dir": str(run_dir), "resumed": resumed,
+        "lr_scale": lr_scale, "schedule": schedule, "primary": primary, "run_dir": str(run_dir), "resumed": resumed,
         "val_accuracy": val_metrics.get(f"accuracy[{primary}]"),
         **{"val_" + k: v for k, v in val_metrics.items() if k.startswith("accuracy[")},
         **budget(trainer.phases, trainer.steps_per_epoch, trainer.config.batch_size, len(trainer.splits.train_labels)),

@@ -28,7 +28,9 @@ def summarise(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows: Dict[str, Dict[str, Any]] = {}
     for run in runs:
         row = rows.setdefault(run["label"], {"label": run["label"], "head": run["head"], "seeds": [],
-                                             "lr_scale": run.get("lr_scale", 1.0), "_values": {}})
+                                             "lr_scale": run.get("lr_scale", 1.0),
+                                             "schedule": run.get("schedule", "own"),
+                                             "prediction": run.get("prediction", run.get("primary", "")), "_values": {}})
         row["seeds"].append(run["seed"])
         for key, value in run.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("seed", "lr_scale"):
@@ -141,6 +143,12 @@ def stage_lines(runs) -> List[str]:
     return lines
 
 
+def choice_text(label: str, choice: Dict[str, Any]) -> str:
+    """``protoknn x1 own k=3``: what the validation split chose for a row."""
+    return " ".join([label, f"x{choice['lr_scale']:g}", choice.get("schedule", "own")]
+                    + ([choice["prediction"]] if choice.get("prediction") else []))
+
+
 def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str, Any]], meta: Dict[str, Any]) -> None:
     """results.json (every run, the summary and the paired differences), results.csv and results.md."""
     def plain(row):
@@ -154,19 +162,22 @@ def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str,
     keys = columns(summary, runs)
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["label", "head", "n", "seeds", "lr_scale"] + [c for k in keys for c in (k, k + "_ci95")])
+        writer.writerow(["label", "head", "n", "seeds", "lr_scale", "schedule", "prediction"]
+                        + [c for k in keys for c in (k, k + "_ci95")])
         for row in summary:
             cells = []
             for k in keys:
                 i = row["intervals"].get(k)
                 cells += ["" if i is None else i.mean, "" if i is None or i.half_width is None else i.half_width]
-            writer.writerow([row["label"], row["head"], row["n"], " ".join(map(str, row["seeds"])), row["lr_scale"]] + cells)
+            writer.writerow([row["label"], row["head"], row["n"], " ".join(map(str, row["seeds"])), row["lr_scale"],
+                             row["schedule"], row["prediction"]] + cells)
     seeds = ",".join(str(s) for s in meta.get("seeds", []))
     lines = markdown_table(summary, runs)
-    lines += ["", f"mean ± half-width of the 95% t-interval over n seeds ({seeds}); `acc %` is each head's own "
-              f"prediction (top-1, or its primary k); dataset {meta.get('dataset')}, backbone {meta.get('backbone')}, "
-              f"{meta.get('epochs')} epochs; learning-rate scale per row: "
-              + ", ".join(f"{label} x{c['lr_scale']:g}" for label, c in (meta.get("chosen") or {}).items()) + ".",
+    lines += ["", f"mean ± half-width of the 95% t-interval over n seeds ({seeds}); `acc %` is each row's "
+              "prediction chosen on the validation split (kNN heads: the k with the best mean validation accuracy "
+              f"over the seeds); dataset {meta.get('dataset')}, backbone {meta.get('backbone')}, "
+              f"{meta.get('epochs')} epochs; choices per row (rate scale, schedule, prediction): "
+              + ", ".join(choice_text(label, c) for label, c in (meta.get("chosen") or {}).items()) + ".",
               "", "Paired differences of `acc %` (same seed = same data order and initialisation). " + HOLM_NOTE, ""]
     lines += paired_lines(runs)
     for key in meta.get("paired_keys") or ():  # further metrics compared pair by pair (ablate)
