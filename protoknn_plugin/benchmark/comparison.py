@@ -63,7 +63,7 @@ def choose_prediction(records: Sequence[Dict[str, Any]], primary: str) -> Tuple[
     return max(names, key=lambda n: (means[n], n == primary)), means
 
 
-def swept_schedules(spec: RunSpec, settings: BenchmarkSettings, splits) -> List[str]:
+def swept_schedules(spec: RunSpec, settings: BenchmarkSettings, splits, pretrained: bool) -> List[str]:
     """``settings.schedules`` for this row, less those that give the same phases as an earlier one
     (the plain CNN's own schedule already is warm-up + cosine): they would train the same runs twice."""
     if len(settings.schedules) < 2:
@@ -72,7 +72,7 @@ def swept_schedules(spec: RunSpec, settings: BenchmarkSettings, splits) -> List[
 
     head = create_head(spec.head, num_classes=len(splits.classes), backbone_channels=8, dim=settings.dim,
                        num_prototypes=settings.prototypes, **spec.head_options)
-    own = head.phases(settings.train.epochs, _pretrained(settings, splits.channels))
+    own = head.phases(settings.train.epochs, pretrained)
     kept, seen = [], []
     for schedule in settings.schedules:
         phases = with_schedule(own, schedule)
@@ -202,7 +202,8 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
     budgets = check_protocol(specs, settings, splits)
     image_splits = splits
     plugin_specs = [s for s in specs if not s.head.startswith("cabrnet:")]
-    schedules = {s.label: swept_schedules(s, settings, splits) for s in plugin_specs}
+    pretrained = len(settings.schedules) > 1 and _pretrained(settings, splits.channels)
+    schedules = {s.label: swept_schedules(s, settings, splits, pretrained) for s in plugin_specs}
     if settings.frozen_backbone:
         splits = cached_splits(specs, settings, splits, console)
     chosen = sweep(plugin_specs, settings, splits, runs_dir, console, progress, schedules)
