@@ -20,10 +20,11 @@ class PlainCNNHead(Head):
     """
 
     name = "cnn"
+    revision = 2  # 2: lr default 3e-3 -> 9e-2, the best of a validation sweep
     description = "plain CNN classifier (GAP + linear, cross-entropy); reference row, no prototypes"
     uses_prototypes = False
 
-    def __init__(self, num_classes: int, backbone_channels: int, dim: int = 0, num_prototypes: int = 0, lr: float = 3e-3,
+    def __init__(self, num_classes: int, backbone_channels: int, dim: int = 0, num_prototypes: int = 0, lr: float = 9e-2,
                  warmup_epochs: float = 0.5, schedule: str = "cosine", weight_decay: float = 0.0):
         super().__init__(num_classes, backbone_channels, dim, num_prototypes)
         self.lr, self.warmup_epochs, self.schedule, self.weight_decay = lr, warmup_epochs, schedule, weight_decay
@@ -31,7 +32,7 @@ class PlainCNNHead(Head):
 
     @classmethod
     def defaults(cls) -> Dict[str, object]:
-        return {"loss": "cross-entropy", "lr": 3e-3,
+        return {"loss": "cross-entropy", "lr": 9e-2,
                 "schedule": "Adam, linear warm-up 0.5 epoch then cosine decay to 0 (per step)"}
 
     def logits(self, out: PrototypeOutputs) -> Tensor:
@@ -46,10 +47,9 @@ class PlainCNNHead(Head):
 
     def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
         # The standard recipe for a classifier trained in a short budget: warm-up then cosine
-        # decay to 0, so the weights evaluated are not taken mid-oscillation at full rate (at a
-        # constant 1e-3 the final accuracy swung by 18 points across seeds). lr 3e-3: with 1e-3
-        # the small CNN had not converged in the default 4 epochs (validation still rising,
-        # test 81.5 / 77.9 / 80.1 over seeds 0-2); with 3e-3 it reached 90.0 / 88.6 / 87.3.
+        # decay to 0, so the weights evaluated are not taken mid-oscillation at full rate. The
+        # rate is the one with the best mean validation accuracy in a sweep from 3e-3 to 3e-1 on
+        # the default benchmark (docs/protocol.md, "The plain CNN"); no test number chose it.
         backbone_lr = 1e-5 if pretrained_backbone else self.lr
         decay = {"backbone": self.weight_decay, "head": self.weight_decay} if self.weight_decay else {}
         return [Phase("train", epochs, {"backbone": backbone_lr, "head": self.lr}, schedule=self.schedule,
