@@ -214,3 +214,11 @@ def test_benchmarks_on_the_feature_cache_default_to_five_seeds(monkeypatch):
         result = CliRunner().invoke(cli, ["benchmark", *args])
         assert result.exit_code == 0, result.output
         assert list(seen["s"].seeds) == seeds
+
+
+def test_an_unknown_schedule_is_a_one_line_error(tmp_path):
+    from conftest import TINY, assert_one_line_error, run_cli
+
+    result = run_cli("benchmark", "--heads", "cnn", *TINY, "--schedules", "own,linear", "--out", tmp_path)
+    assert_one_line_error(result, "--schedules", "own,cosine")
+    assert result.returncode == 2
