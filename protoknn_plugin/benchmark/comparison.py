@@ -133,6 +133,28 @@ def choose_predictions(runs: List[Dict[str, Any]], chosen: Dict[str, Dict[str, A
             run["accuracy"] = run.get(f"accuracy[{prediction}]", run["accuracy"])
 
 
+def final_runs(specs, settings, splits, runs_dir: Path, chosen, budgets, console=None,
+               progress=False) -> List[Dict[str, Any]]:
+    """Every row under every seed with the rate scale and schedule the sweep chose, each scored on
+    the test set once (finished runs are read back)."""
+    runs = []
+    for seed in settings.seeds:
+        for spec in specs:
+            if spec.head.startswith("cabrnet:"):
+                _say(console, f"[bold]{spec.label}[/] seed {seed}")
+                result = cabrnet_run(spec, seed, settings, splits, runs_dir / run_dir_name(spec, settings, 1.0, seed),
+                                     progress)
+                runs.append({**budgets[spec.label], **result})
+                continue
+            scale, schedule = chosen[spec.label]["lr_scale"], chosen[spec.label]["schedule"]
+            run_dir = runs_dir / run_dir_name(spec, settings, scale, seed, schedule)
+            done = (run_dir / "metrics.json").exists()
+            _say(console, f"[bold]{spec.label}[/] seed {seed}" + (" (done, read from metrics.json)" if done else ""))
+            record, model = train_run(spec, seed, scale, settings, splits, run_dir, progress, schedule)
+            runs.append(score_test(record, splits, settings, model))
+    return runs
+
+
 def cached_splits(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits, console=None):
     """Every split's backbone maps, computed once for all rows and seeds (the pretrained backbone's
     weights do not depend on the seed; the cache key checks it) -> splits of cached maps."""
@@ -207,21 +229,7 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
     if settings.frozen_backbone:
         splits = cached_splits(specs, settings, splits, console)
     chosen = sweep(plugin_specs, settings, splits, runs_dir, console, progress, schedules)
-    runs = []
-    for seed in settings.seeds:
-        for spec in specs:
-            if spec.head.startswith("cabrnet:"):
-                _say(console, f"[bold]{spec.label}[/] seed {seed}")
-                result = cabrnet_run(spec, seed, settings, splits, runs_dir / run_dir_name(spec, settings, 1.0, seed),
-                                     progress)
-                runs.append({**budgets[spec.label], **result})
-                continue
-            scale, schedule = chosen[spec.label]["lr_scale"], chosen[spec.label]["schedule"]
-            run_dir = runs_dir / run_dir_name(spec, settings, scale, seed, schedule)
-            done = (run_dir / "metrics.json").exists()
-            _say(console, f"[bold]{spec.label}[/] seed {seed}" + (" (done, read from metrics.json)" if done else ""))
-            record, model = train_run(spec, seed, scale, settings, splits, run_dir, progress, schedule)
-            runs.append(score_test(record, splits, settings, model))
+    runs = final_runs(specs, settings, splits, runs_dir, chosen, budgets, console, progress)
     choose_predictions(runs, chosen)
     if explanations:
         explain_runs(runs, image_splits, out_dir, settings, console, images=explanation_images)
