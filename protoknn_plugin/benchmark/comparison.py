@@ -7,12 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
 from ..checkpoint import ensure_writable_dir
 from ..errors import ProtoKNNError
-from .protocol import budget, check_same_budget, with_schedule
-from .runner import cabrnet_run, score_test, train_run
+from .executors import InProcessExecutor, RunJob
+from .protocol import budget, check_same_budget, schedule_change, with_schedule
 from .settings import BenchmarkSettings, RunSpec, run_dir_name
 
 
@@ -25,7 +23,9 @@ def _pretrained(settings: BenchmarkSettings, channels: int) -> bool:
 
 
 def check_protocol(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits) -> Dict[str, Dict[str, int]]:
-    """Every plugin row's budget, before anything trains; raises when they differ."""
+    """Every plugin row's budget, before anything trains; raises when they differ. A row whose
+    last-layer epochs or pushes differ from its head's defaults (the paper's values) gets
+    ``schedule_change`` (protocol.schedule_change), which the table marks."""
     from ..heads import create_head
 
     pretrained = _pretrained(settings, splits.channels)
@@ -38,10 +38,15 @@ def check_protocol(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits
             budgets[spec.label] = cabrnet_budget(spec.head.split(":", 1)[1], settings.train.epochs, steps,
                                                  settings.train.batch_size, spec.head_options, pretrained)
             continue
-        head = create_head(spec.head, num_classes=len(splits.classes), backbone_channels=8, dim=settings.dim,
-                           num_prototypes=settings.prototypes, **spec.head_options)
-        budgets[spec.label] = budget(head.phases(settings.train.epochs, pretrained), steps,
-                                     settings.train.batch_size, len(splits.train_labels))
+        row, paper = (budget(create_head(spec.head, num_classes=len(splits.classes), backbone_channels=8,
+                                         dim=settings.dim, num_prototypes=settings.prototypes, **options)
+                             .phases(settings.train.epochs, pretrained, frozen_backbone=settings.frozen_backbone),
+                             steps, settings.train.batch_size, len(splits.train_labels), settings.frozen_backbone)
+                      for options in (spec.head_options, {}))
+        budgets[spec.label] = row
+        change = schedule_change(row, paper)
+        if change:
+            row["schedule_change"] = change
     check_same_budget(budgets, pretrained)
     return budgets
 
@@ -72,7 +77,7 @@ def swept_schedules(spec: RunSpec, settings: BenchmarkSettings, splits, pretrain
 
     head = create_head(spec.head, num_classes=len(splits.classes), backbone_channels=8, dim=settings.dim,
                        num_prototypes=settings.prototypes, **spec.head_options)
-    own = head.phases(settings.train.epochs, pretrained)
+    own = head.phases(settings.train.epochs, pretrained, frozen_backbone=settings.frozen_backbone)
     kept, seen = [], []
     for schedule in settings.schedules:
         phases = with_schedule(own, schedule)
@@ -82,11 +87,12 @@ def swept_schedules(spec: RunSpec, settings: BenchmarkSettings, splits, pretrain
     return kept
 
 
-def sweep(specs, settings, splits, runs_dir: Path, console=None, progress=False,
+def sweep(specs, settings, splits, runs_dir: Path, console=None, progress=False, executor=None,
           schedules: Optional[Dict[str, List[str]]] = None) -> Dict[str, Dict[str, Any]]:
     """Per row: the (lr scale, schedule) whose best prediction (kNN heads: the best k) has the best
-    mean validation accuracy over the sweep seeds. ``schedules``: label -> the schedules to try
-    (default ``settings.schedules``). Ties go to the scale nearest 1, then to the head's own schedule.
+    mean validation accuracy over the sweep seeds; a row's sweep runs go to ``executor`` together
+    (in this process when None). ``schedules``: label -> the schedules to try (default
+    ``settings.schedules``). Ties go to the scale nearest 1, then to the head's own schedule.
 
     Returns label -> ``{"lr_scale", "schedule", "val": [{"lr_scale", "schedule", "prediction",
     "val_accuracy"}, ...]}`` (``val`` is empty for a row with one setting: nothing is swept).
@@ -96,21 +102,21 @@ def sweep(specs, settings, splits, runs_dir: Path, console=None, progress=False,
                        for scale in settings.lr_scales] for s in specs}
     if any(len(grid) > 1 for grid in grids.values()) and getattr(splits, "val", None) is None:
         raise ProtoKNNError("the learning-rate and schedule sweep picks on a validation split; set --val-fraction above 0")
+    executor = executor or InProcessExecutor(lambda text: _say(console, text), progress)
     chosen = {}
     for spec in specs:
         grid = grids[spec.label]
         if len(grid) == 1:
             chosen[spec.label] = {"lr_scale": grid[0][0], "schedule": grid[0][1], "val": []}
             continue
+        jobs = [RunJob(spec, seed, scale, runs_dir / run_dir_name(spec, settings, scale, seed, schedule),
+                       schedule=schedule, title=f"[bold]{spec.label}[/] sweep lr x{scale:g} {schedule} schedule, seed {seed}")
+                for scale, schedule in grid for seed in settings.sweep_seed_list()]
+        records = executor.map(jobs, settings, splits)
         scores = []
         for scale, schedule in grid:
-            records = []
-            for seed in settings.sweep_seed_list():
-                _say(console, f"[bold]{spec.label}[/] sweep lr x{scale:g} {schedule} schedule, seed {seed}")
-                record, _ = train_run(spec, seed, scale, settings, splits,
-                                      runs_dir / run_dir_name(spec, settings, scale, seed, schedule), progress, schedule)
-                records.append(record)
-            prediction, means = choose_prediction(records, records[0]["primary"])
+            mine = [r for job, r in zip(jobs, records) if (job.lr_scale, job.schedule) == (scale, schedule)]
+            prediction, means = choose_prediction(mine, mine[0]["primary"])
             scores.append({"lr_scale": scale, "schedule": schedule, "prediction": prediction,
                            "val_accuracy": means.get(prediction)})
         best = max(scores, key=lambda c: (c["val_accuracy"] or 0.0, -abs(c["lr_scale"] - 1.0), c["schedule"] == "own"))
@@ -133,26 +139,33 @@ def choose_predictions(runs: List[Dict[str, Any]], chosen: Dict[str, Dict[str, A
             run["accuracy"] = run.get(f"accuracy[{prediction}]", run["accuracy"])
 
 
-def final_runs(specs, settings, splits, runs_dir: Path, chosen, budgets, console=None,
-               progress=False) -> List[Dict[str, Any]]:
-    """Every row under every seed with the rate scale and schedule the sweep chose, each scored on
-    the test set once (finished runs are read back)."""
-    runs = []
+def seed_jobs(specs, settings: BenchmarkSettings, chosen, runs_dir: Path) -> List[RunJob]:
+    """Every row under every seed with its chosen rate and schedule, each scored on the test split once."""
+    jobs = []
     for seed in settings.seeds:
         for spec in specs:
-            if spec.head.startswith("cabrnet:"):
-                _say(console, f"[bold]{spec.label}[/] seed {seed}")
-                result = cabrnet_run(spec, seed, settings, splits, runs_dir / run_dir_name(spec, settings, 1.0, seed),
-                                     progress)
-                runs.append({**budgets[spec.label], **result})
-                continue
-            scale, schedule = chosen[spec.label]["lr_scale"], chosen[spec.label]["schedule"]
-            run_dir = runs_dir / run_dir_name(spec, settings, scale, seed, schedule)
-            done = (run_dir / "metrics.json").exists()
-            _say(console, f"[bold]{spec.label}[/] seed {seed}" + (" (done, read from metrics.json)" if done else ""))
-            record, model = train_run(spec, seed, scale, settings, splits, run_dir, progress, schedule)
-            runs.append(score_test(record, splits, settings, model))
-    return runs
+            cabrnet = spec.head.startswith("cabrnet:")
+            scale = 1.0 if cabrnet else chosen[spec.label]["lr_scale"]
+            schedule = "own" if cabrnet else chosen[spec.label].get("schedule", "own")
+            jobs.append(RunJob(spec, seed, scale, runs_dir / run_dir_name(spec, settings, scale, seed, schedule),
+                               score=True, schedule=schedule, title=f"[bold]{spec.label}[/] seed {seed}"))
+    return jobs
+
+
+def tune_then_fix(specs, plugin_specs, settings, splits, out_dir: Path, runs_dir: Path, executor, trials: int,
+                  pretrained: bool, console=None):
+    """``--tune``: tune the plugin rows, write the choice to results.md, return the rows with
+    their chosen options and the per-row choice (``lr_scale`` 1: tuning replaces the sweep)."""
+    from .tuning import tune_rows, tuned_specs, write_tuning_section
+
+    if len(settings.lr_scales) > 1 or len(settings.schedules) > 1:
+        raise ProtoKNNError("--tune and --lr-scales/--schedules both choose the rates; use one of them")
+    tuned = tune_rows(plugin_specs, settings, splits, out_dir, runs_dir, executor, trials,
+                      pretrained, say=lambda text: _say(console, text))
+    write_tuning_section(out_dir, tuned, trials, settings.sweep_seed_list()[0])
+    _say(console, f"chosen settings written to {out_dir / 'results.md'}")
+    chosen = {label: {"lr_scale": 1.0, "schedule": "own", "val": [], "tuned": c} for label, c in tuned.items()}
+    return tuned_specs(specs, tuned), chosen
 
 
 def cached_splits(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits, console=None):
@@ -197,11 +210,14 @@ def explain_runs(runs: List[Dict[str, Any]], splits, out_dir: Path, settings: Be
 
 def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: str, title: str = "benchmark",
                    console=None, progress: bool = False, splits=None, explanations: bool = False,
-                   explanation_images: int = 200, paired_keys: Sequence[str] = ()) -> List[Dict[str, Any]]:
+                   explanation_images: int = 200, paired_keys: Sequence[str] = (), executor=None,
+                   tune: int = 0) -> List[Dict[str, Any]]:
     """Train every spec under every seed, write results.{json,csv,md} and the figures, return the summary.
 
     Every pair of rows is compared on ``acc %``; ``paired_keys`` (e.g. ``accuracy[k=1]``,
     ``prototype_spread``) adds a paired table per further metric to results.md.
+    ``executor``: where the runs execute (benchmark.executors; None: in this process).
+    ``tune``: trials per row of the equal-budget search (benchmark.tuning) before the seeds run.
 
     Raises ``train.Interrupted`` (checkpoint written) on SIGINT/SIGTERM; rerunning resumes.
     """
@@ -228,8 +244,15 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
     schedules = {s.label: swept_schedules(s, settings, splits, pretrained) for s in plugin_specs}
     if settings.frozen_backbone:
         splits = cached_splits(specs, settings, splits, console)
-    chosen = sweep(plugin_specs, settings, splits, runs_dir, console, progress, schedules)
-    runs = final_runs(specs, settings, splits, runs_dir, chosen, budgets, console, progress)
+    executor = executor or InProcessExecutor(lambda text: _say(console, text), progress)
+    if tune:
+        specs, chosen = tune_then_fix(specs, plugin_specs, settings, splits, out_dir, runs_dir, executor, tune,
+                                      _pretrained(settings, image_splits.channels), console)
+    else:
+        chosen = sweep(plugin_specs, settings, splits, runs_dir, console, progress, executor, schedules)
+    jobs = seed_jobs(specs, settings, chosen, runs_dir)
+    runs = [{**budgets[job.spec.label], **result} if job.spec.head.startswith("cabrnet:") else result
+            for job, result in zip(jobs, executor.map(jobs, settings, splits))]
     choose_predictions(runs, chosen)
     if explanations:
         explain_runs(runs, image_splits, out_dir, settings, console, images=explanation_images)
@@ -242,8 +265,16 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
             "test_images": len(splits.test), "lr_scales": list(settings.lr_scales),
             "schedules": list(settings.schedules),
             "sweep_seeds": settings.sweep_seed_list(), "chosen": chosen, "budgets": budgets,
-            "torch_threads": torch.get_num_threads(), "title": title, "paired_keys": list(paired_keys)}
+            # Each run records its own thread count and device kind (they are in its run key too).
+            "threads": sorted({r["threads"] for r in runs if r.get("threads") is not None}),
+            "device_kinds": sorted({r["device_kind"] for r in runs if r.get("device_kind")}),
+            "title": title, "paired_keys": list(paired_keys)}
     write_results(out_dir, runs, summary, meta)
+    if tune:
+        from .tuning import write_tuning_section
+
+        write_tuning_section(out_dir, {k: c["tuned"] for k, c in chosen.items() if "tuned" in c}, tune,
+                             settings.sweep_seed_list()[0], append=True)
     written = write_figures(out_dir, runs, summary)
     if console is not None:
         console.print(rich_table(summary, title, runs))

@@ -6,7 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
-from ..train import TrainConfig
+import torch
+
+from ..train import TrainConfig, device_kind, resolve_device
 
 
 @dataclass
@@ -26,8 +28,8 @@ class BenchmarkSettings:
     learning rate of every phase multiplied by it) and schedule (``own``: the head's; ``cosine``:
     warm-up and cosine decay, ``protocol.with_schedule``) on ``sweep_seeds``, picks the pair with
     the best validation accuracy, and only that choice is scored on the test set. ``(1.0,)`` and
-    ``("own",)``: the heads' own rates and schedules, no sweep. Extra keys a later mode needs (e.g. a frozen backbone with a
-    feature cache) go here and into ``run_key`` through ``asdict``.
+    ``("own",)``: the heads' own rates and schedules, no sweep. Extra keys a later mode needs
+    (e.g. a frozen backbone with a feature cache) go here and into ``run_key`` through ``asdict``.
     """
 
     dataset: str = "animals"
@@ -64,15 +66,25 @@ _NOT_IN_KEY = {"seeds", "lr_scales", "schedules", "sweep_seeds", "strict", "cach
 _TRAIN_NOT_IN_KEY = {"seed", "device", "threads", "sync_every", "eval_batch_size"}
 
 
-def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float, schedule: str = "own") -> str:
-    """Short hash of everything that decides a run's result except the seed.
+def machine_identity(device) -> Dict[str, Any]:
+    """``threads`` (torch's CPU threads) and ``device_kind`` (``train.device_kind``) of this process
+    on ``device`` (a name like ``auto`` or a torch.device): both change a run's numbers, since
+    floating-point kernels and their reduction order differ between thread counts and chips."""
+    return {"threads": torch.get_num_threads(), "device_kind": device_kind(resolve_device(str(device)))}
 
-    Part of the run directory's name, so changed options never reuse an old run. The head's
-    own schedule stays out of the payload, so keys made before the schedule sweep still hold.
+
+def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float, schedule: str = "own") -> str:
+    """Short hash of everything that decides a run's result except the seed, including the
+    thread count and the device kind it computes with (``machine_identity``).
+
+    Part of the run directory's name, so changed options, or another machine's runs in a
+    shared output folder, never reuse an old run. The head's own schedule stays out of the
+    payload, so keys made before the schedule sweep still hold.
     """
     shared = {k: v for k, v in asdict(settings).items() if k not in _NOT_IN_KEY and k != "train"}
     shared["train"] = {k: v for k, v in asdict(settings.train).items() if k not in _TRAIN_NOT_IN_KEY}
-    payload = {"head": spec.head, "options": spec.head_options, "lr_scale": float(lr_scale), **shared}
+    payload = {"head": spec.head, "options": spec.head_options, "lr_scale": float(lr_scale), **shared,
+               "machine": machine_identity(settings.train.device)}
     if schedule != "own":
         payload["schedule"] = schedule
     revision = _head_revision(spec.head)
