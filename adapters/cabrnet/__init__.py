@@ -2,7 +2,8 @@
 
 CaBRNet is heavy (about 1.4 GB), so it is imported lazily: importing this package
 costs nothing, and touching a CaBRNet-backed name without the extra raises a
-one-line error that names the extra.
+one-line error that names the extra. Its rows in ``protoknn benchmark`` (``cabrnet:protopnet``)
+come from the run backend in ``backend``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ _LAZY = {"ProtoKNNClassifier": ".classifier", "ProtoKNNCaBRNet": ".model"}
 
 def require_cabrnet():
     return require_extra("cabrnet", "cabrnet", "ProtoKNN inside CaBRNet")
+
+
+from . import backend  # noqa: E402,F401  (registers the run backend ``cabrnet``; needs no CaBRNet)
 
 
 def __getattr__(name):

@@ -9,8 +9,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..checkpoint import ensure_writable_dir
 from ..errors import ProtoKNNError
+from ..run_backends import backend_for
 from .executors import InProcessExecutor, RunJob
-from .protocol import budget, check_same_budget, schedule_change, with_schedule
+from .protocol import check_same_budget, with_schedule
 from .settings import BenchmarkSettings, RunSpec, run_dir_name
 
 
@@ -23,30 +24,11 @@ def _pretrained(settings: BenchmarkSettings, channels: int) -> bool:
 
 
 def check_protocol(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits) -> Dict[str, Dict[str, int]]:
-    """Every plugin row's budget, before anything trains; raises when they differ. A row whose
-    last-layer epochs or pushes differ from its head's defaults (the paper's values) gets
-    ``schedule_change`` (protocol.schedule_change), which the table marks."""
-    from ..heads import create_head
-
+    """Every row's budget, computed by its run backend (run_backends) before anything trains;
+    raises when they differ."""
     pretrained = _pretrained(settings, splits.channels)
     steps = settings.train.steps_per_epoch or max(1, len(splits.train_labels) // settings.train.batch_size)
-    budgets = {}
-    for spec in specs:
-        if spec.head.startswith("cabrnet:"):  # its schedule is built by the adapter, under the same rules
-            from protoknn_plugin.adapters.cabrnet.baseline import cabrnet_budget
-
-            budgets[spec.label] = cabrnet_budget(spec.head.split(":", 1)[1], settings.train.epochs, steps,
-                                                 settings.train.batch_size, spec.head_options, pretrained)
-            continue
-        row, paper = (budget(create_head(spec.head, num_classes=len(splits.classes), backbone_channels=8,
-                                         dim=settings.dim, num_prototypes=settings.prototypes, **options)
-                             .phases(settings.train.epochs, pretrained, frozen_backbone=settings.frozen_backbone),
-                             steps, settings.train.batch_size, len(splits.train_labels), settings.frozen_backbone)
-                      for options in (spec.head_options, {}))
-        budgets[spec.label] = row
-        change = schedule_change(row, paper)
-        if change:
-            row["schedule_change"] = change
+    budgets = {spec.label: backend_for(spec.head).budget(spec, settings, splits, pretrained, steps) for spec in specs}
     check_same_budget(budgets, pretrained)
     return budgets
 
@@ -87,6 +69,14 @@ def swept_schedules(spec: RunSpec, settings: BenchmarkSettings, splits, pretrain
     return kept
 
 
+def sweep_grid(spec: RunSpec, settings: BenchmarkSettings, schedules: Sequence[str]) -> List[Tuple[float, str]]:
+    """The (lr scale, schedule) pairs tried for ``spec``: only those its run backend takes."""
+    backend = backend_for(spec.head)
+    scales = settings.lr_scales if backend.lr_scales else (1.0,)
+    return [(float(scale), schedule) for schedule in (schedules if backend.schedules else ("own",))
+            for scale in scales]
+
+
 def sweep(specs, settings, splits, runs_dir: Path, console=None, progress=False, executor=None,
           schedules: Optional[Dict[str, List[str]]] = None) -> Dict[str, Dict[str, Any]]:
     """Per row: the (lr scale, schedule) whose best prediction (kNN heads: the best k) has the best
@@ -98,8 +88,7 @@ def sweep(specs, settings, splits, runs_dir: Path, console=None, progress=False,
     "val_accuracy"}, ...]}`` (``val`` is empty for a row with one setting: nothing is swept).
     """
     schedules = schedules or {}
-    grids = {s.label: [(float(scale), schedule) for schedule in schedules.get(s.label, settings.schedules)
-                       for scale in settings.lr_scales] for s in specs}
+    grids = {s.label: sweep_grid(s, settings, schedules.get(s.label, settings.schedules)) for s in specs}
     if any(len(grid) > 1 for grid in grids.values()) and getattr(splits, "val", None) is None:
         raise ProtoKNNError("the learning-rate and schedule sweep picks on a validation split; set --val-fraction above 0")
     executor = executor or InProcessExecutor(lambda text: _say(console, text), progress)
@@ -144,23 +133,22 @@ def seed_jobs(specs, settings: BenchmarkSettings, chosen, runs_dir: Path) -> Lis
     jobs = []
     for seed in settings.seeds:
         for spec in specs:
-            cabrnet = spec.head.startswith("cabrnet:")
-            scale = 1.0 if cabrnet else chosen[spec.label]["lr_scale"]
-            schedule = "own" if cabrnet else chosen[spec.label].get("schedule", "own")
+            choice = chosen.get(spec.label, {})  # none for a row no sweep or tuning applies to
+            scale, schedule = choice.get("lr_scale", 1.0), choice.get("schedule", "own")
             jobs.append(RunJob(spec, seed, scale, runs_dir / run_dir_name(spec, settings, scale, seed, schedule),
                                score=True, schedule=schedule, title=f"[bold]{spec.label}[/] seed {seed}"))
     return jobs
 
 
-def tune_then_fix(specs, plugin_specs, settings, splits, out_dir: Path, runs_dir: Path, executor, trials: int,
+def tune_then_fix(specs, tunable, settings, splits, out_dir: Path, runs_dir: Path, executor, trials: int,
                   pretrained: bool, console=None):
-    """``--tune``: tune the plugin rows, write the choice to results.md, return the rows with
+    """``--tune``: tune the ``tunable`` rows, write the choice to results.md, return the rows with
     their chosen options and the per-row choice (``lr_scale`` 1: tuning replaces the sweep)."""
     from .tuning import tune_rows, tuned_specs, write_tuning_section
 
     if len(settings.lr_scales) > 1 or len(settings.schedules) > 1:
         raise ProtoKNNError("--tune and --lr-scales/--schedules both choose the rates; use one of them")
-    tuned = tune_rows(plugin_specs, settings, splits, out_dir, runs_dir, executor, trials,
+    tuned = tune_rows(tunable, settings, splits, out_dir, runs_dir, executor, trials,
                       pretrained, say=lambda text: _say(console, text))
     write_tuning_section(out_dir, tuned, trials, settings.sweep_seed_list()[0])
     _say(console, f"chosen settings written to {out_dir / 'results.md'}")
@@ -197,8 +185,8 @@ def explain_runs(runs: List[Dict[str, Any]], splits, out_dir: Path, settings: Be
 
     first = {}
     for run in runs:
-        if run["head"] == "cnn" or run["head"].startswith("cabrnet:"):
-            continue  # no prototypes: nothing to explain
+        if run["head"] == "cnn" or not backend_for(run["head"]).explainable:
+            continue  # no prototypes, or a run faithfulness cannot read: nothing to explain
         _say(console, f"[bold]{run['label']}[/] seed {run['seed']}: faithfulness")
         metrics = faithfulness_for_run(run["run_dir"], splits=splits, n=images, seed=0)
         run.update({f"faith_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -239,19 +227,21 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
         splits = carve_validation(splits, settings.train.val_fraction)
     budgets = check_protocol(specs, settings, splits)
     image_splits = splits
-    plugin_specs = [s for s in specs if not s.head.startswith("cabrnet:")]
+    swept = [s for s in specs if backend_for(s.head).lr_scales or backend_for(s.head).schedules]
+    tunable = [s for s in specs if backend_for(s.head).tuning]
     pretrained = len(settings.schedules) > 1 and _pretrained(settings, splits.channels)
-    schedules = {s.label: swept_schedules(s, settings, splits, pretrained) for s in plugin_specs}
+    schedules = {s.label: swept_schedules(s, settings, splits, pretrained) for s in swept
+                 if backend_for(s.head).schedules}
     if settings.frozen_backbone:
         splits = cached_splits(specs, settings, splits, console)
     executor = executor or InProcessExecutor(lambda text: _say(console, text), progress)
     if tune:
-        specs, chosen = tune_then_fix(specs, plugin_specs, settings, splits, out_dir, runs_dir, executor, tune,
+        specs, chosen = tune_then_fix(specs, tunable, settings, splits, out_dir, runs_dir, executor, tune,
                                       _pretrained(settings, image_splits.channels), console)
     else:
-        chosen = sweep(plugin_specs, settings, splits, runs_dir, console, progress, executor, schedules)
+        chosen = sweep(swept, settings, splits, runs_dir, console, progress, executor, schedules)
     jobs = seed_jobs(specs, settings, chosen, runs_dir)
-    runs = [{**budgets[job.spec.label], **result} if job.spec.head.startswith("cabrnet:") else result
+    runs = [result if backend_for(job.spec.head).reports_budget else {**budgets[job.spec.label], **result}
             for job, result in zip(jobs, executor.map(jobs, settings, splits))]
     choose_predictions(runs, chosen)
     if explanations:

@@ -21,49 +21,11 @@ import torch
 from ..checkpoint import CHECKPOINT_NAME
 from ..model import ModelConfig, PrototypeModel
 from ..prototypes import prototype_spread
+from ..resources import PeakRAM
 from ..train import TrainConfig, Trainer, evaluate, model_from_checkpoint, write_json
 from .projection import projection_fields
 from .protocol import budget, scale_lrs, with_schedule
 from .settings import BenchmarkSettings, RunSpec, machine_identity
-
-
-class PeakMemory:
-    """Peak memory of the block: CUDA peak allocation, or the process's peak RSS on CPU.
-
-    On Linux, writing 5 to /proc/self/clear_refs resets VmHWM, so each run gets its own peak.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_mb = float("nan")
-
-    @staticmethod
-    def _vm_hwm_kb() -> Optional[int]:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            kb = self._vm_hwm_kb()
-            self.peak_mb = kb / 1024 if kb is not None else float("nan")
-        return False
 
 
 class _Timed:
@@ -135,7 +97,7 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
     if hasattr(trainer, "_run_cached_phase"):  # ProtoPNet's last layer on cached profiles
         last = trainer._run_cached_phase = _Timed(trainer._run_cached_phase)
     resumed = (run_dir / CHECKPOINT_NAME).exists()
-    with PeakMemory(trainer.device) as peak, feeding(model, settings):
+    with PeakRAM(trainer.device) as peak, feeding(model, settings):
         state = trainer.fit(resume=resumed)
         val = getattr(splits, "val", None)
         val_metrics = (evaluate(model, val, trainer.config.eval_batch_size, trainer.device, workers=settings.workers)
@@ -182,17 +144,3 @@ def score_test(record: Dict[str, Any], splits, settings: BenchmarkSettings, mode
     write_json(run_dir / "metrics.json", result)
     return result
 
-
-def cabrnet_run(spec: RunSpec, seed: int, settings: BenchmarkSettings, splits, run_dir: Path,
-                progress: bool = False) -> Dict[str, Any]:
-    """CaBRNet's own ProtoPNet as a row (extra ``protoknn-plugin[cabrnet]``); skipped when done."""
-    if (run_dir / "metrics.json").exists():
-        return json.loads((run_dir / "metrics.json").read_text())
-    from protoknn_plugin.adapters.cabrnet.baseline import run_cabrnet_head
-
-    result = run_cabrnet_head(spec.head.split(":", 1)[1], settings, splits, run_dir, seed, label=spec.label,
-                              options=spec.head_options, progress=progress)
-    result.setdefault("accuracy", result.get("accuracy[top1]"))
-    result.setdefault("primary", "top1")
-    write_json(run_dir / "metrics.json", result)
-    return result

@@ -95,12 +95,11 @@ def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float, schedul
 
 
 def _head_revision(head: str) -> int:
-    """The registered head's ``revision`` (1 for CaBRNet rows and unknown names, which fail later)."""
+    """The registered head's ``revision`` (1 for another run backend's rows, which name no head,
+    and for unknown names, which fail later)."""
     from ..errors import ProtoKNNError
     from ..heads import get_head_class
 
-    if head.startswith("cabrnet:"):
-        return 1
     try:
         return int(getattr(get_head_class(head), "revision", 1))
     except ProtoKNNError:

@@ -59,16 +59,11 @@ def _run_interruptibly(specs, settings, out, title, executor=None, **options):
 
 def _specs(rows, head_opts):
     from ..benchmark import RunSpec
-    from ..heads import get_head_class
     from ..heads.options import assign_head_options
+    from ..run_backends import backend_for
 
-    for _, head in rows:  # fail fast on an unknown name, before any training
-        if head.startswith("cabrnet:"):
-            from protoknn_plugin.adapters.cabrnet import require_cabrnet
-
-            require_cabrnet()
-        else:
-            get_head_class(head)
+    for _, head in rows:  # fail fast on an unknown name or a missing extra, before any training
+        backend_for(head).check(head)
     options = assign_head_options(rows, head_opts)
     return [RunSpec(label, head, options[label]) for label, head in rows]
 
