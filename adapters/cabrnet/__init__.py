@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import importlib
 
-from protoknn_plugin.extras import require_extra
+from . import backend  # noqa: F401  (registers the run backend ``cabrnet``; needs no CaBRNet)
+from .extra import require_cabrnet
+
+__all__ = ["require_cabrnet", "ProtoKNNClassifier", "ProtoKNNCaBRNet"]
 
 _LAZY = {"ProtoKNNClassifier": ".classifier", "ProtoKNNCaBRNet": ".model"}
-
-
-def require_cabrnet():
-    return require_extra("cabrnet", "cabrnet", "ProtoKNN inside CaBRNet")
-
-
-from . import backend  # noqa: E402,F401  (registers the run backend ``cabrnet``; needs no CaBRNet)
 
 
 def __getattr__(name):

@@ -14,7 +14,7 @@ from typing import Any, Dict
 
 from protoknn_plugin.run_backends import RunBackend, register_backend
 
-from . import require_cabrnet
+from .extra import require_cabrnet
 
 
 @register_backend("cabrnet")

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from protoknn_plugin.errors import ProtoKNNError, UnknownNameError, check
 
-from . import require_cabrnet
+from .extra import require_cabrnet
 
 DEFAULT_OPTIONS: Dict[str, Any] = {
     "prototypes_per_class": 10,   # used unless settings.prototypes is a multiple of the class count
