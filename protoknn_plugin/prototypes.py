@@ -11,6 +11,9 @@ Two similarity modes:
   with unit prototypes (``cost_space="raw"``).
 * ``log`` (ProtoPNet): squared L2 via ||z||^2 - 2 z.p + ||p||^2 clamped at 0, and
   similarity log((d + 1) / (d + 1e-4)) of the minimum distance.
+* ``projection`` (TesNet): s_i = max_z <z, p_i / ||p_i||>, the feature's projection onto
+  the unit basis vector (the feature is not normalised); the cost is the unit-sphere
+  distance 2 - 2 cos(z, p_i), as in ``cosine``.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch import Tensor, nn
 
 from .errors import ProtoKNNError, UnknownNameError
 
-SIMILARITY_MODES = ("cosine", "log")
+SIMILARITY_MODES = ("cosine", "log", "projection")
 PROTOTYPE_INITS = ("hypersphere", "uniform", "shifted-normal", "random")
 COST_SPACES = ("unit", "raw")
 ADDONS = ("linear", "protopnet")
@@ -41,6 +44,8 @@ class PrototypeOutputs:
     feature_map: (B, D, H, W) add-on output.
     backbone_features: (B, C, H, W) backbone output (the aux loss and plain heads use it).
     similarity_maps: (B, P, H, W) per-patch similarity, only when asked for.
+    prototypes: (P, D) the prototype parameter itself, for losses on the prototypes
+        alone (TesNet's subspace terms); the same on every rank.
     """
 
     profile: Optional[Tensor]
@@ -50,6 +55,7 @@ class PrototypeOutputs:
     feature_map: Optional[Tensor]
     backbone_features: Tensor
     similarity_maps: Optional[Tensor] = None
+    prototypes: Optional[Tensor] = None
 
 
 def hypersphere_init(
@@ -165,6 +171,11 @@ class PrototypeLayer(nn.Module):
                 dot = torch.einsum("bdn,pd->bpn", flat, unit_p)
                 dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + 1.0).clamp_min(0.0)
             return cos, dist
+        if self.similarity == "projection":
+            unit_p = F.normalize(self.prototypes, dim=1)
+            projection = torch.einsum("bdn,pd->bpn", flat, unit_p)
+            cos = projection / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return projection, 2.0 - 2.0 * cos
         p = self.prototypes
         dot = torch.einsum("bdn,pd->bpn", flat, p)
         dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + p.pow(2).sum(1)[None, :, None]).clamp_min(0.0)
@@ -181,7 +192,8 @@ class PrototypeLayer(nn.Module):
         profile, locations = sim.max(dim=2)
         gap_cost = min_dist - dist.mean(dim=2)
         sim_maps = sim.view(*sim.shape[:2], *z.shape[2:]) if maps else None
-        return PrototypeOutputs(profile, min_dist, gap_cost, locations, z, backbone_features, sim_maps)
+        return PrototypeOutputs(profile, min_dist, gap_cost, locations, z, backbone_features, sim_maps,
+                                self.prototypes)
 
 
 @dataclass
@@ -223,8 +235,9 @@ def project(
         z = layer.addon(features.to(device))
         map_size = tuple(z.shape[2:])
         sim, dist = layer.patch_distances(z)
-        # Cosine mode maximises cosine; ProtoPNet's push minimises L2 distance.
-        score = sim if layer.similarity == "cosine" else -dist
+        # Cosine mode maximises cosine, projection mode (TesNet) the projection; ProtoPNet's
+        # push minimises L2 distance.
+        score = -dist if layer.similarity == "log" else sim
         if prototype_class is not None:
             allowed = labels.to(device)[:, None] == prototype_class.to(device)[None, :]  # (B, P)
             score = score.masked_fill(~allowed[:, :, None], -float("inf"))
@@ -245,7 +258,7 @@ def project(
             f"projection found no training patch for {missing} prototype(s); "
             "every prototype class needs at least one training image"
         )
-    if layer.similarity == "cosine":
+    if layer.similarity in ("cosine", "projection"):
         best_patch = F.normalize(best_patch, dim=1)  # prototypes live on the unit sphere
     layer.prototypes.data.copy_(best_patch)
     return ProjectionRecord(best_image.cpu(), best_loc.cpu(), best.cpu(), map_size)

@@ -1,0 +1,194 @@
+"""The paper's comparison heads (TesNet, cosine ProtoPNet): each loss hand-computed on tiny
+tensors, their similarity and push, their schedules, and one tiny CLI chain per head."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from protoknn_plugin.errors import UnknownNameError
+from protoknn_plugin.heads import create_head, list_heads
+from protoknn_plugin.heads.options import parse_rows
+from protoknn_plugin.heads.tesnet import (TesNetHead, class_bases, orthonormality_loss,
+                                          subspace_separation_loss)
+from protoknn_plugin.prototypes import PrototypeLayer, PrototypeOutputs, project
+
+from conftest import TINY, run_cli, run_cli_parallel
+
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- TesNet's losses
+
+def test_orthonormality_is_the_entrywise_l1_of_gram_minus_identity():
+    # b1 = e1, b2 at 60 degrees: B B^T = [[1, .5], [.5, 1]], so |B B^T - I| sums to 0.5 + 0.5.
+    raw = torch.tensor([[2.0, 0.0], [0.5, math.sqrt(3) / 2]])  # lengths 2 and 1: only directions count
+    bases = class_bases(raw, num_classes=1)
+    assert orthonormality_loss(bases).item() == pytest.approx(1.0)
+    # Two classes, each orthonormal: nothing to pay.
+    assert orthonormality_loss(class_bases(torch.eye(4), num_classes=2)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_subspace_separation_is_the_projection_metric():
+    # Lines e1 and e2: P_0 - P_1 = diag(1, -1), Frobenius sqrt(2), times 1/sqrt(2) -> 1.
+    assert subspace_separation_loss(class_bases(torch.eye(2), 2)).item() == pytest.approx(1.0)
+    # One plane spanned twice (e1, e2 and the diagonals): the same subspace, distance 0.
+    diagonals = torch.tensor([[1.0, 1.0], [1.0, -1.0]]) / math.sqrt(2)
+    same = class_bases(torch.cat([torch.eye(2), diagonals]), 2)
+    assert subspace_separation_loss(same).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_subspace_separation_matches_the_d_by_d_projections_for_three_classes():
+    gen = torch.Generator().manual_seed(0)
+    bases = class_bases(torch.randn(6, 5, generator=gen, dtype=torch.float64), 3)  # 3 classes, 2 vectors, D = 5
+    projections = [b.t() @ b for b in bases]
+    expected = sum(torch.linalg.norm(projections[c] - projections[k]) for c in range(3) for k in range(c + 1, 3))
+    assert subspace_separation_loss(bases).item() == pytest.approx(expected.item() / math.sqrt(2), rel=1e-9)
+
+
+def test_tesnet_loss_terms_hand_computed():
+    head = TesNetHead(num_classes=2, backbone_channels=4, dim=2, prototypes_per_class=1)
+    # best-patch cosines: image 0 (class 0): own 0.5, other 0.0; image 1 (class 1): own 1.0, other -0.5
+    cosine = torch.tensor([[0.5, 0.0], [-0.5, 1.0]])
+    prototypes = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # orthogonal: L_orth 0, L_ss 1
+    out = PrototypeOutputs(torch.zeros(2, 2), 2 - 2 * cosine, None, None, None, torch.zeros(2, 4, 1, 1),
+                           prototypes=prototypes)
+    terms = head.loss(out, torch.tensor([0, 1]))
+    assert terms["cluster"].item() == pytest.approx(-(0.5 + 1.0) / 2)
+    assert terms["separation"].item() == pytest.approx(-(0.0 - 0.5) / 2)
+    assert terms["orthonormality"].item() == pytest.approx(0.0, abs=1e-7)
+    assert terms["subspace_separation"].item() == pytest.approx(1.0)
+    assert terms["l1"].item() == pytest.approx(1.0)  # two off-class weights of -0.5
+    assert terms["ce"].item() == pytest.approx(math.log(2))  # zero profiles: equal logits
+    expected = math.log(2) + 0.8 * -0.75 - 0.08 * 0.25 + 1e-4 * 0.0 - 1e-7 * 1.0 + 1e-4 * 1.0
+    assert terms["total"].item() == pytest.approx(expected)
+
+
+def test_tesnet_projection_similarity_and_push_keep_the_feature_unnormalised():
+    layer = PrototypeLayer(2, 1, 2, similarity="projection", addon="linear", init="uniform", frozen=False)
+    with torch.no_grad():
+        layer.addon.weight.copy_(torch.eye(2)[:, :, None, None])
+        layer.addon.bias.zero_()
+        layer.prototypes.copy_(torch.tensor([[2.0, 0.0]]))
+    # patch 0 = (1, 0): cos 1, projection 1; patch 1 = (3, 4): cos 0.6, projection 3.
+    features = torch.tensor([[[[1.0, 3.0]], [[0.0, 4.0]]]])  # (1, 2, 1, 2)
+    out = layer(features)
+    assert out.profile.tolist() == [[pytest.approx(3.0)]] and out.locations.tolist() == [[1]]
+    assert out.cost.tolist() == [[pytest.approx(0.0, abs=1e-6)]]  # the cost is the best cosine's: 2 - 2 * 1
+    record = project(layer, [(features, torch.tensor([0]), torch.tensor([7]))])
+    # The push picks the largest projection (3, 4), stored as the unit basis vector.
+    assert layer.prototypes.tolist() == [[pytest.approx(0.6), pytest.approx(0.8)]]
+    assert record.image_index.tolist() == [7] and record.location.tolist() == [1]
+
+
+def test_tesnet_phases_push_once_then_tune_the_last_layer():
+    head = TesNetHead(num_classes=2, backbone_channels=4, dim=4)
+    phases = head.phases(30, pretrained_backbone=True)
+    assert [(p.name, p.epochs, p.after, p.cached_profiles) for p in phases] == [
+        ("warm", 5, (), False), ("joint", 25, ("project",), False), ("last-layer", 20, (), True)]
+    assert "backbone" not in phases[0].lrs and phases[1].lrs["backbone"] == 1e-4 and phases[1].step_lr == (5, 0.1)
+    scratch = head.phases(4, pretrained_backbone=False)
+    assert [p.name for p in scratch] == ["joint", "last-layer"] and scratch[0].lrs["backbone"] == 1e-3
+
+
+def test_tesnet_similarity_option_and_bad_value():
+    assert create_head("tesnet", num_classes=2, backbone_channels=4, dim=4).prototype_spec().similarity == "projection"
+    cosine = create_head("tesnet", num_classes=2, backbone_channels=4, dim=4, similarity="cosine")
+    assert cosine.prototype_spec().similarity == "cosine"
+    with pytest.raises(UnknownNameError, match="projection"):
+        create_head("tesnet", num_classes=2, backbone_channels=4, dim=4, similarity="dot")
+
+
+# --------------------------------------------------------------------------- registry
+
+def test_heads_all_names_every_registered_head():
+    rows = parse_rows("all")
+    assert [head for _, head in rows] == list_heads() and {"tesnet", "protopnet", "protoknn"} <= set(list_heads())
+
+
+# --------------------------------------------------------------------------- the CLI chain per head
+
+CHAIN_HEADS = {"tesnet": [], "ppn-cos": ["--head-opt", "protopnet.similarity=cosine"]}
+
+
+def _head_of(label):
+    return "protopnet" if label == "ppn-cos" else label
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory):
+    """Per head: train (one run on images, one on the frozen-backbone cache), then every later command."""
+    root = tmp_path_factory.mktemp("paper-heads")
+    from protoknn_plugin.data import create_dataset
+
+    (root / "imgs").mkdir()
+    create_dataset("animals", limit=200).train_plain.raw_image(3).save(root / "imgs" / "train3.png")
+    trains = {}
+    for label, extra in CHAIN_HEADS.items():
+        base = ["train", "--head", _head_of(label), *TINY, *extra, "--workers", "0"]
+        trains[label] = base + ["--out", root / label]
+        trains[label + "-frozen"] = base + ["--frozen-backbone", "--cache-dir", root / "cache", "--out",
+                                           root / (label + "-frozen")]
+    trained = run_cli_parallel({k: v for k, v in trains.items() if not k.endswith("-frozen")})
+    trained.update(run_cli_parallel({k: v for k, v in trains.items() if k.endswith("-frozen")}))  # one cache writer
+    for name, result in trained.items():
+        assert result.returncode == 0, (name, result.stderr)
+    cases = {}
+    for label in CHAIN_HEADS:
+        run = root / label
+        cases.update({
+            f"{label}:evaluate": ["evaluate", run],
+            f"{label}:explain": ["explain", run, "--image", "3", "--top", "3", "--out", root / f"{label}.png"],
+            f"{label}:prototypes": ["prototypes", run, "--out", root / f"{label}-grid.png"],
+            f"{label}:faithfulness": ["faithfulness", run, "--images", "20", "--m", "1,2"],
+            f"{label}:predict": ["predict", run, root / "imgs", "--workers", "0", "--output", root / f"{label}.csv"],
+        })
+    results = run_cli_parallel(cases)
+    # The report reuses faithfulness.json, so it runs after faithfulness.
+    results.update(run_cli_parallel({f"{label}:report": ["report", root / label, "--out", root / f"site-{label}",
+                                                          "--images", "2"] for label in CHAIN_HEADS}))
+    return root, results
+
+
+@pytest.mark.parametrize("label", list(CHAIN_HEADS))
+def test_cli_chain_of_each_paper_head(chains, label):
+    root, results = chains
+    for step in ("evaluate", "explain", "prototypes", "faithfulness", "predict", "report"):
+        result = results[f"{label}:{step}"]
+        assert result.returncode == 0, (step, result.stderr)
+    assert "accuracy[top1]" in results[f"{label}:evaluate"].stdout
+    assert (root / f"{label}.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((root / label / "faithfulness.json").read_text())
+    assert saved["deletion"]["score"] == "logit of the predicted class" and set(saved["deletion"]["by_m"]) == {"1", "2"}
+    (row,) = csv.DictReader((root / f"{label}.csv").open())
+    assert row["class_1"] == row["predicted_class"] and row["prototype_1"] != ""
+    assert (root / f"site-{label}" / "index.html").is_file()
+    checkpoint = torch.load(root / (label + "-frozen") / "checkpoint.pt", weights_only=True)
+    assert checkpoint["model_config"]["head"] == _head_of(label) and checkpoint["train_state"]["complete"]
+
+
+def test_heads_command_lists_each_paper_head_with_its_losses_and_keys():
+    result = run_cli("heads")
+    assert result.returncode == 0, result.stderr
+    for words in ("tesnet", "orthonormality", "subspace", "similarity", "orthonormality_weight"):
+        assert words in result.stdout, words
+
+
+# --------------------------------------------------------------------------- cosine ProtoPNet
+
+def test_cosine_protopnet_scores_cosines_and_pays_cluster_on_the_unit_sphere():
+    head = create_head("protopnet", num_classes=2, backbone_channels=2, dim=2, num_prototypes=2, similarity="cosine")
+    assert create_head("protopnet", num_classes=2, backbone_channels=2, dim=2).prototype_spec().similarity == "log"
+    spec = head.prototype_spec()
+    layer = PrototypeLayer(2, 2, 2, similarity=spec.similarity, addon="linear", init="uniform", frozen=False)
+    with torch.no_grad():
+        layer.addon.weight.copy_(torch.eye(2)[:, :, None, None])
+        layer.addon.bias.zero_()
+        layer.prototypes.copy_(torch.tensor([[5.0, 0.0], [0.0, 0.1]]))  # lengths do not matter
+    out = layer(torch.tensor([[[[3.0]], [[4.0]]]]))  # one patch (3, 4): cosines 0.6 and 0.8
+    assert out.profile.tolist() == [[pytest.approx(0.6), pytest.approx(0.8)]]
+    terms = head.loss(out, torch.tensor([0]))
+    assert terms["cluster"].item() == pytest.approx(2 - 2 * 0.6) and terms["separation"].item() == pytest.approx(2 - 2 * 0.8)
+    with pytest.raises(UnknownNameError, match="cosine"):
+        create_head("protopnet", num_classes=2, backbone_channels=2, dim=2, similarity="dot")
