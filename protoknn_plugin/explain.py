@@ -393,8 +393,8 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
     as ProtoPNet's "most activated prototypes" view.
     """
     check_explainable(model)
-    last_layer = getattr(model.head, "last_layer", None)
-    if last_layer is None:
+    class_weights = model.head.class_weights()
+    if class_weights is None:
         raise ProtoKNNError(
             f"head {model.head.name!r} has no linear last layer, so it has no 'this looks like that' explanation; "
             "use counterfactual for a kNN head")
@@ -404,7 +404,7 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
     top = check_top(top)
     profiles, maps = _forward_maps(model, image[None])
     profile = profiles[0]
-    weight = last_layer.weight.detach().cpu().to(profile.dtype)  # (C, P)
+    weight = class_weights.detach().cpu().to(profile.dtype)  # (C, P)
     logits = weight @ profile
     predicted = int(logits.argmax())
     points = profile * weight[predicted]

@@ -367,7 +367,7 @@ def explain_command(run_dir, image, negative_class, top, data_dir, out, console)
     if is_knn and negative_class is not None:
         negative = resolve_class(negative_class, splits.classes)
     model = _load_model(run_dir)
-    if not is_knn and getattr(model.head, "last_layer", None) is None:
+    if not is_knn and model.head.class_weights() is None:
         raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer; "
                             "explain supports protoknn and protopnet runs")
     if is_knn:

@@ -148,8 +148,7 @@ class PrototypeModel(nn.Module):
         self.eval()
         device = self.prototype_layer.prototypes.device
         feats = ((self.features(x.to(device)), y, i) for x, y, i in batches)
-        restrict = getattr(self.head, "prototype_class", None) if self.head.project_within_class else None
-        self.projection = project(self.prototype_layer, feats, prototype_class=restrict)
+        self.projection = project(self.prototype_layer, feats, prototype_class=self.head.projection_classes())
         self.train(was_training)
         return self.projection
 

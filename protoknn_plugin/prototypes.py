@@ -3,7 +3,7 @@
 A feature map from the backbone (B, C, H, W) goes through a 1x1-conv add-on to
 (B, D, H, W); every patch (pixel) z is compared with every prototype p_i (P, D).
 
-Two similarity modes:
+Similarity modes:
 
 * ``cosine`` (ProtoKNN, eq. 15): s_{a,i} = max_z cos(z, p_i). The cost C (eq. 8)
   and the gap cost C^ (eq. 11) are squared distances on the unit sphere by default
@@ -14,6 +14,8 @@ Two similarity modes:
 * ``projection`` (TesNet): s_i = max_z <z, p_i / ||p_i||>, the feature's projection onto
   the unit basis vector (the feature is not normalised); the cost is the unit-sphere
   distance 2 - 2 cos(z, p_i), as in ``cosine``.
+* ``focal`` (ProtoPool): the ``log`` distances, and the profile g(min d) - g(mean d) with
+  g(d) = log((d + 1) / (d + 1e-4)): the best patch's similarity above the image's average.
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ from torch import Tensor, nn
 
 from .errors import ProtoKNNError, UnknownNameError
 
-SIMILARITY_MODES = ("cosine", "log", "projection")
+SIMILARITY_MODES = ("cosine", "log", "projection", "focal")
 PROTOTYPE_INITS = ("hypersphere", "uniform", "shifted-normal", "random")
 COST_SPACES = ("unit", "raw")
-ADDONS = ("linear", "protopnet")
+ADDONS = ("linear", "protopnet", "sigmoid")
 
 
 @dataclass
@@ -97,6 +99,11 @@ def _hypersphere_init(num_prototypes: int, dim: int, steps: int, lr: float, mome
     return protos.detach()
 
 
+def log_similarity(distance: Tensor) -> Tensor:
+    """ProtoPNet's g(d) = log((d + 1) / (d + 1e-4)), large for a small squared distance d."""
+    return torch.log((distance + 1.0) / (distance + 1e-4))
+
+
 def prototype_spread(prototypes: Tensor) -> float:
     """Eq. 17: 1 - || mean_i p_i / ||p_i|| ||_2 for prototypes (P, D). 1 is evenly spread, 0 collapsed."""
     unit = F.normalize(prototypes.detach().float().reshape(prototypes.shape[0], -1), dim=1)
@@ -111,6 +118,8 @@ def _make_addon(kind: str, in_channels: int, dim: int) -> nn.Module:
         return nn.Sequential(
             nn.Conv2d(in_channels, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1), nn.Sigmoid()
         )
+    if kind == "sigmoid":  # ProtoPool reference: 1x1 conv, Sigmoid
+        return nn.Sequential(nn.Conv2d(in_channels, dim, 1), nn.Sigmoid())
     raise UnknownNameError("add-on", kind, ADDONS)
 
 
@@ -179,7 +188,7 @@ class PrototypeLayer(nn.Module):
         p = self.prototypes
         dot = torch.einsum("bdn,pd->bpn", flat, p)
         dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + p.pow(2).sum(1)[None, :, None]).clamp_min(0.0)
-        return torch.log((dist + 1.0) / (dist + 1e-4)), dist
+        return log_similarity(dist), dist
 
     def forward(self, backbone_features: Tensor, maps: bool = False) -> PrototypeOutputs:
         """backbone_features (B, C, H, W) -> PrototypeOutputs (profile (B, P), ...)."""
@@ -191,6 +200,8 @@ class PrototypeLayer(nn.Module):
         min_dist, _ = dist.min(dim=2)
         profile, locations = sim.max(dim=2)
         gap_cost = min_dist - dist.mean(dim=2)
+        if self.similarity == "focal":
+            profile = profile - log_similarity(dist.mean(dim=2))
         sim_maps = sim.view(*sim.shape[:2], *z.shape[2:]) if maps else None
         return PrototypeOutputs(profile, min_dist, gap_cost, locations, z, backbone_features, sim_maps,
                                 self.prototypes)
@@ -222,7 +233,8 @@ def project(
 
     batches yields (backbone_features (B, C, H, W), labels (B,), dataset indices (B,)).
     With ``prototype_class`` (P,), ProtoPNet's push: prototype i only looks at
-    patches of images of class prototype_class[i].
+    patches of images of class prototype_class[i]. A boolean (C, P) instead says which
+    classes' images each prototype may look at (ProtoPool: the classes that use it).
     """
     P = layer.num_prototypes
     device = layer.prototypes.device
@@ -237,9 +249,12 @@ def project(
         sim, dist = layer.patch_distances(z)
         # Cosine mode maximises cosine, projection mode (TesNet) the projection; ProtoPNet's
         # push minimises L2 distance.
-        score = -dist if layer.similarity == "log" else sim
+        score = -dist if layer.similarity in ("log", "focal") else sim
         if prototype_class is not None:
-            allowed = labels.to(device)[:, None] == prototype_class.to(device)[None, :]  # (B, P)
+            if prototype_class.dtype == torch.bool:
+                allowed = prototype_class.to(device)[labels.to(device)]  # (B, P)
+            else:
+                allowed = labels.to(device)[:, None] == prototype_class.to(device)[None, :]  # (B, P)
             score = score.masked_fill(~allowed[:, :, None], -float("inf"))
         flat = score.permute(1, 0, 2).reshape(P, -1)  # (P, B*HW)
         value, where = flat.max(dim=1)

@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
-from protoknn_plugin.errors import UnknownNameError
+from protoknn_plugin.checkpoint import load_checkpoint
+from protoknn_plugin.errors import ProtoKNNError, UnknownNameError
 from protoknn_plugin.heads import create_head, list_heads
 from protoknn_plugin.heads.options import parse_rows
+from protoknn_plugin.heads.protopool import (ProtoPoolHead, focal_slot_similarity, gumbel_scale, pool_distance_loss,
+                                             slot_distributions, slot_orthogonality)
 from protoknn_plugin.heads.tesnet import (TesNetHead, class_bases, orthonormality_loss,
                                           subspace_separation_loss)
 from protoknn_plugin.prototypes import PrototypeLayer, PrototypeOutputs, project
@@ -100,6 +103,104 @@ def test_tesnet_similarity_option_and_bad_value():
         create_head("tesnet", num_classes=2, backbone_channels=4, dim=4, similarity="dot")
 
 
+# --------------------------------------------------------------------------- ProtoPool
+
+def _g(d):
+    return math.log((d + 1) / (d + 1e-4))
+
+
+def test_gumbel_scale_follows_the_square_root_schedule_then_stays():
+    assert [gumbel_scale(e, 4) for e in (0, 1, 4, 9)] == [0.0, 500.0, 1000.0, 1000.0]
+
+
+def test_slot_assignment_is_softmax_at_scale_zero_and_one_hot_in_the_limit():
+    theta = torch.tensor([[[0.3], [0.1], [-0.2]]])  # one class, pool of 3, one slot
+    assert torch.allclose(slot_distributions(theta, 0.0), theta.softmax(dim=1))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        soft = slot_distributions(theta, 10.0)
+        assert soft.sum().item() == pytest.approx(1.0) and (soft > 0).all()  # a soft sample on the simplex
+        assert slot_distributions(theta, 1e4)[0, :, 0].tolist() == pytest.approx([1.0, 0.0, 0.0], abs=1e-6)
+
+
+def test_focal_similarity_mixes_distances_before_the_log():
+    d_min, d_mean = torch.tensor([[0.0, 3.0]]), torch.tensor([[1.0, 3.0]])
+    one_hot = torch.tensor([[[1.0], [0.0]]])  # the slot uses prototype 0
+    half = torch.tensor([[[0.5], [0.5]]])
+    assert focal_slot_similarity(d_min, d_mean, one_hot).item() == pytest.approx(_g(0.0) - _g(1.0))
+    assert focal_slot_similarity(d_min, d_mean, half).item() == pytest.approx(_g(1.5) - _g(2.0), rel=1e-5)
+
+
+def test_focal_layer_profile_is_best_patch_minus_mean_patch():
+    layer = PrototypeLayer(2, 1, 2, similarity="focal", addon="linear", init="uniform", frozen=False)
+    with torch.no_grad():
+        layer.addon.weight.copy_(torch.eye(2)[:, :, None, None])
+        layer.addon.bias.zero_()
+        layer.prototypes.zero_()
+    out = layer(torch.tensor([[[[0.0, 2.0]], [[0.0, 0.0]]]]))  # patches (0, 0) and (2, 0): d = 0 and 4
+    assert out.profile.item() == pytest.approx(_g(0.0) - _g(2.0), rel=1e-5)
+    assert out.cost.item() == 0.0 and (out.cost - out.gap_cost).item() == pytest.approx(2.0)
+
+
+def test_slot_orthogonality_is_the_mean_cosine_between_a_class_slots():
+    theta = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])  # one class, pool 2, slots (1, 0) and (1, 1)
+    assert slot_orthogonality(theta).item() == pytest.approx(2 * (1 / math.sqrt(2)) / 2)
+
+
+def test_pool_cluster_and_separation_pick_the_most_used_prototypes():
+    distances = torch.tensor([[1.0, 5.0, 2.0, 0.5]])
+    usage = torch.tensor([[0.9, 0.8, 0.1, 0.0]])
+    assert pool_distance_loss(distances, usage, 2).item() == 1.0  # min over prototypes 0 and 1
+    assert pool_distance_loss(distances, 2 - usage, 2).item() == 0.5  # the least used: 2 and 3
+
+
+def _pool_head(**options):
+    head = ProtoPoolHead(num_classes=2, backbone_channels=4, dim=2, num_prototypes=3, slots=2, **options)
+    with torch.no_grad():  # class 0 uses prototypes 0 and 1, class 1 uses 2 twice
+        head.slot_logits.copy_(torch.tensor([[[5.0, 0.0], [0.0, 5.0], [0.0, 0.0]],
+                                             [[0.0, 0.0], [0.0, 0.0], [5.0, 5.0]]]))
+    return head
+
+
+def test_protopool_class_weights_reproduce_the_slot_logits():
+    head = _pool_head()
+    with torch.no_grad():
+        head.last_layer.weight.copy_(torch.tensor([[1.0, 2.0, 0.0, -1.0], [0.5, 0.0, 3.0, 1.0]]))
+    assert head.class_prototypes() == {0: [0, 1], 1: [2]}
+    assert head.class_weights().tolist() == [[1.0, 2.0, -1.0], [0.5, 0.0, 4.0]]
+    profile = torch.tensor([[0.2, 1.0, 3.0]])
+    # slots see [0.2, 1.0 | 3.0, 3.0]: 0.2 + 2 - 3 and 0.1 + 9 + 3, the same as profile @ class_weights^T
+    assert head.logits_from_profile(profile)[0].tolist() == pytest.approx([-0.8, 12.1])
+    assert (profile @ head.class_weights().t())[0].tolist() == pytest.approx([-0.8, 12.1])
+    assert head.projection_classes().tolist() == [[True, True, False], [False, False, True]]
+
+
+def test_protopool_loss_in_the_gumbel_limit_equals_the_hand_computed_terms():
+    head = _pool_head(gumbel_epochs=1)
+    head.scale = 1e4
+    cost = torch.tensor([[0.0, 1.0, 2.0]])
+    mean = torch.tensor([[1.0, 1.0, 3.0]])
+    out = PrototypeOutputs(None, cost, cost - mean, None, None, torch.zeros(1, 4, 1, 1))
+    terms = head.loss(out, torch.tensor([0]))
+    slot = torch.tensor([[_g(0) - _g(1), _g(1) - _g(1)], [_g(2) - _g(3)] * 2])
+    logits = torch.tensor([slot[0].sum(), slot[1].sum()])  # weights 1 own, 0 others
+    assert terms["ce"].item() == pytest.approx(torch.nn.functional.cross_entropy(logits[None], torch.tensor([0])).item(),
+                                               rel=1e-4)
+    assert terms["cluster"].item() == 0.0 and terms["separation"].item() == 2.0
+    assert terms["orthogonality"].item() == pytest.approx(slot_orthogonality(head.slot_logits).item())
+    assert terms["l1"].item() == 0.0
+
+
+def test_protopool_scale_follows_the_epochs_and_bad_slots_are_refused():
+    head = _pool_head(gumbel_epochs=4)
+    head.begin_epoch(0)
+    assert head.scale == 500.0  # our first epoch is the code's epoch 1
+    head.begin_epoch(7)
+    assert head.scale == 1000.0
+    with pytest.raises(ProtoKNNError, match="slots"):
+        ProtoPoolHead(num_classes=2, backbone_channels=4, dim=2, num_prototypes=3, slots=4)
+
+
 # --------------------------------------------------------------------------- registry
 
 def test_heads_all_names_every_registered_head():
@@ -109,7 +210,7 @@ def test_heads_all_names_every_registered_head():
 
 # --------------------------------------------------------------------------- the CLI chain per head
 
-CHAIN_HEADS = {"tesnet": [], "ppn-cos": ["--head-opt", "protopnet.similarity=cosine"]}
+CHAIN_HEADS = {"tesnet": [], "protopool": [], "ppn-cos": ["--head-opt", "protopnet.similarity=cosine"]}
 
 
 def _head_of(label):
@@ -164,14 +265,16 @@ def test_cli_chain_of_each_paper_head(chains, label):
     (row,) = csv.DictReader((root / f"{label}.csv").open())
     assert row["class_1"] == row["predicted_class"] and row["prototype_1"] != ""
     assert (root / f"site-{label}" / "index.html").is_file()
-    checkpoint = torch.load(root / (label + "-frozen") / "checkpoint.pt", weights_only=True)
-    assert checkpoint["model_config"]["head"] == _head_of(label) and checkpoint["train_state"]["complete"]
+    frozen = load_checkpoint(root / (label + "-frozen"))
+    assert frozen["model_config"]["head"] == _head_of(label) and frozen["train_state"]["complete"]
+    assert frozen["data"]["frozen_backbone"] is True
 
 
 def test_heads_command_lists_each_paper_head_with_its_losses_and_keys():
     result = run_cli("heads")
     assert result.returncode == 0, result.stderr
-    for words in ("tesnet", "orthonormality", "subspace", "similarity", "orthonormality_weight"):
+    for words in ("tesnet", "orthonormality", "subspace", "similarity", "orthonormality_weight",
+                  "protopool", "Gumbel", "focal", "slots", "gumbel_epochs"):
         assert words in result.stdout, words
 
 

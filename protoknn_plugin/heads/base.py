@@ -112,6 +112,15 @@ class Head(nn.Module):
     def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
         raise NotImplementedError
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before every image-training epoch; ``epoch`` counts them over all phases
+        from 0 (ProtoPool's Gumbel-softmax scale follows it). Nothing by default."""
+
+    def projection_classes(self) -> Optional[Tensor]:
+        """Whose training images each prototype may be pushed onto: None (every image),
+        (P,) one class per prototype, or a boolean (C, P) of the classes each may use."""
+        return getattr(self, "prototype_class", None) if self.project_within_class else None
+
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """The head's own parameters by component (``head``, ``last_layer``, ``beta``, ``proxies``)."""
         params = [p for p in self.parameters()]
@@ -125,6 +134,12 @@ class Head(nn.Module):
 
     def predict(self, out: PrototypeOutputs) -> Tensor:
         return self.predict_all(out)[self.primary]
+
+    def class_weights(self) -> Optional[Tensor]:
+        """(C, P) with logits = profile @ class_weights().T at inference, for heads linear in the
+        prototype profile (explanations and deletion tests read it); None for the others."""
+        last_layer = getattr(self, "last_layer", None)
+        return None if last_layer is None else last_layer.weight
 
     def summary(self) -> Dict[str, object]:
         return {"name": self.name, **self.defaults()}
