@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ class PrototypeOutputs:
     similarity_maps: (B, P, H, W) per-patch similarity, only when asked for.
     prototypes: (P, D) the prototype parameter itself, for losses on the prototypes
         alone (TesNet's subspace terms); the same on every rank.
+    offsets: (B, K, 2, H, W) learned part offsets of a deformable layer, else None.
     """
 
     profile: Optional[Tensor]
@@ -58,6 +59,7 @@ class PrototypeOutputs:
     backbone_features: Tensor
     similarity_maps: Optional[Tensor] = None
     prototypes: Optional[Tensor] = None
+    offsets: Optional[Tensor] = None
 
 
 def hypersphere_init(
@@ -110,6 +112,20 @@ def prototype_spread(prototypes: Tensor) -> float:
     return float(1.0 - unit.mean(dim=0).norm())
 
 
+def initial_prototypes(init: str, num_prototypes: int, dim: int, seed: int) -> Tensor:
+    """Starting prototypes (P, D) by the name of their initialisation (PROTOTYPE_INITS)."""
+    if init == "hypersphere":
+        return hypersphere_init(num_prototypes, dim, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    if init == "uniform":  # ProtoPNet's torch.rand initialisation
+        return torch.rand(num_prototypes, dim, generator=generator)
+    if init == "shifted-normal":  # N(0.5, 0.1): CaBRNet's ProtoPNet default, near the Sigmoid add-on's outputs
+        return 0.5 + 0.1 * torch.randn(num_prototypes, dim, generator=generator)
+    if init == "random":
+        return F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=1)
+    raise UnknownNameError("prototype init", init, PROTOTYPE_INITS)
+
+
 def _make_addon(kind: str, in_channels: int, dim: int) -> nn.Module:
     if kind == "linear":
         return nn.Conv2d(in_channels, dim, kernel_size=1)
@@ -147,17 +163,7 @@ class PrototypeLayer(nn.Module):
             raise ProtoKNNError(f"need at least one prototype and dim >= 1, got P={num_prototypes}, D={dim}")
         self.similarity, self.cost_space = similarity, cost_space
         self.addon = _make_addon(addon, in_channels, dim)
-        if init == "hypersphere":
-            start = hypersphere_init(num_prototypes, dim, seed=seed)
-        elif init == "uniform":  # ProtoPNet's torch.rand initialisation
-            start = torch.rand(num_prototypes, dim, generator=torch.Generator().manual_seed(seed))
-        elif init == "shifted-normal":  # N(0.5, 0.1): CaBRNet's ProtoPNet default, near the Sigmoid add-on's outputs
-            start = 0.5 + 0.1 * torch.randn(num_prototypes, dim, generator=torch.Generator().manual_seed(seed))
-        elif init == "random":
-            start = F.normalize(torch.randn(num_prototypes, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
-        else:
-            raise UnknownNameError("prototype init", init, PROTOTYPE_INITS)
-        self.prototypes = nn.Parameter(start, requires_grad=not frozen)
+        self.prototypes = nn.Parameter(initial_prototypes(init, num_prototypes, dim, seed), requires_grad=not frozen)
         self.frozen = frozen
 
     @property
@@ -167,6 +173,14 @@ class PrototypeLayer(nn.Module):
     def freeze(self, frozen: bool = True) -> None:
         self.frozen = frozen
         self.prototypes.requires_grad_(not frozen)
+
+    def component_parameters(self) -> Dict[str, List[nn.Parameter]]:
+        """Trainable parts by component name (heads.base.COMPONENTS)."""
+        return {"addon": list(self.addon.parameters()), "prototypes": [self.prototypes]}
+
+    def patch_vectors(self, z: Tensor) -> Tensor:
+        """(B, D', H*W): what a prototype becomes when pushed onto each patch of z (B, D, H, W)."""
+        return z.flatten(2)
 
     def patch_distances(self, z: Tensor) -> Tuple[Tensor, Tensor]:
         """(similarity, squared distance) per patch, each (B, P, H*W), for add-on output z (B, D, H, W)."""
@@ -262,7 +276,7 @@ def project(
         if improved.any():
             hw = z.shape[2] * z.shape[3]
             img, loc = where // hw, where % hw
-            patches = z.flatten(2)[img, :, loc]  # (P, D)
+            patches = layer.patch_vectors(z)[img, :, loc]  # (P, D)
             best = torch.where(improved, value, best)
             best_patch = torch.where(improved[:, None], patches, best_patch)
             best_image = torch.where(improved, indices.to(device)[img], best_image)

@@ -9,7 +9,10 @@ import torch
 
 from protoknn_plugin.checkpoint import load_checkpoint
 from protoknn_plugin.errors import ProtoKNNError, UnknownNameError
+from protoknn_plugin.deformable import DeformablePrototypeLayer, part_grid, sample_parts
 from protoknn_plugin.heads import create_head, list_heads
+from protoknn_plugin.heads.deformable_protopnet import (DeformableProtoPNetHead, angular_margin,
+                                                        part_orthogonality)
 from protoknn_plugin.heads.options import parse_rows
 from protoknn_plugin.heads.protopool import (ProtoPoolHead, focal_slot_similarity, gumbel_scale, pool_distance_loss,
                                              slot_distributions, slot_orthogonality)
@@ -199,6 +202,96 @@ def test_protopool_scale_follows_the_epochs_and_bad_slots_are_refused():
     assert head.scale == 1000.0
     with pytest.raises(ProtoKNNError, match="slots"):
         ProtoPoolHead(num_classes=2, backbone_channels=4, dim=2, num_prototypes=3, slots=4)
+
+
+# --------------------------------------------------------------------------- Deformable ProtoPNet
+
+def _identity_addon(layer):
+    with torch.no_grad():
+        layer.addon.weight.copy_(torch.eye(layer.addon.weight.shape[0])[:, :, None, None])
+        layer.addon.bias.zero_()
+    return layer
+
+
+def test_deformable_sampling_at_zero_offset_equals_the_plain_cosine_layer():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 3, 4, 5, generator=gen)
+    plain = _identity_addon(PrototypeLayer(3, 4, 3, similarity="cosine", addon="linear", init="random"))
+    deformable = _identity_addon(DeformablePrototypeLayer(3, 4, 3, parts=1, init="uniform"))
+    with torch.no_grad():
+        deformable.prototypes.copy_(plain.prototypes)
+    ours, theirs = deformable(features), plain(features)
+    assert torch.allclose(ours.profile, theirs.profile, atol=1e-6)
+    assert torch.equal(ours.locations, theirs.locations) and torch.allclose(ours.cost, theirs.cost, atol=1e-6)
+    assert ours.offsets.abs().max() == 0  # the offset conv starts at zero
+
+
+def test_deformable_parts_rest_on_the_dilated_grid_and_read_zero_outside():
+    assert part_grid(2, 2).tolist() == [[-1, -1], [-1, 1], [1, -1], [1, 1]]
+    layer = _identity_addon(DeformablePrototypeLayer(2, 1, 2, parts=2, dilation=2, init="uniform"))
+    with torch.no_grad():  # every part points along e1
+        layer.prototypes.copy_(torch.tensor([[1.0, 0.0] * 4]))
+    features = torch.tensor([[[[1.0, 0.0], [0.0, 3.0]], [[0.0, 1.0], [1.0, 4.0]]]])  # (1, 2, 2, 2)
+    sim, _ = layer.patch_distances(features)
+    # patch (0, 0): only part (+1, +1) lands inside, on (3, 4): cos 0.6, mean over 4 parts 0.15;
+    # patch (1, 1): only part (-1, -1) lands inside, on (1, 0): cos 1 -> 0.25.
+    assert sim[0, 0, 0].item() == pytest.approx(0.15) and sim[0, 0, 3].item() == pytest.approx(0.25)
+
+
+def test_bilinear_samples_keep_direction_and_shrink_outside_the_map():
+    unit = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2): e1 then e2
+    half_right = torch.zeros(1, 1, 2, 1, 2)  # (B, K, (row, column), H, W)
+    half_right[:, :, 1] = 0.5
+    samples = sample_parts(unit, half_right)  # (1, 1, 2, 1, 2)
+    assert samples[0, 0, :, 0, 0].tolist() == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2)])
+    # from column 1, half a cell right: half the weight falls outside -> e2 at length sqrt(0.5)
+    assert samples[0, 0, :, 0, 1].tolist() == pytest.approx([0.0, math.sqrt(0.5)], abs=1e-6)
+
+
+def test_push_moves_every_part_onto_its_sampled_feature():
+    layer = _identity_addon(DeformablePrototypeLayer(2, 1, 2, parts=2, dilation=2, init="uniform"))
+    features = torch.tensor([[[[1.0, 0.0], [0.0, 3.0]], [[0.0, 1.0], [1.0, 4.0]]]])
+    with torch.no_grad():
+        layer.prototypes.copy_(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0]]))  # matches patch (0, 0)
+    record = project(layer, [(features, torch.tensor([0]), torch.tensor([5]))])
+    assert record.location.tolist() == [0]
+    parts = layer.prototypes.reshape(4, 2)
+    assert parts[:3].abs().max() == 0 and parts[3].tolist() == pytest.approx([0.6, 0.8])
+
+
+def test_angular_margin_and_part_orthogonality_hand_computed():
+    assert angular_margin(torch.tensor([math.cos(0.5)]), 0.1).item() == pytest.approx(math.cos(0.4), rel=1e-5)
+    assert angular_margin(torch.tensor([1.0]), 0.1).item() == pytest.approx(1.0)
+    parts = torch.tensor([[[1.0, 0.0], [0.6, 0.8]]])  # A A^T - I = [[0, .6], [.6, 0]]
+    assert part_orthogonality(parts).item() == pytest.approx(math.sqrt(0.72))
+
+
+def test_deformable_loss_terms_hand_computed():
+    head = DeformableProtoPNetHead(num_classes=2, backbone_channels=4, dim=2, prototypes_per_class=1, parts=1)
+    profile = torch.tensor([[math.cos(0.5), math.cos(0.3)]])  # image of class 0
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = PrototypeOutputs(profile, None, None, None, None, torch.zeros(1, 4, 1, 1), prototypes=prototypes,
+                           offsets=torch.full((1, 1, 2, 1, 1), 0.5))
+    terms = head.loss(out, torch.tensor([0]))
+    inflated = [math.cos(0.5), math.cos(0.2)]  # the margin raises the wrong class's similarity only
+    logits = torch.tensor([[inflated[0] - 0.5 * inflated[1], inflated[1] - 0.5 * inflated[0]]])
+    assert terms["ce"].item() == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor([0])).item(),
+                                               rel=1e-5)
+    assert terms["cluster"].item() == pytest.approx(inflated[0]) and terms["separation"].item() == pytest.approx(
+        inflated[1], rel=1e-5)
+    assert terms["orthogonality"].item() == pytest.approx(0.0, abs=1e-5) and terms["offset"].item() == 0.25
+    expected = terms["ce"] - 0.8 * inflated[0] + 0.08 * inflated[1] + 0.1 * terms["orthogonality"]
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not head.last_layer.weight.requires_grad  # frozen, as in the code
+
+
+def test_deformable_phases_hold_the_offsets_back_then_push_once():
+    head = DeformableProtoPNetHead(num_classes=2, backbone_channels=4, dim=4)
+    phases = head.phases(30, pretrained_backbone=True)
+    assert [(p.name, p.epochs, p.after) for p in phases] == [
+        ("warm", 5, ()), ("warm-offsets-fixed", 5, ()), ("joint", 20, ("project",))]
+    assert "offsets" not in phases[1].lrs and phases[2].lrs["offsets"] == 1e-4 and phases[2].step_lr == (5, 0.2)
+    assert [p.name for p in head.phases(3, pretrained_backbone=False)] == ["joint"]
 
 
 # --------------------------------------------------------------------------- registry

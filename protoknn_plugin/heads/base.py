@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..prototypes import PrototypeOutputs
 
 # Components a phase can train. Everything else is frozen in that phase.
-COMPONENTS = ("backbone", "addon", "prototypes", "head", "last_layer", "beta", "proxies")
+COMPONENTS = ("backbone", "addon", "prototypes", "offsets", "head", "last_layer", "beta", "proxies")
 
 
 @dataclass
@@ -66,6 +66,9 @@ class PrototypeSpec:
     frozen: bool = True
     cost_space: str = "unit"
     extra: Dict[str, object] = field(default_factory=dict)
+    # parts > 0: deformable prototypes of parts x parts parts on a grid of `dilation` spacing.
+    parts: int = 0
+    dilation: int = 2
 
 
 class Head(nn.Module):
