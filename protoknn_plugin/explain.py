@@ -117,6 +117,7 @@ class PrototypeEvidence:
     source_cell_box: Box
     prototype_class: Optional[int] = None
     weight: Optional[float] = None
+    shared_by: Tuple[int, ...] = ()  # a pool prototype's classes (ProtoPool); () when it has one class or none
 
 
 @dataclass
@@ -174,6 +175,8 @@ class LooksLike:
     top: List[PrototypeEvidence]
     anchor_label: Optional[int] = None
     anchor_name: str = "query image"
+    # With a shared pool (ProtoPool): the prototypes the predicted class uses; else ().
+    class_prototypes: Tuple[int, ...] = ()
 
     @property
     def predicted_logit(self) -> float:
@@ -413,6 +416,8 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
     sources = source_boxes(model, train_dataset, order)
     size = tuple(image.shape[-2:])
     proto_class = getattr(model.head, "prototype_class", None)
+    users = model.head.classes_using()
+    shared = users is not None and any(len(u) != 1 for u in users)
     evidence = [
         PrototypeEvidence(
             index=i, score=float(key[i]), similarity={"anchor": float(profile[i])},
@@ -420,9 +425,10 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
             source_index=int(model.projection.image_index[i]), source_cell=sources[i][1], source_box=sources[i][0],
             source_cell_box=sources[i][2],
             prototype_class=int(proto_class[i]) if proto_class is not None else None,
-            weight=float(weight[predicted, i]),
+            weight=float(weight[predicted, i]), shared_by=tuple(users[i]) if shared else (),
         )
         for i in order
     ]
+    uses = tuple(i for i, u in enumerate(users) if predicted in u) if shared else ()
     return LooksLike(image=image.cpu(), profile=profile, logits=logits, predicted_class=predicted, ranking=ranking,
-                     top=evidence, anchor_label=label, anchor_name=name)
+                     top=evidence, anchor_label=label, anchor_name=name, class_prototypes=uses)

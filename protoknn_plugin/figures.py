@@ -430,10 +430,14 @@ def _print_looks_like(result: LooksLike, splits, console, escape) -> None:
         table.add_column(col, justify="left" if col in ("class", "source") else "right")
     for rank, proto in enumerate(result.top, start=1):
         s = proto.similarity["anchor"]
-        table.add_row(str(rank), str(proto.index), escape(_class_name(splits, proto.prototype_class)), _num(s),
+        owners = ", ".join(_class_name(splits, c) for c in proto.shared_by) or _class_name(splits, proto.prototype_class)
+        table.add_row(str(rank), str(proto.index), escape(owners), _num(s),
                       _num(proto.weight, sign=True), _num(s * proto.weight, sign=True),
                       f"train #{proto.source_index}")
     console.print(table)
+    if result.class_prototypes:
+        console.print(f"'{pred}' uses the pool prototypes {', '.join(map(str, result.class_prototypes))}; "
+                      "class: the classes that use each prototype", markup=False, highlight=False)
 
 
 def prototypes_command(run_dir, data_dir, out, console) -> Path:

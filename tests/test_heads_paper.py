@@ -176,6 +176,7 @@ def test_protopool_class_weights_reproduce_the_slot_logits():
     assert head.logits_from_profile(profile)[0].tolist() == pytest.approx([-0.8, 12.1])
     assert (profile @ head.class_weights().t())[0].tolist() == pytest.approx([-0.8, 12.1])
     assert head.projection_classes().tolist() == [[True, True, False], [False, False, True]]
+    assert head.classes_using() == [[0], [0], [1]]
 
 
 def test_protopool_loss_in_the_gumbel_limit_equals_the_hand_computed_terms():
@@ -303,7 +304,8 @@ def test_heads_all_names_every_registered_head():
 
 # --------------------------------------------------------------------------- the CLI chain per head
 
-CHAIN_HEADS = {"tesnet": [], "protopool": [], "ppn-cos": ["--head-opt", "protopnet.similarity=cosine"]}
+CHAIN_HEADS = {"tesnet": [], "protopool": [], "deformable-protopnet": [],
+               "ppn-cos": ["--head-opt", "protopnet.similarity=cosine"]}
 
 
 def _head_of(label):
@@ -353,6 +355,8 @@ def test_cli_chain_of_each_paper_head(chains, label):
         assert result.returncode == 0, (step, result.stderr)
     assert "accuracy[top1]" in results[f"{label}:evaluate"].stdout
     assert (root / f"{label}.png").read_bytes()[:4] == b"\x89PNG"
+    if label == "protopool":  # the explanation names the pool prototypes the predicted class uses
+        assert "uses the pool prototypes" in results[f"{label}:explain"].stdout
     saved = json.loads((root / label / "faithfulness.json").read_text())
     assert saved["deletion"]["score"] == "logit of the predicted class" and set(saved["deletion"]["by_m"]) == {"1", "2"}
     (row,) = csv.DictReader((root / f"{label}.csv").open())
@@ -367,7 +371,8 @@ def test_heads_command_lists_each_paper_head_with_its_losses_and_keys():
     result = run_cli("heads")
     assert result.returncode == 0, result.stderr
     for words in ("tesnet", "orthonormality", "subspace", "similarity", "orthonormality_weight",
-                  "protopool", "Gumbel", "focal", "slots", "gumbel_epochs"):
+                  "protopool", "Gumbel", "focal", "slots", "gumbel_epochs",
+                  "deformable-protopnet", "offset", "margin", "orthogonality_weight"):
         assert words in result.stdout, words
 
 

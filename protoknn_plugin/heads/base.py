@@ -138,6 +138,12 @@ class Head(nn.Module):
     def predict(self, out: PrototypeOutputs) -> Tensor:
         return self.predict_all(out)[self.primary]
 
+    def classes_using(self) -> Optional[List[List[int]]]:
+        """Per prototype, the classes it belongs to by design (a ProtoPNet prototype: its own
+        class; a pool prototype: the classes whose slots pick it); None for class-free prototypes."""
+        own = getattr(self, "prototype_class", None)
+        return None if own is None else [[int(c)] for c in own.tolist()]
+
     def class_weights(self) -> Optional[Tensor]:
         """(C, P) with logits = profile @ class_weights().T at inference, for heads linear in the
         prototype profile (explanations and deletion tests read it); None for the others."""

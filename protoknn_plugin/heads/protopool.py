@@ -141,6 +141,13 @@ class ProtoPoolHead(Head):
         """Class -> the pool prototypes its slots use (distinct, in slot order)."""
         return {c: list(dict.fromkeys(row)) for c, row in enumerate(self.assignment().tolist())}
 
+    def classes_using(self) -> List[List[int]]:
+        users: List[List[int]] = [[] for _ in range(self.requested_prototypes)]
+        for c, prototypes in self.class_prototypes().items():
+            for p in prototypes:
+                users[p].append(c)
+        return users
+
     def projection_classes(self) -> Tensor:
         """(C, P): a prototype is pushed among the images of the classes whose slots use it; one no
         slot uses searches every class (it weighs nothing in any logit)."""
