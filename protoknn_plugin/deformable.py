@@ -85,6 +85,14 @@ class DeformablePrototypeLayer(PrototypeLayer):
         shifts = self.grid.to(z)[None, :, :, None, None] + offsets
         return sample_parts(F.normalize(z, dim=1), shifts), offsets
 
+    def part_positions(self, offsets: Tensor, location: int) -> Tensor:
+        """(K, 2) deformed (row, column) cell positions of the parts at patch ``location`` (flat
+        h * W + w), for one image's offsets (K, 2, H, W)."""
+        width = offsets.shape[-1]
+        row, col = divmod(int(location), width)
+        centre = torch.tensor([row, col], dtype=offsets.dtype, device=offsets.device)
+        return centre + self.grid.to(offsets) + offsets[:, :, row, col]
+
     def patch_vectors(self, z: Tensor) -> Tensor:
         samples, _ = self.sampled(z)
         return samples.flatten(1, 2).flatten(2)  # (B, K * D, H * W)

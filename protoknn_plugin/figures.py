@@ -29,6 +29,7 @@ from .explain import (Box, Counterfactual, LooksLike, check_explainable, check_t
 
 BOX_COLOR = "#0050ff"  # the paper's blue boxes
 CELL_COLOR = "#ff9900"  # the projected patch cell, dashed
+PART_COLOR = "#00a040"  # a deformable prototype's parts, dotted
 TITLE_SPACE = 1.0  # inches above the panels for a one-line figure title and the first row's titles
 TITLE_LINE = 0.25  # inches per extra title line
 FIGURE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -161,6 +162,8 @@ def counterfactual_figure(cf: Counterfactual, splits, out_path) -> Path:
         "c_i = (s_a,i − s_n,i)² − (s_a,i − s_p,i)²",
         "blue box: where prototype i activates most",
         "orange (dashed box or +): the patch it was projected onto",
+        *(["green dotted boxes: the prototype's parts at their deformed positions"]
+          if any(p.part_boxes for p in result.top) else []),
     ])
     _text_panel(fig.add_subplot(grid[0, 0:3]), summary, fontsize=9.5)
     truth = f"\ntrue: {_class_name(splits, cf.anchor_label)}" if cf.anchor_label is not None else ""
@@ -210,13 +213,18 @@ def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
         "w_i: last-layer weight to the predicted class",
         "blue box: where the prototype activates most",
         "orange (dashed box or +): the patch it was projected onto",
+        *(["green dotted boxes: the prototype's parts at their deformed positions"]
+          if any(p.part_boxes for p in result.top) else []),
     ])
     _text_panel(fig.add_subplot(grid[0, 1:4]), summary, fontsize=9.5)
     for row, proto in enumerate(result.top, start=1):
         first = row == 1
         source = splits.train_plain[proto.source_index][0]
-        _show(fig.add_subplot(grid[row, 0]), splits, result.image, proto.boxes["anchor"],
+        this = fig.add_subplot(grid[row, 0])
+        _show(this, splits, result.image, proto.boxes["anchor"],
               title=("this (test image)\n" if first else "") + f"prototype {proto.index}")
+        for box in proto.part_boxes:  # deformable prototypes: each part where it moved
+            _rectangle(this, box, edgecolor=PART_COLOR, linewidth=1.4, linestyle=(0, (1, 1)))
         _show(fig.add_subplot(grid[row, 1]), splits, _crop(source, proto.source_box),
               title=("looks like that\n" if first else "") + f"class {_class_name(splits, proto.prototype_class)}")
         _show(fig.add_subplot(grid[row, 2]), splits, source, proto.source_box,

@@ -9,6 +9,7 @@ import torch
 
 from protoknn_plugin.checkpoint import load_checkpoint
 from protoknn_plugin.errors import ProtoKNNError, UnknownNameError
+from protoknn_plugin.explain import part_box
 from protoknn_plugin.deformable import DeformablePrototypeLayer, part_grid, sample_parts
 from protoknn_plugin.heads import create_head, list_heads
 from protoknn_plugin.heads.deformable_protopnet import (DeformableProtoPNetHead, angular_margin,
@@ -258,6 +259,16 @@ def test_push_moves_every_part_onto_its_sampled_feature():
     assert record.location.tolist() == [0]
     parts = layer.prototypes.reshape(4, 2)
     assert parts[:3].abs().max() == 0 and parts[3].tolist() == pytest.approx([0.6, 0.8])
+
+
+def test_part_boxes_sit_at_the_deformed_positions():
+    layer = DeformablePrototypeLayer(2, 1, 2, parts=2, dilation=2)
+    offsets = torch.zeros(4, 2, 3, 3)
+    offsets[3, :, 1, 1] = torch.tensor([-0.5, 0.25])  # the last part moves up half a cell, right a quarter
+    positions = layer.part_positions(offsets, location=4)  # patch (1, 1) of a 3 x 3 map
+    assert positions.tolist() == [[0, 0], [0, 2], [2, 0], [1.5, 2.25]]
+    assert part_box((0.0, 2.0), (3, 3), (30, 30)) == (20, 0, 30, 10)  # the cell (0, 2) itself
+    assert part_box((1.5, 2.25), (3, 3), (30, 30)) == (22, 15, 33, 25)
 
 
 def test_angular_margin_and_part_orthogonality_hand_computed():
