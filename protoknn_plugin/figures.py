@@ -162,8 +162,6 @@ def counterfactual_figure(cf: Counterfactual, splits, out_path) -> Path:
         "c_i = (s_a,i − s_n,i)² − (s_a,i − s_p,i)²",
         "blue box: where prototype i activates most",
         "orange (dashed box or +): the patch it was projected onto",
-        *(["green dotted boxes: the prototype's parts at their deformed positions"]
-          if any(p.part_boxes for p in result.top) else []),
     ])
     _text_panel(fig.add_subplot(grid[0, 0:3]), summary, fontsize=9.5)
     truth = f"\ntrue: {_class_name(splits, cf.anchor_label)}" if cf.anchor_label is not None else ""
