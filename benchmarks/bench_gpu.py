@@ -1,4 +1,4 @@
-"""One short GPU script for the training engine (issue 11, item 9). Needs CUDA.
+"""One short GPU script for the training engine. Needs CUDA.
 
 Reports, in one JSON file and a rich table:
   step ratio     ProtoKNN / ProtoPNet training step (``Trainer._train_step``: forward, losses,

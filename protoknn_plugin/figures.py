@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -324,13 +324,18 @@ def _check_run(run_dir):
     return saved
 
 
-def _load_model(run_dir):
-    """The run's model in eval mode on the GPU if there is one, with projected prototypes."""
-    from .train import model_from_checkpoint
+def _load_model(run_dir, choice: str = "best", say: Optional[Callable[[str], None]] = None):
+    """The run's model (``train.load_trained_model``: projected unless ``choice`` is
+    ``unprojected``) in eval mode on the GPU if there is one; ``say`` gets its one-line note.
+    ``model.checkpoint_file`` names the file it came from (kept with results measured on it)."""
+    from .train import load_trained_model
 
-    model, _ = model_from_checkpoint(run_dir)
-    check_explainable(model)
-    return model.eval().to(_device())
+    loaded = load_trained_model(run_dir, choice)
+    if loaded.note and say is not None:
+        say(loaded.note)
+    check_explainable(loaded.model)
+    loaded.model.checkpoint_file = loaded.file
+    return loaded.model.eval().to(_device())
 
 
 def _run_splits(saved, data_dir):
@@ -356,7 +361,8 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def explain_command(run_dir, image, negative_class, top, data_dir, out, console) -> Path:
+def explain_command(run_dir, image, negative_class, top, data_dir, out, console, choice: str = "best",
+                    say: Optional[Callable[[str], None]] = None) -> Path:
     """`protoknn explain`: the counterfactual (kNN heads) or "this looks like that" (ProtoPNet) figure + table."""
     from rich.markup import escape
 
@@ -372,7 +378,7 @@ def explain_command(run_dir, image, negative_class, top, data_dir, out, console)
     negative = None
     if is_knn and negative_class is not None:
         negative = resolve_class(negative_class, splits.classes)
-    model = _load_model(run_dir)
+    model = _load_model(run_dir, choice, say)
     if not is_knn and model.head.class_weights() is None:
         raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer; "
                             "explain supports protoknn and protopnet runs")

@@ -46,9 +46,8 @@ _BUFFERS = ("memory_profiles", "memory_labels", "memory_index", "memory_codes")
 # float32 elements in one (query chunk x memory chunk) distance block of the torch path:
 # 2**22 elements = 16 MiB (1024 queries x 4096 items): large enough that the GEMM runs at
 # full speed, small enough to stay in the CPU's last-level cache between the GEMM that
-# writes the block and the topk that reads it. Measured at N = 1e5, Q = 2000, P = 512 on
-# 2 cores: 1.25x one torch.mm (topk is most of the rest); 2000-query or 128 MiB blocks
-# gave 1.5-1.7x. On a GPU the blocks are larger (256 MiB), to amortise kernel launches.
+# writes the block and the topk that reads it (larger blocks were slower on CPU;
+# docs/history.md). On a GPU the blocks are larger (256 MiB), to amortise kernel launches.
 TORCH_BLOCK_ELEMENTS = {"cpu": 2 ** 22, "cuda": 2 ** 26}
 TORCH_QUERY_CHUNK = {"cpu": 1024, "cuda": 4096}
 

@@ -161,7 +161,8 @@ class PrototypeModel(nn.Module):
     def projection_state(self) -> Optional[Dict[str, object]]:
         if self.projection is None:
             return None
-        return {k: getattr(self.projection, k) for k in ("image_index", "location", "similarity", "map_size")}
+        return {k: getattr(self.projection, k) for k in ("image_index", "location", "similarity", "map_size", "cosine")
+                if getattr(self.projection, k) is not None}
 
     def load_projection_state(self, state: Optional[Dict[str, object]]) -> None:
         self.projection = ProjectionRecord(**state) if state else None

@@ -24,7 +24,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "paper-dogs-full": {**_PAPER, "dataset": "stanford-dogs", "crop": False, "prototypes": 512, "dim": 256,
                         "epochs": 60},
 }
-# Short names as the issue tracker and the paper's tables call them.
+# Short names, as the paper's tables call them.
 ALIASES = {"cub-full": "paper-cub-full", "cub-crop": "paper-cub-crop", "cars-crop": "paper-cars-crop",
            "dogs-full": "paper-dogs-full"}
 

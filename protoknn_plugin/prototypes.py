@@ -71,8 +71,8 @@ def hypersphere_init(
     (lr 0.1, momentum 0.9) and renormalises rows after every step. The result is
     deterministic in its arguments, so it is computed once per process.
     """
-    # Small matrices gain nothing from threads, and on a busy 2-core machine two torch
-    # threads made this 10x slower (measured), so it runs on one.
+    # Small matrices gain nothing from threads, and on a busy machine each of the many small
+    # steps waits on thread hand-offs, so it runs on one.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -227,14 +227,35 @@ class ProjectionRecord:
 
     image_index: (P,) index of the source training image.
     location: (P,) flat patch index h * W + w in the feature map.
-    similarity: (P,) similarity of the prototype before projection to that patch.
+    similarity: (P,) similarity of the prototype before projection to that patch (the search's
+        score: cosine for cosine heads, minus the squared L2 distance for ProtoPNet).
     map_size: (H, W) of the feature map.
+    cosine: (P,) cosine between the prototype before projection and that patch, whatever the
+        similarity mode (how far projection moved it); None in records made before it was kept.
     """
 
     image_index: Tensor
     location: Tensor
     similarity: Tensor
     map_size: Tuple[int, int]
+    cosine: Optional[Tensor] = None
+
+
+def projection_summary(record: ProjectionRecord) -> dict:
+    """How far a projection moved the prototypes and where they landed.
+
+    ``cosine_mean`` / ``cosine_min``: cosine between each prototype before projection and its
+    patch (1: it did not move); ``distinct_images``: source training images; ``distinct_patches``:
+    distinct (image, location) pairs (below the prototype count when two share a patch).
+    """
+    pairs = {(int(i), int(loc)) for i, loc in zip(record.image_index.tolist(), record.location.tolist())}
+    summary = {"prototypes": int(record.image_index.numel()),
+               "distinct_images": len({i for i, _ in pairs}), "distinct_patches": len(pairs),
+               "cosine_mean": None, "cosine_min": None}
+    if record.cosine is not None:
+        summary["cosine_mean"] = float(record.cosine.float().mean())
+        summary["cosine_min"] = float(record.cosine.float().min())
+    return summary
 
 
 @torch.no_grad()
@@ -252,6 +273,7 @@ def project(
     """
     P = layer.num_prototypes
     device = layer.prototypes.device
+    before = layer.prototypes.detach().clone()
     best = torch.full((P,), -float("inf"), device=device)
     best_patch = layer.prototypes.detach().clone()
     best_image = torch.full((P,), -1, dtype=torch.long, device=device)
@@ -287,7 +309,8 @@ def project(
             f"projection found no training patch for {missing} prototype(s); "
             "every prototype class needs at least one training image"
         )
+    moved = F.cosine_similarity(before.float(), best_patch.float(), dim=1)
     if layer.similarity in ("cosine", "projection"):
         best_patch = F.normalize(best_patch, dim=1)  # prototypes live on the unit sphere
     layer.prototypes.data.copy_(best_patch)
-    return ProjectionRecord(best_image.cpu(), best_loc.cpu(), best.cpu(), map_size)
+    return ProjectionRecord(best_image.cpu(), best_loc.cpu(), best.cpu(), map_size, moved.cpu())

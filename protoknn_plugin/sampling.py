@@ -57,7 +57,7 @@ def _negated_scores(
     """Blocks of whole anchors: (start, stop, -score (stop - start, B, P)).
 
     -score = log(-log U) - s_a / tau + s_b / tau, U ~ U[0, 1) (U = 0 gives +inf: never
-    drawn). uniform_ + two logs is ~2x faster on CPU than exponential_ + one log. The
+    drawn). uniform_ + two logs is faster on CPU than exponential_ + one log. The
     noise is built in place; the profile terms are added out of place when ``s``
     needs a gradient, so autograd sees them.
     """

@@ -117,7 +117,7 @@ def _transport_from_index(
     # Compaction: a prototype of zero mass for class y gets T = 0 from every sample of
     # y, so only the W <= P columns that some class draws need solving. Each class's
     # drawn columns come first in ``cols`` (Y, W); the rest of a row is zero-mass
-    # filler. W was 3-35% of P in bench_sinkhorn.py, and the plan is unchanged.
+    # filler. W is usually a small share of P (bench_sinkhorn.py), and the plan is unchanged.
     has_mass = b > 0
     # one host sync for both block dimensions: largest class and widest class row
     n_max, width = torch.stack([sizes.max(), has_mass.sum(dim=1).max()]).tolist()

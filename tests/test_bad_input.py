@@ -64,6 +64,19 @@ def test_grayscale_and_rgba_images_are_converted_to_rgb(tmp_path):
     Image.new("RGBA", (16, 16), (1, 2, 3, 100)).save(root / "b" / "alpha.png")
     result = run_cli(*imagefolder_args(root), "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
+    # what training read: three channels, grey copied to each, transparency composited onto white
+    # (alpha 100/255 over 255: 255 - 100/255 * (255 - c) for c = 1, 2, 3, to the nearest integer)
+    from protoknn_plugin.data import create_dataset
+
+    splits = create_dataset("imagefolder", str(root), augment=False)
+    images = {path.name: (dataset, i) for dataset in (splits.train, splits.test)
+              for i, path in enumerate(dataset.paths)}
+    expected = {"grey.png": (128, 128, 128), "alpha.png": (155, 156, 156)}
+    for name, rgb in expected.items():
+        dataset, index = images[name]
+        raw = dataset.raw_image(index)
+        assert raw.mode == "RGB" and dataset[index][0].shape[0] == 3
+        assert [color for _, color in raw.getcolors()] == [rgb], name
 
 
 def test_k_larger_than_the_smallest_class(tmp_path):

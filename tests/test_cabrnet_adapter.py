@@ -6,6 +6,7 @@ Tests that need CaBRNet skip without it; tests/cabrnet_ci.sh runs this file insi
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -333,11 +334,17 @@ def test_cabrnet_protopnet_baseline_returns_a_benchmark_row(cabrnet, tmp_path):
         run_cabrnet_head("protopnet", settings, splits, tmp_path, seed=0, options={"warm_epoch": 1})
     row = run_cabrnet_head("protopnet", settings, splits, tmp_path, seed=0, options={"last_layer_epochs": 1})
     assert row["label"] == row["head"] == "cabrnet:protopnet" and row["seed"] == 0
-    assert 0.0 <= row["accuracy[top1]"] <= 1.0
-    assert row["test_images"] == 40
-    for key in ("train_seconds", "peak_memory_mb", "images_per_second", "prototype_spread"):
-        assert row[key] >= 0.0
-    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "projection_info.csv").is_file()
+    assert row["test_images"] == len(splits.test) == 40
+    assert row["warm_epochs"] == 0  # the protocol: no warm phase on a backbone trained from scratch
+    # The row describes the model it saved: its spread is that of the saved prototypes (eq. 17).
+    from protoknn_plugin.prototypes import prototype_spread
+
+    state = torch.load(tmp_path / "model_state.pth", weights_only=True)
+    saved = [value for key, value in state.items() if key.endswith("prototypes")]
+    assert len(saved) == 1
+    assert row["prototype_spread"] == pytest.approx(prototype_spread(saved[0].flatten(1)), abs=1e-6)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == row  # floats survive JSON exactly
+    assert (tmp_path / "projection_info.csv").is_file()
 
 
 def test_classifier_opt_sets_model_arch_params(cabrnet, tmp_path):

@@ -124,6 +124,16 @@ def test_benchmark_writes_json_csv_md_and_a_row_per_head(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| protoknn | 2 |" in md and "±" in md and "protoknn − cnn" in md
     assert "joint: before push" in md and "last-layer: end" in md  # ProtoPNet's stages
+    # Every run with a push measures it; each run records its own threads and device kind.
+    for run in data["runs"]:
+        assert run["threads"] == 1 and run["device_kind"].startswith("cpu: ")
+        if run["head"] != "cnn":
+            assert run["pushes_measured"] and 0 <= run["val_before_push"] <= 1 and 0 <= run["val_after_push"] <= 1
+            assert -1 <= run["push_cosine_min"] <= run["push_cosine_mean"] <= 1
+            assert 1 <= run["push_distinct_images"] <= run["push_distinct_patches"] <= 20
+    assert data["meta"]["threads"] == [1]
+    projection = md.split("Projection at the last push")[1].split("\n\n")[1]
+    assert [line.split(" | ")[0] for line in projection.splitlines()[2:]] == ["| protoknn", "| protopnet"]
     assert "acc k=5 %" in result.stdout  # the rich table
     assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
 

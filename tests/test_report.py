@@ -79,6 +79,9 @@ def test_report_of_a_protoknn_run(sites):
     text = " ".join(index.text)
     for words in ("Metrics", "accuracy[k=5]", "deletion test", "stability", "purity", "Learning curves"):
         assert words in text, words
+    # The push's measurement (no validation split here, so no accuracy before and after it).
+    for words in ("Projection", "This report shows", "checkpoint.pt", "distinct images", "cosine mean", "train (step 3)"):
+        assert words in text, words
     assert (folder / "img" / "curves.png").is_file() and (root / "protoknn" / "faithfulness.json").is_file()
     example = " ".join(pages[folder / examples[0]].text)
     assert example.count("rather than") == 3  # counterfactuals against 3 runner-up classes

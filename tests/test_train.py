@@ -153,3 +153,93 @@ def test_same_seed_same_weights_and_metrics_other_seed_differs(animals_small):
     assert all(torch.equal(sa[k], sb[k]) for k in tensors)
     assert {k: v for k, v in ma.items() if k.startswith("acc")} == {k: v for k, v in mb.items() if k.startswith("acc")}
     assert any(not torch.equal(sa[k], sc[k]) for k in tensors if sa[k].shape == sc[k].shape)
+
+
+# ---- only a projected model is "best" -----------------------------------------------------------
+
+def source_patch_mismatch(model, train_plain):
+    """Largest |prototype - embedding of its recorded source patch| (0: every prototype is its patch)."""
+    import torch.nn.functional as F
+
+    layer, record = model.prototype_layer, model.projection
+    worst = 0.0
+    with torch.no_grad():
+        for i, (image, location) in enumerate(zip(record.image_index.tolist(), record.location.tolist())):
+            x, _ = train_plain[image]
+            patch = layer.addon(model.features(x[None].float()))[0].flatten(1)[:, location]
+            if layer.similarity == "cosine":
+                patch = F.normalize(patch, dim=0)
+            worst = max(worst, float((layer.prototypes[i] - patch).abs().max()))
+    return worst
+
+
+def _train_with_validation(head, animals_small, out, epochs=2):
+    trainer = Trainer(tiny_model(head), animals_small, TrainConfig(epochs=epochs, steps_per_epoch=2, val_fraction=0.2),
+                      out_dir=str(out), progress=False)
+    return trainer, trainer.fit()
+
+
+@pytest.mark.parametrize("head", ["protoknn", "protopnet"])
+def test_best_pt_holds_prototypes_that_are_their_source_patches(head, animals_small, tmp_path):
+    from protoknn_plugin.train import load_trained_model
+
+    trainer, state = _train_with_validation(head, animals_small, tmp_path)
+    loaded = load_trained_model(tmp_path)
+    assert loaded.file == "best.pt" and loaded.note is None
+    assert loaded.saved["train_state"]["projected"] is True
+    assert source_patch_mismatch(loaded.model.eval(), trainer.splits.train_plain) < 1e-5
+    # One record per push, with the validation right before and right after it.
+    assert len(state.pushes) == sum("project" in p.after for p in trainer.phases)
+    for push in state.pushes:
+        assert push["prototypes"] == 20 and 1 <= push["distinct_images"] <= push["distinct_patches"] <= 20
+        assert -1.0 <= push["cosine_min"] <= push["cosine_mean"] <= 1.0
+        assert 0.0 <= push["val_accuracy_before"] <= 1.0 and 0.0 <= push["val_accuracy_after"] <= 1.0
+
+
+def test_an_unprojected_epoch_that_validates_better_never_becomes_best_pt(animals_small, tmp_path, monkeypatch):
+    """Rig validation so that every un-projected model scores 0.9 and every projected one 0.1."""
+    import csv
+
+    from protoknn_plugin.train import load_trained_model
+
+    monkeypatch.setattr(Trainer, "_validation", lambda self: {"val_accuracy": 0.1 if self.state.projected else 0.9})
+    trainer, state = _train_with_validation("protoknn", animals_small, tmp_path)
+    assert state.best_val_accuracy == 0.1 and state.best_epoch["projected"] is True
+    assert state.best_unprojected_val_accuracy == 0.9
+    best = load_trained_model(tmp_path)
+    assert best.file == "best.pt" and best.saved["train_state"]["best_val_accuracy"] == 0.1
+    assert source_patch_mismatch(best.model.eval(), trainer.splits.train_plain) < 1e-5
+    # The un-projected winner is kept apart, and loads only by name, with a note.
+    unprojected = load_trained_model(tmp_path, "unprojected")
+    assert unprojected.file == "best-unprojected.pt" and "never projected" in unprojected.note
+    assert unprojected.saved["train_state"]["projected"] is False
+    # Every per-epoch row of metrics.csv says its prototypes were not projected.
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert len(rows) == 2 and {r["projected"] for r in rows} == {"False"}
+
+
+def test_a_best_pt_from_before_the_projected_flag_is_not_loaded_by_default(animals_small, tmp_path):
+    """A run of an older version kept an un-projected epoch as best.pt: the default falls back
+    to the finished (projected) checkpoint.pt and says so; asking for it as a file is refused."""
+    from protoknn_plugin.train import load_trained_model
+
+    _train_with_validation("protoknn", animals_small, tmp_path)
+    old = load_checkpoint(tmp_path / "best-unprojected.pt")
+    for key in ("projected", "best_unprojected_val_accuracy", "best_unprojected_epoch", "pushes"):
+        old["train_state"].pop(key)
+    save_atomic(old, tmp_path / "best.pt")
+    loaded = load_trained_model(tmp_path)
+    assert loaded.file == "checkpoint.pt" and "un-projected" in loaded.note
+    with pytest.raises(ProtoKNNError, match="never projected.*--unprojected"):
+        load_trained_model(tmp_path / "best.pt")
+
+
+def test_a_run_on_a_frozen_backbone_has_no_warm_phase(animals_small, monkeypatch):
+    # A pretrained backbone gets ProtoPNet's warm phase, unless the run records it frozen (cached).
+    monkeypatch.setattr(PrototypeModel, "pretrained_backbone", property(lambda self: True))
+    config = TrainConfig(epochs=8, steps_per_epoch=2)
+    trains = Trainer(tiny_model("protopnet"), animals_small, config, progress=False)
+    frozen = Trainer(tiny_model("protopnet"), animals_small, config, progress=False,
+                     data_info={"frozen_backbone": True})
+    assert [(p.name, p.epochs) for p in trains.phases][:2] == [("warm", 2), ("joint", 6)]
+    assert [(p.name, p.epochs) for p in frozen.phases] == [("joint", 8), ("last-layer", 20)]

@@ -49,9 +49,8 @@ SIMILARITY_MODULE = "cabrnet.core.utils.similarities"
 def _single_thread():
     """One intra-op thread inside the block, then the previous count.
 
-    The hypersphere initialisation is 1000 small SGD steps; with 2 threads on a busy
-    2-core machine each step waits on thread hand-offs. Measured at load 8-13:
-    P=20, D=32 took 18 s with 2 threads and 0.9 s with 1; P=512, D=256 254 s and 25 s.
+    The hypersphere initialisation is 1000 small SGD steps; with several threads on a busy
+    machine each step waits on thread hand-offs (docs/history.md has the measurement).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -3,7 +3,9 @@ same data, backbone initialisation and budget, over several seeds.
 
 Modules: ``settings`` (rows and shared settings, run-directory names), ``protocol`` (the
 budget and its checks), ``runner`` (one resumable run), ``comparison`` (sweep, seeds,
-results), ``stats`` (t-intervals, paired differences), ``tables`` and ``figures``.
+results), ``stats`` (t-intervals, paired differences), ``tables`` and ``figures``;
+``tuning`` (``--tune``: an equal-budget Optuna search per row), ``executors`` (runs in this
+process or as Ray tasks) and ``locking`` (one trainer per run directory).
 
 Writes ``results.json`` (every run, the summary, the paired differences), ``results.csv``,
 ``results.md``, ``results.png``, ``curves.png``, and one directory per run under ``runs/``

@@ -58,7 +58,7 @@ def curves_figure(path: Path, runs: List[Dict[str, Any]]) -> bool:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("feature epoch")
-    ax.set_ylabel("validation accuracy % (before push / memory at epoch end)")
+    ax.set_ylabel("validation accuracy % (prototype heads: un-projected, memory at epoch end)")
     ax.yaxis.label.set_size(8)
     ax.set_title("validation accuracy per epoch (mean over seeds, band min..max)", fontsize=9)
     ax.legend(fontsize=8)

@@ -22,8 +22,9 @@ from ..checkpoint import CHECKPOINT_NAME
 from ..model import ModelConfig, PrototypeModel
 from ..prototypes import prototype_spread
 from ..train import TrainConfig, Trainer, evaluate, model_from_checkpoint, write_json
+from .projection import projection_fields
 from .protocol import budget, scale_lrs
-from .settings import BenchmarkSettings, RunSpec
+from .settings import BenchmarkSettings, RunSpec, machine_identity
 
 
 class PeakMemory:
@@ -86,8 +87,8 @@ def feeding(model, settings: BenchmarkSettings):
 
 
 def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits,
-                  run_dir: Optional[Path], progress: bool = False) -> Trainer:
-    """The Trainer of one run, its phases' learning rates scaled by ``lr_scale``."""
+                  run_dir: Optional[Path], progress: bool = False, on_epoch=None) -> Trainer:
+    """The Trainer of one run, its phases' learning rates scaled by ``lr_scale``; ``on_epoch``: see Trainer."""
     config = ModelConfig.for_data(
         splits, head=spec.head, backbone=settings.backbone, num_prototypes=settings.prototypes, dim=settings.dim,
         weights=settings.weights, backbone_options=dict(settings.backbone_options),
@@ -96,6 +97,7 @@ def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: Benchmark
     train_config = TrainConfig(**{**asdict(settings.train), "seed": seed, "workers": settings.workers})
     trainer = Trainer(PrototypeModel(config), splits, train_config, out_dir=str(run_dir) if run_dir else None,
                       progress=progress, dataset_name=settings.dataset, stage_eval=getattr(splits, "val", None),
+                      on_epoch=on_epoch,
                       data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
                                  "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone})
     trainer.phases = scale_lrs(trainer.phases, lr_scale)
@@ -116,15 +118,16 @@ def _step_ms(state, steps_per_epoch: int) -> float | None:
 
 
 def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits, run_dir: Path,
-              progress: bool = False):
+              progress: bool = False, on_epoch=None):
     """Train, resume or skip one run. Returns ``(record, model)``; model is None when skipped.
 
-    Raises ``train.Interrupted`` on SIGINT/SIGTERM, with the checkpoint written.
+    Raises ``train.Interrupted`` on SIGINT/SIGTERM, with the checkpoint written. ``on_epoch``
+    (e.g. a tuner's pruning check) sees the validation history after every epoch.
     """
     record_path = run_dir / "run.json"
     if record_path.exists():
         return json.loads(record_path.read_text()), None
-    trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress)
+    trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress, on_epoch)
     model = trainer.model
     push = model.project_prototypes = _Timed(model.project_prototypes)
     last = None
@@ -142,7 +145,9 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
         "lr_scale": lr_scale, "primary": primary, "run_dir": str(run_dir), "resumed": resumed,
         "val_accuracy": val_metrics.get(f"accuracy[{primary}]"),
         **{"val_" + k: v for k, v in val_metrics.items() if k.startswith("accuracy[")},
-        **budget(trainer.phases, trainer.steps_per_epoch, trainer.config.batch_size, len(trainer.splits.train_labels)),
+        **budget(trainer.phases, trainer.steps_per_epoch, trainer.config.batch_size, len(trainer.splits.train_labels),
+                 settings.frozen_backbone),
+        **machine_identity(trainer.device), **projection_fields(state.pushes),
         "train_seconds": state.train_seconds, "step_ms": _step_ms(state, trainer.steps_per_epoch),
         "push_seconds": push.seconds,
         "last_layer_seconds": last.seconds if last else 0.0, "peak_memory_mb": peak.peak_mb,

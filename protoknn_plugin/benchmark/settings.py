@@ -6,7 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
-from ..train import TrainConfig
+import torch
+
+from ..train import TrainConfig, device_kind, resolve_device
 
 
 @dataclass
@@ -62,14 +64,24 @@ _NOT_IN_KEY = {"seeds", "lr_scales", "sweep_seeds", "strict", "cache_dir", "work
 _TRAIN_NOT_IN_KEY = {"seed", "device", "threads", "sync_every", "eval_batch_size"}
 
 
-def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float) -> str:
-    """Short hash of everything that decides a run's result except the seed.
+def machine_identity(device) -> Dict[str, Any]:
+    """``threads`` (torch's CPU threads) and ``device_kind`` (``train.device_kind``) of this process
+    on ``device`` (a name like ``auto`` or a torch.device): both change a run's numbers, since
+    floating-point kernels and their reduction order differ between thread counts and chips."""
+    return {"threads": torch.get_num_threads(), "device_kind": device_kind(resolve_device(str(device)))}
 
-    Part of the run directory's name, so changed options never reuse an old run.
+
+def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float) -> str:
+    """Short hash of everything that decides a run's result except the seed, including the
+    thread count and the device kind it computes with (``machine_identity``).
+
+    Part of the run directory's name, so changed options, or another machine's runs in a
+    shared output folder, never reuse an old run.
     """
     shared = {k: v for k, v in asdict(settings).items() if k not in _NOT_IN_KEY and k != "train"}
     shared["train"] = {k: v for k, v in asdict(settings.train).items() if k not in _TRAIN_NOT_IN_KEY}
-    payload = {"head": spec.head, "options": spec.head_options, "lr_scale": float(lr_scale), **shared}
+    payload = {"head": spec.head, "options": spec.head_options, "lr_scale": float(lr_scale), **shared,
+               "machine": machine_identity(settings.train.device)}
     revision = _head_revision(spec.head)
     if revision != 1:  # absent at 1, so the keys of heads never revised stay what they were
         payload["head_revision"] = revision

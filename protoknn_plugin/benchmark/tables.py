@@ -7,15 +7,19 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
+from .projection import projection_lines
 from .stats import Interval, mean_interval, paired_table
 
 # Columns in order; accuracy columns are added per k / top1 found in the runs.
 COST_KEYS = ("prototype_spread", "backbone_steps", "images_seen", "train_seconds", "step_ms", "push_seconds",
-             "last_layer_seconds", "last_layer_steps", "peak_memory_mb", "images_per_second")
+             "last_layer_seconds", "last_layer_steps", "pushes", "peak_memory_mb", "images_per_second")
 HEADERS = {"accuracy": "acc %", "prototype_spread": "spread (eq. 17)", "backbone_steps": "backbone steps",
            "images_seen": "images seen", "train_seconds": "train s", "step_ms": "step ms", "push_seconds": "push s",
            "last_layer_seconds": "last-layer s", "last_layer_steps": "last-layer steps",
-           "peak_memory_mb": "peak MB", "images_per_second": "test img/s", "val_accuracy": "val acc %"}
+           "peak_memory_mb": "peak MB", "images_per_second": "test img/s", "val_accuracy": "val acc %",
+           "pushes": "pushes"}
+# Marks a row whose last-layer epochs or pushes differ from its paper's values (protocol.schedule_change).
+SCHEDULE_MARK = "†"
 
 
 def _accuracy_keys(runs: List[Dict[str, Any]]) -> List[str]:
@@ -57,7 +61,7 @@ def _cell(interval: Interval | None, key: str) -> str:
         text = interval.format(scale=100.0)
     elif key == "prototype_spread":
         text = interval.format(digits=4)
-    elif key in ("backbone_steps", "images_seen", "last_layer_steps"):
+    elif key in ("backbone_steps", "images_seen", "last_layer_steps", "pushes"):
         text = interval.format(digits=0)
     else:
         text = interval.format(digits=1)
@@ -75,12 +79,19 @@ def columns(summary: List[Dict[str, Any]], runs: List[Dict[str, Any]]) -> List[s
     return ["accuracy"] + _accuracy_keys(runs) + [k for k in COST_KEYS if k in present]
 
 
-def markdown_table(summary, runs) -> List[str]:
+def markdown_table(summary, runs, marked=()) -> List[str]:
+    """The results table; labels in ``marked`` get SCHEDULE_MARK."""
     keys = columns(summary, runs)
     lines = ["| head | n | " + " | ".join(_header(k) for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
     for row in summary:
-        lines.append(f"| {row['label']} | {row['n']} | " + " | ".join(_cell(row["intervals"].get(k), k) for k in keys) + " |")
+        label = row["label"] + (f" {SCHEDULE_MARK}" if row["label"] in marked else "")
+        lines.append(f"| {label} | {row['n']} | " + " | ".join(_cell(row["intervals"].get(k), k) for k in keys) + " |")
     return lines
+
+
+def schedule_changes(meta: Dict[str, Any]) -> Dict[str, str]:
+    """{label: what differs from its paper's schedule} of the rows the table marks."""
+    return {label: b["schedule_change"] for label, b in (meta.get("budgets") or {}).items() if b.get("schedule_change")}
 
 
 def paired_lines(runs, key: str = "accuracy") -> List[str]:
@@ -145,7 +156,11 @@ def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str,
                 cells += ["" if i is None else i.mean, "" if i is None or i.half_width is None else i.half_width]
             writer.writerow([row["label"], row["head"], row["n"], " ".join(map(str, row["seeds"])), row["lr_scale"]] + cells)
     seeds = ",".join(str(s) for s in meta.get("seeds", []))
-    lines = markdown_table(summary, runs)
+    changes = schedule_changes(meta)
+    lines = markdown_table(summary, runs, marked=changes)
+    if changes:
+        lines += [""] + [f"{SCHEDULE_MARK} {label} changes its paper's schedule: {change}."
+                         for label, change in changes.items()]
     lines += ["", f"mean ± half-width of the 95% t-interval over n seeds ({seeds}); `acc %` is each head's own "
               f"prediction (top-1, or its primary k); dataset {meta.get('dataset')}, backbone {meta.get('backbone')}, "
               f"{meta.get('epochs')} epochs; learning-rate scale per row: "
@@ -157,6 +172,10 @@ def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str,
     stages = stage_lines(runs)
     if stages:
         lines += ["", "Validation accuracy at every stage (mean over seeds):", ""] + stages
+    projection = projection_lines(runs)
+    if projection:
+        lines += ["", "Projection at the last push (mean over seeds; cosine between each prototype and its patch "
+                  "before projection; accuracies on the validation split, paired over seeds):", ""] + projection
     faithfulness = faithfulness_lines(summary)
     if faithfulness:
         lines += ["", "Faithfulness of the explanations (`--explanations`; mean ± 95% t-interval over seeds; "

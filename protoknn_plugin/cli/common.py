@@ -318,3 +318,27 @@ def loading_options(fn):
 def precision_option(fn):
     return click.option("--precision", type=click.Choice(["32", "bf16", "16-mixed"]), default="32", show_default=True,
                         help="Mixed precision for the backbone and add-on (losses stay float32); 16-mixed needs a GPU.")(fn)
+
+
+# ---- which model of a run a command loads (evaluate, predict, explain, report, faithfulness) ----------
+
+def model_choice_options(fn):
+    """--last / --unprojected: the model a command loads (``train.load_trained_model``)."""
+    fn = click.option("--unprojected", is_flag=True,
+                      help="Load best-unprojected.pt: the best validation epoch before projection. Its prototypes "
+                           "are no training patches, so its explanations are not real; a note says so.")(fn)
+    return click.option("--last", is_flag=True,
+                        help="Load the last checkpoint.pt (the finished, projected model) even when the run has "
+                             "a best.pt.")(fn)
+
+
+def model_choice(last: bool, unprojected: bool) -> str:
+    """The ``load_trained_model`` choice of the two flags."""
+    if last and unprojected:
+        raise ProtoKNNError("--last and --unprojected name two different models; pass one of them")
+    return "last" if last else "unprojected" if unprojected else "best"
+
+
+def say_note(text: str) -> None:
+    """One line on stderr about which model was loaded."""
+    err_console.print(f"note: {text}", markup=False, highlight=False)

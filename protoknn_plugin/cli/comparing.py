@@ -31,14 +31,19 @@ def _sigterm_as_interrupt():
             signal.signal(signal.SIGTERM, old)
 
 
-def _run_interruptibly(specs, settings, out, title, **options):
-    """run_comparison; an interruption ends with one line and exit code 130, finished runs kept."""
+def _run_interruptibly(specs, settings, out, title, executor=None, **options):
+    """run_comparison; an interruption ends with one line and exit code 130, finished runs kept.
+    ``executor``: the keyword arguments of benchmark.executors.create_executor, or None (in-process)."""
     from ..benchmark import run_comparison
     from ..train import Interrupted
 
     try:
         with _sigterm_as_interrupt():
-            run_comparison(specs, settings, out, title=title, console=console, **options)
+            if executor is not None:
+                from ..benchmark.executors import create_executor
+
+                executor = create_executor(say=console.print, progress=False, **executor)
+            run_comparison(specs, settings, out, title=title, console=console, executor=executor, **options)
     except (Interrupted, KeyboardInterrupt) as why:
         name = str(why) or "Ctrl-C"
         err_console.print(f"interrupted by {name}: finished runs and checkpoints are kept in {out}; "
@@ -73,27 +78,55 @@ def _specs(rows, head_opts):
 @click.option("--explanations", is_flag=True,
               help="Also measure every prototype row's explanations (protoknn faithfulness: deletion, stability, "
                    "purity on 200 test images) as extra columns, and write OUT/report/, one HTML report of the "
-                   "first seed's runs. Costs about a minute per run on this 2-core CPU.")
+                   "first seed's runs. Adds time to every prototype run (docs/results.md gives measured times).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--out", default="runs/benchmark", show_default=True, type=click.Path(), help="Output directory.")
+@click.option("--tune", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Equal-budget search: N trials per row of Optuna's TPE sampler (seeded) over each head's search "
+                   "space (`protoknn heads`), on the validation split, pruned after each epoch; the study is kept "
+                   "in OUT/tuning.db, so a rerun resumes. The chosen settings go to results.md before the seeds run. "
+                   "0: no search (--lr-scales is the cheap grid). Extra protoknn-plugin[tune].")
+@click.option("--executor", type=click.Choice(["in-process", "ray"]), default="in-process", show_default=True,
+              help="Where the runs and trials execute: in this process, or as Ray tasks (extra "
+                   "protoknn-plugin[cluster]); with ray, --out must be on storage every node sees.")
+@click.option("--address", default=None,
+              help="Ray cluster to join: `auto` or HOST:PORT of the head node (docs/cluster.md); default: a local Ray.")
+@click.option("--cpus-per-run", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="CPUs each Ray task requests (and its torch threads, unless --threads says otherwise).")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="GPUs each Ray task requests (Ray sets CUDA_VISIBLE_DEVICES for it).")
+@click.option("--ray-cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs of the local Ray started when --address is not given (default: every CPU).")
 @run_cli
 @with_preset
-def benchmark(head_names, head_opts, threads, explanations, out, **shared):
+def benchmark(head_names, head_opts, threads, explanations, out, tune, executor, address, cpus_per_run, gpus_per_run,
+              ray_cpus, **shared):
     """Train and evaluate every head on the same data, backbone initialisation and budget (images seen and
     backbone steps, checked before training), and print one table: mean ± 95% t-interval over seeds of
     test accuracy (per k for kNN heads), budget, push and last-layer cost, prototype spread, train seconds,
     peak memory, test images/s; then the paired difference of every two rows. With --lr-scales, every row
     picks its rate on the validation split first. Writes OUT/results.json, results.csv, results.md,
     results.png, curves.png and OUT/runs/<label>-<hash>-seed<N>/; the same command again skips finished
-    runs and resumes interrupted ones. Cost with no options: 3 heads x 3 seeds x 4 epochs on `animals`,
-    about 10 minutes on a 2-core CPU."""
+    runs and resumes interrupted ones. Cost with no options: 3 heads x 3 seeds x 4 epochs on `animals`
+    (docs/results.md gives measured wall times)."""
     from ..heads.options import parse_rows
 
     _setup_threads(threads)
     specs = _specs(parse_rows(head_names), head_opts)
     settings = _comparison_settings(**shared)
+    if tune:  # say now, not after loading the data, when the search library is missing
+        from ..benchmark.tuning import optuna_module
+
+        if len(settings.lr_scales) > 1:
+            raise ProtoKNNError("--tune and --lr-scales both choose the rates; use one of them")
+        optuna_module()
+    runner = None
+    if executor != "in-process" or address is not None:
+        runner = {"name": executor, "address": address, "cpus": cpus_per_run, "gpus": gpus_per_run,
+                  "threads": threads, "local_cpus": ray_cpus}
     _run_interruptibly(specs, settings, out, f"heads on {settings.dataset} ({settings.backbone}, "
-                                             f"{settings.train.epochs} epochs)", explanations=explanations)
+                                             f"{settings.train.epochs} epochs)", executor=runner,
+                       explanations=explanations, tune=tune)
 
 
 @cli.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import cli
-from .common import (console, run_cli)
+from .common import console, model_choice, model_choice_options, run_cli, say_note
 
 
 @cli.command()
@@ -15,14 +15,16 @@ from .common import (console, run_cli)
 @click.option("--top", type=int, default=5, show_default=True, help="Prototypes to show.")
 @click.option("--data-dir", type=click.Path(), default=None)
 @click.option("--out", required=True, type=click.Path(), help="Figure path (.png).")
+@model_choice_options
 @run_cli
-def explain(run_dir, image, negative_class, top, data_dir, out):
+def explain(run_dir, image, negative_class, top, data_dir, out, last, unprojected):
     """Explain one prediction. ProtoKNN runs: why this class rather than that (anchor, positive, negative,
     d_ap^2, d_an^2 and per-prototype contributions with their boxes). ProtoPNet runs: "this looks like
     that" (top prototypes, similarity, class weight). Writes the figure OUT and prints the numbers."""
     from ..figures import explain_command
 
-    explain_command(run_dir, image, negative_class, top, data_dir, out, console)
+    explain_command(run_dir, image, negative_class, top, data_dir, out, console, model_choice(last, unprojected),
+                    say_note)
 
 
 @cli.command()

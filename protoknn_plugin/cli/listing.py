@@ -46,7 +46,8 @@ def backbones():
 @cli.command()
 @run_cli
 def heads():
-    """List the registered heads with their losses and defaults. Writes nothing; instant."""
+    """List the registered heads with their losses, defaults and the ranges `benchmark --tune` searches
+    (from scratch; with a pretrained backbone the backbone rate's range may differ). Writes nothing; instant."""
     from ..heads import get_head_class, list_heads
 
     table = Table(title="heads")
@@ -54,10 +55,13 @@ def heads():
     table.add_column("description")
     table.add_column("defaults")
     table.add_column("--head-opt keys")
+    table.add_column("search space (--tune)")
     from ..heads.options import option_keys
+    from ..heads.space import describe_space
 
     for name in list_heads():
         cls = get_head_class(name)
         defaults = "\n".join(f"{k}: {v}" for k, v in cls.defaults().items())
-        table.add_row(name, getattr(cls, "description", ""), defaults, ", ".join(option_keys(cls)))
+        space = "\n".join(describe_space(cls.search_space())) or "nothing to tune"
+        table.add_row(name, getattr(cls, "description", ""), defaults, ", ".join(option_keys(cls)), space)
     console.print(table)

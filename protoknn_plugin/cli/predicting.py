@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import cli
-from .common import config_option, err_console, loading_options, run_cli
+from .common import config_option, err_console, loading_options, model_choice, model_choice_options, run_cli
 
 
 @cli.command()
@@ -22,17 +22,17 @@ from .common import config_option, err_console, loading_options, run_cli
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--data-dir", type=click.Path(), default=None, help="Override the dataset folder stored in the run.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--last", is_flag=True, help="Use the last checkpoint.pt even when the run has a best.pt.")
+@model_choice_options
 @loading_options
 @config_option
 @run_cli
 def predict(run_dir, paths, output, neighbours, top_classes, top_prototypes, batch_size, data_dir, device, last,
-            workers, image_size):
+            unprojected, workers, image_size):
     """Predict the class of image files (PATHS: files or folders, searched recursively).
     Writes one CSV row per image: path, predicted class, the k nearest training images with
     squared distances (kNN heads) or the top class probabilities (linear heads), and the top
     contributing prototypes. Unreadable files are listed on stderr and skipped. Uses best.pt
-    when the run has one. Cost: one forward pass per image plus one kNN search per batch."""
+    (projected) when the run has one. Cost: one forward pass per image plus one kNN search per batch."""
     from ..errors import ProtoKNNError
     from ..predict import collect_images, predict_files
     from ..train import resolve_device
@@ -40,7 +40,7 @@ def predict(run_dir, paths, output, neighbours, top_classes, top_prototypes, bat
 
     if batch_size < 1 or neighbours < 1 or top_classes < 1 or top_prototypes < 0:
         raise ProtoKNNError("--batch-size, --neighbours and --top-classes must be at least 1, --top-prototypes at least 0")
-    model, _, splits = load_finished_run(run_dir, last, data_dir, image_size)
+    model, _, splits, _ = load_finished_run(run_dir, model_choice(last, unprojected), data_dir, image_size)
     files = collect_images(paths)
     dev = resolve_device(device)
     model.to(dev)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from . import cli
-from .common import console, run_cli
+from .common import console, model_choice, model_choice_options, run_cli, say_note
 
 
 def _parse_ms(value: str):
@@ -21,8 +21,9 @@ def _parse_ms(value: str):
               help="Std of the Gaussian noise for stability, in normalised pixel units.")
 @click.option("--m", "ms", default="1,3,5", show_default=True, help="Numbers of prototypes to occlude.")
 @click.option("--data-dir", type=click.Path(), default=None, help="Override the dataset folder stored in the run.")
+@model_choice_options
 @run_cli
-def faithfulness(run_dir, n, seed, sigma, ms, data_dir):
+def faithfulness(run_dir, n, seed, sigma, ms, data_dir, last, unprojected):
     """Measure how faithful a run's explanations are: counterfactual deletion of the top-m prototypes'
     boxes against m random prototypes and random boxes of the same size (drop, flip rate, ratio),
     stability under noise, consistency (datasets with part annotations: cub200) and prototype purity.
@@ -30,7 +31,8 @@ def faithfulness(run_dir, n, seed, sigma, ms, data_dir):
     plus one pass over the training set; the same command gives the same numbers."""
     from ..faithfulness import measure_run
 
-    result = measure_run(run_dir, n=n, seed=seed, sigma=sigma, ms=_parse_ms(ms), data_dir=data_dir)
+    result = measure_run(run_dir, n=n, seed=seed, sigma=sigma, ms=_parse_ms(ms), data_dir=data_dir,
+                         choice=model_choice(last, unprojected), say=say_note)
     print_faithfulness(result)
     console.print(f"written to {run_dir}/faithfulness.json", markup=False, highlight=False)
 
@@ -81,8 +83,9 @@ def _ratio(value) -> str:
 @click.option("--faithfulness/--no-faithfulness", default=True, show_default=True,
               help="Show RUN_DIR/faithfulness.json, computing it when absent.")
 @click.option("--data-dir", type=click.Path(), default=None, help="Override the dataset folder stored in the run.")
+@model_choice_options
 @run_cli
-def report(run_dir, out, images, seed, faithfulness, data_dir):
+def report(run_dir, out, images, seed, faithfulness, data_dir, last, unprojected):
     """Write a static HTML report of a finished run into OUT: index.html (config, metrics, faithfulness
     table, learning curves), prototypes.html (each prototype's source patch and 10 nearest training
     patches) and one page per sampled test image (ProtoKNN: counterfactuals against the 3 runner-up
@@ -90,5 +93,6 @@ def report(run_dir, out, images, seed, faithfulness, data_dir):
     pass over the training set, plus the faithfulness measurement when RUN_DIR has none."""
     from ..report import write_report
 
-    path = write_report(run_dir, out, images=images, data_dir=data_dir, seed=seed, faithfulness=faithfulness)
+    path = write_report(run_dir, out, images=images, data_dir=data_dir, seed=seed, faithfulness=faithfulness,
+                        choice=model_choice(last, unprojected), say=say_note)
     console.print(f"report written to {path}", markup=False, highlight=False)

@@ -10,8 +10,9 @@ import click
 from ..errors import ProtoKNNError
 from . import cli
 from .common import (_print_metrics, _report_skipped, _setup_threads, _train_config, config_option, console,
-                     err_console, frozen_backbone_options, loading_options, parse_options, precision_option, run_cli,
-                     training_options, with_preset, workers_option, write_run_config)
+                     err_console, frozen_backbone_options, loading_options, model_choice, model_choice_options,
+                     parse_options, precision_option, run_cli, say_note, training_options, with_preset, workers_option,
+                     write_run_config)
 
 
 @cli.command()
@@ -47,9 +48,9 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     (every option, reusable with --config), OUT/metrics.csv (one row per epoch: losses, learning
     rates, validation accuracy, seconds, images/s), OUT/best.pt with --val-fraction, and
     OUT/metrics.json with test accuracy at the end. Cost: about epochs x (training set / batch)
-    steps; on this 2-core CPU the small CNN on `animals` takes a few seconds per epoch per 1000 images.
+    steps; the small CNN on `animals` is the cheapest model, docs/performance.md has measured costs.
     With --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
-    later runs; EfficientNet-Lite0 at 128 px: ~70 images per CPU-second), then epochs read the cache.
+    later runs), then epochs read the cache.
     """
     from ..checkpoint import check_run_dir, ensure_writable_dir
     from ..data import create_dataset
@@ -114,47 +115,68 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     metrics["train_seconds"] = state.train_seconds
     if state.best_epoch:
         metrics["best"] = state.best_epoch
+    if state.pushes:
+        metrics["pushes"] = state.pushes
     if distributed.is_main():  # under torchrun, rank 0 alone writes and reports
         metrics["processes"] = distributed.world_size()
         write_json(Path(out) / "metrics.json", metrics)
-        _print_metrics({k: v for k, v in metrics.items() if k != "best"}, f"{head} on {dataset}")
+        _print_metrics({k: v for k, v in metrics.items() if k not in ("best", "pushes")}, f"{head} on {dataset}")
+        for push in state.pushes:
+            console.print(push_line(push), markup=False, highlight=False)
     distributed.teardown()
 
 
-def load_finished_run(run_dir, last, data_dir, image_size):
-    """``(model, saved, splits)`` of a run that finished training, for evaluate and predict.
+def push_line(push) -> str:
+    """One line per push: how far the prototypes moved, where they landed, validation before -> after."""
+    def percent(value):
+        return "n/a" if value is None else f"{100 * value:.2f}%"
 
-    The model comes from best.pt unless ``last`` (or the run has none); the data is the run's
-    dataset as it was trained (folder, limit, crop, image size) unless overridden.
+    cosine = ("" if push.get("cosine_mean") is None
+              else f"cosine to its patch mean {push['cosine_mean']:.3f} (min {push['cosine_min']:.3f}), ")
+    return (f"push after {push['phase']} (step {push['global_step']}): {cosine}{push['distinct_images']} images / "
+            f"{push['distinct_patches']} patches for {push['prototypes']} prototypes, validation "
+            f"{percent(push.get('val_accuracy_before'))} -> {percent(push.get('val_accuracy_after'))}")
+
+
+def load_finished_run(run_dir, choice, data_dir, image_size):
+    """``(model, saved, splits, file)`` of a run that finished training, for evaluate and predict.
+
+    The model is ``train.load_trained_model(run_dir, choice)``'s (best.pt when the run has one,
+    never an un-projected model unless ``choice`` is ``unprojected``; its note goes to stderr);
+    the data is the run's dataset as it was trained (folder, limit, crop, image size) unless overridden.
     """
     from ..checkpoint import load_checkpoint
     from ..data.catalog import rebuild_run_data
-    from ..train import model_from_checkpoint
+    from ..train import load_trained_model
 
     if not load_checkpoint(run_dir)["train_state"].get("complete"):
         raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
-    model, saved = model_from_checkpoint(run_dir, best=not last)
+    loaded = load_trained_model(run_dir, choice)
+    if loaded.note:
+        say_note(loaded.note)
+    saved = loaded.saved
     splits = rebuild_run_data(saved["dataset"], saved.get("data") or {}, data_dir, image_size, augment=True)
-    return model, saved, splits
+    return loaded.model, saved, splits, loaded.file
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--data-dir", type=click.Path(), default=None, help="Override the dataset folder stored in the run.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--last", is_flag=True, help="Evaluate the last checkpoint.pt even when the run has a best.pt.")
+@model_choice_options
 @loading_options
 @config_option
 @run_cli
-def evaluate(run_dir, data_dir, device, last, workers, image_size):
+def evaluate(run_dir, data_dir, device, last, unprojected, workers, image_size):
     """Test accuracy of a trained run: top-1, and for kNN heads k = 1, 3, 5, 10 from one search.
-    Uses RUN_DIR/best.pt (best validation accuracy) when it exists, else checkpoint.pt.
-    Writes RUN_DIR/metrics.json. Cost: one pass over the test set."""
+    Uses RUN_DIR/best.pt (best validation accuracy among projected models) when it exists, else
+    checkpoint.pt. Writes RUN_DIR/metrics.json (its `checkpoint` names the file scored). Cost: one
+    pass over the test set."""
     from ..train import evaluate as evaluate_model, resolve_device, write_json
 
-    model, saved, splits = load_finished_run(run_dir, last, data_dir, image_size)
+    model, saved, splits, file = load_finished_run(run_dir, model_choice(last, unprojected), data_dir, image_size)
     dev = resolve_device(device)
     metrics = evaluate_model(model.to(dev), splits.test, device=dev, workers=workers)
-    metrics["checkpoint"] = "checkpoint.pt" if last or not (Path(run_dir) / "best.pt").exists() else "best.pt"
+    metrics["checkpoint"] = file
     write_json(Path(run_dir) / "metrics.json", metrics)
     _print_metrics(metrics, f"{saved['model_config']['head']} on {saved['dataset']}")

@@ -24,19 +24,22 @@ def part_reader(saved, splits, data_dir=None):
 
 
 def measure_run(run_dir, splits=None, n: int = DEFAULT_IMAGES, seed: int = 0, sigma: float = DEFAULT_SIGMA,
-                ms=DEFAULT_MS, data_dir=None, write: bool = True, nearest=None, model=None) -> Dict[str, object]:
-    """The nested results of ``evaluate_faithfulness`` for a finished run, with run facts added;
-    written to RUN_DIR/faithfulness.json when ``write``."""
+                ms=DEFAULT_MS, data_dir=None, write: bool = True, nearest=None, model=None, choice: str = "best",
+                say=None) -> Dict[str, object]:
+    """The nested results of ``evaluate_faithfulness`` for a finished run, with run facts added
+    (``checkpoint``: the file measured); written to RUN_DIR/faithfulness.json when ``write``.
+    ``choice``/``say``: which model to load and where its one-line note goes (``figures._load_model``)."""
     from ..figures import _check_run, _load_model, _run_splits
     from ..train import write_json
 
     check_options(n, sigma, tuple(ms))
     saved = _check_run(run_dir)
     splits = splits if splits is not None else _run_splits(saved, data_dir)
-    model = model if model is not None else _load_model(run_dir)
+    model = model if model is not None else _load_model(run_dir, choice, say)
     result = evaluate_faithfulness(model, splits, n=n, seed=seed, sigma=sigma, ms=tuple(ms),
                                    parts=part_reader(saved, splits, data_dir), nearest=nearest)
-    result = {"run": str(run_dir), "head": saved["model_config"]["head"], "dataset": saved["dataset"], **result}
+    result = {"run": str(run_dir), "head": saved["model_config"]["head"], "dataset": saved["dataset"],
+              "checkpoint": getattr(model, "checkpoint_file", None), **result}
     if write:
         write_json(Path(run_dir) / RESULT_NAME, result)
     return result

@@ -105,6 +105,12 @@ class Head(nn.Module):
         """Head options and their defaults, for `protoknn heads`."""
         return {}
 
+    @classmethod
+    def search_space(cls, pretrained_backbone: bool = False) -> Dict[str, object]:
+        """Option -> range (``heads.space``) that ``protoknn benchmark --tune`` searches; every
+        key is a constructor option. Empty: nothing to tune (the row trains its defaults)."""
+        return {}
+
     # ---- training --------------------------------------------------------------
     def check_data(self, labels: Tensor) -> None:
         """Raise ProtoKNNError before training if this head cannot work on these training labels (N,)."""
@@ -112,7 +118,9 @@ class Head(nn.Module):
         """Named loss terms plus ``total`` (the one to backpropagate)."""
         raise NotImplementedError
 
-    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+    def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
+        """The phases of ``epochs`` feature-training epochs. ``frozen_backbone``: the backbone is
+        frozen and cached (it never trains, whatever the phases' rates say)."""
         raise NotImplementedError
 
     def begin_epoch(self, epoch: int) -> None:

@@ -113,11 +113,20 @@ class DeformableProtoPNetHead(ProtoPNetHead):
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         return {}
 
-    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
-        """Warm, warm without offsets, then joint with offsets up to one push at the end."""
+    @classmethod
+    def search_space(cls, pretrained_backbone: bool = False) -> Dict[str, object]:
+        # ProtoPNet's ranges without the last layer's rate: this head's last layer never trains.
+        space = dict(super().search_space(pretrained_backbone))
+        space.pop("last_layer_lr", None)
+        return space
+
+    def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
+        """Warm, warm without offsets, then joint with offsets up to one push at the end. The
+        warm phases protect a pretrained backbone that trains; a frozen one needs neither."""
         quarter = max(1, epochs // 4)
-        warm = min(self.warm_epochs, quarter) if pretrained_backbone and epochs > 2 else 0
-        still = min(self.pre_offset_epochs, quarter) if pretrained_backbone and epochs > 2 else 0
+        protects = pretrained_backbone and not frozen_backbone and epochs > 2
+        warm = min(self.warm_epochs, quarter) if protects else 0
+        still = min(self.pre_offset_epochs, quarter) if protects else 0
         backbone_lr = self.joint_backbone_lr if pretrained_backbone else self.scratch_backbone_lr
         decay = {"backbone": self.weight_decay, "addon": self.weight_decay}
         features = {"addon": self.warm_lr, "prototypes": self.warm_lr}

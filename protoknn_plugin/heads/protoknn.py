@@ -21,6 +21,7 @@ from ..losses import create_metric_loss
 from ..prototypes import PrototypeOutputs
 from . import register_head
 from .base import Head, Phase, PrototypeSpec
+from .space import FloatRange
 
 
 def _flag(name: str, value) -> bool:
@@ -117,6 +118,19 @@ class ProtoKNNHead(Head):
                                  "at prototype_lr 1e-3 (own optimizer group `prototypes`)",
         }
 
+    @classmethod
+    def search_space(cls, pretrained_backbone: bool = False) -> Dict[str, object]:
+        # Around the paper's eq. 13 weights (0.1, 1.0), its Sinkhorn reg and temperature (0.05)
+        # and its rate 1e-3; the number of prototypes is a shared protocol setting, not tuned.
+        return {
+            "lr": FloatRange(1e-4, 1e-2, log=True),
+            "cluster_weight": FloatRange(0.01, 1.0, log=True),
+            "aux_weight": FloatRange(0.1, 3.0, log=True),
+            "tau": FloatRange(0.01, 0.2, log=True),
+            "reg": FloatRange(0.02, 0.2, log=True),
+            "margin": FloatRange(0.05, 0.5),
+        }
+
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity="cosine", addon="linear",
                              init="hypersphere", frozen=self.frozen_prototypes, cost_space=self.cost_space)
@@ -166,7 +180,7 @@ class ProtoKNNHead(Head):
                 groups.setdefault(name, []).extend(params)
         return groups
 
-    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+    def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
         # A pretrained backbone is fine-tuned gently (docs/method.md: 1e-5); one trained
         # from scratch needs the same rate as the rest or it never learns.
         backbone_lr = 1e-5 if pretrained_backbone else self.lr

@@ -197,9 +197,11 @@ class ProtoPoolHead(Head):
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         return {"head": [self.slot_logits], "last_layer": [self.last_layer.weight]}
 
-    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
-        """Warm (backbone frozen), joint, one push at the end of the budget, then the last layer."""
-        warm = min(self.warm_epochs, max(1, epochs // 4)) if pretrained_backbone and epochs > 1 else 0
+    def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
+        """Warm (backbone frozen; not for a frozen backbone, which needs no protecting), joint, one
+        push at the end of the budget, then the last layer."""
+        protects = pretrained_backbone and not frozen_backbone
+        warm = min(self.warm_epochs, max(1, epochs // 4)) if protects and epochs > 1 else 0
         fast = 3 * self.lr
         backbone_lr = self.lr / 10 if pretrained_backbone else self.lr
         phases: List[Phase] = []

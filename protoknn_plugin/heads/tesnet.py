@@ -132,14 +132,16 @@ class TesNetHead(ProtoPNetHead):
                           - self.subspace_weight * terms["subspace_separation"] + self.l1_weight * terms["l1"])
         return terms
 
-    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+    def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
         """Warm, then joint up to one push at the end of the budget, then the last layer.
 
         The reference code pushes once (epoch 10), tunes the last layer and reports that
         model; its joint epochs after the push never reach the reported model, so here
-        every feature-training epoch comes before the one push.
+        every feature-training epoch comes before the one push. A frozen backbone needs no
+        warm-up (nothing to protect), as for ProtoPNet.
         """
-        warm = min(self.warm_epochs, max(1, epochs // 4)) if pretrained_backbone and epochs > 1 else 0
+        protects = pretrained_backbone and not frozen_backbone
+        warm = min(self.warm_epochs, max(1, epochs // 4)) if protects and epochs > 1 else 0
         backbone_lr = self.joint_backbone_lr if pretrained_backbone else self.scratch_backbone_lr
         decay = {"backbone": self.weight_decay, "addon": self.weight_decay}
         phases: List[Phase] = []

@@ -35,6 +35,13 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
+def _stored_faithfulness(path: Path, checkpoint_file: str) -> Optional[dict]:
+    """A faithfulness.json measured on ``checkpoint_file`` (files without the key were measured on
+    checkpoint.pt), else None."""
+    result = _read_json(path)
+    return result if result is not None and result.get("checkpoint", "checkpoint.pt") == checkpoint_file else None
+
+
 def curve_points(run_dir: Path, saved: dict) -> Dict[str, List[float]]:
     """Per-epoch series {name: values}: RUN_DIR/metrics.csv if present, else the checkpoint's history."""
     rows: List[dict] = []
@@ -95,6 +102,36 @@ def faithfulness_table(result: dict) -> str:
             + '<p>See docs/explanations.md in the protoknn repository for what each number measures.</p>')
 
 
+def projection_table(pushes: List[dict]) -> str:
+    """One row per push: where the prototypes landed, how far they moved, validation before and after."""
+    def percent(value):
+        return "—" if value is None else f"{100 * value:.2f} %"
+
+    rows = []
+    for push in pushes:
+        before, after = push.get("val_accuracy_before"), push.get("val_accuracy_after")
+        change = "—" if before is None or after is None else f"{100 * (after - before):+.2f}"
+        rows.append((f"{push['phase']} (step {push['global_step']})", push["prototypes"], push["distinct_images"],
+                     push["distinct_patches"], *("—" if push.get(k) is None else _num(push[k]) for k in ("cosine_mean", "cosine_min")),
+                     percent(before), percent(after), change))
+    head = ("push", "prototypes", "distinct images", "distinct patches", "cosine mean", "cosine min",
+            "val before", "val after", "after − before (points)")
+    return table(head, rows, caption="cosine: between each prototype before projection and the patch it moved to")
+
+
+UNPROJECTED_CURVES = ("The per-epoch validation accuracies are those of the un-projected model (metrics.csv: "
+                      "projected False); the accuracy after each push is in the Projection section.")
+
+
+def projection_section(pushes: List[dict], checkpoint_file: str, choice: str) -> List[str]:
+    """The report's "Projection" section: which model file it shows, and every push's measurement."""
+    unprojected = (", whose prototypes were never projected onto training patches: its explanations show no "
+                   "real training patch." if choice == "unprojected" else ".")
+    return ["<h2>Projection</h2>",
+            f"<p>This report shows <code>{esc(checkpoint_file)}</code>{unprojected}</p>",
+            projection_table(pushes) if pushes else "<p>No push recorded (a run from an older version).</p>"]
+
+
 def _config_rows(saved: dict) -> List[tuple]:
     rows = [("dataset", saved.get("dataset"))]
     for group in ("model_config", "train_config", "data"):
@@ -105,12 +142,14 @@ def _config_rows(saved: dict) -> List[tuple]:
 
 def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed: int = 0,
                  faithfulness: bool = True, indices: Optional[Sequence[int]] = None,
-                 others: Optional[Dict[str, str]] = None, up: Optional[str] = None) -> Path:
+                 others: Optional[Dict[str, str]] = None, up: Optional[str] = None, choice: str = "best",
+                 say=None) -> Path:
     """Write the site of one finished run into ``out``; returns the index page's path.
 
     ``faithfulness``: use RUN_DIR/faithfulness.json, computing it when absent (about a minute on
     the default runs). ``indices``: test images to give pages (default: ``images`` of them,
     misclassified first). ``others``: {label: folder prefix} of the same pages under other runs.
+    ``choice``/``say``: which model to load and where its one-line note goes (``figures._load_model``).
     """
     from ..faithfulness import RESULT_NAME, measure_run, nearest_patches, purity
     from ..figures import _check_run, _load_model, _run_splits
@@ -120,9 +159,9 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
     run_dir, out = Path(run_dir), ensure_writable_dir(out)
     saved = _check_run(run_dir)
     splits = _run_splits(saved, data_dir)
-    model = _load_model(run_dir)
+    model = _load_model(run_dir, choice, say)
     nearest = nearest_patches(model, splits.train_plain, k=10)
-    result = _read_json(run_dir / RESULT_NAME) if faithfulness else None
+    result = _stored_faithfulness(run_dir / RESULT_NAME, model.checkpoint_file) if faithfulness else None
     if faithfulness and result is None:
         result = measure_run(run_dir, splits=splits, data_dir=data_dir, seed=seed, nearest=nearest, model=model)
     tiles = TileWriter(splits, out)
@@ -151,9 +190,12 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
             if metrics else "<p>No metrics.json in the run directory (run <code>protoknn evaluate</code>).</p>",
             "<h2>Faithfulness of the explanations</h2>",
             faithfulness_table(result) if result else "<p>Not measured (run <code>protoknn faithfulness</code>).</p>"]
+    pushes = (saved.get("train_state") or {}).get("pushes") or []
+    body += projection_section(pushes, model.checkpoint_file, choice)
     curves = learning_curves(curve_points(run_dir, saved), out)
     body += ["<h2>Learning curves</h2>",
-             figure(curves, "training loss terms per epoch", "") if curves else "<p>No training history.</p>"]
+             figure(curves, "training loss terms per epoch", UNPROJECTED_CURVES if pushes else "") if curves
+             else "<p>No training history.</p>"]
     body += [f'<h2 id="examples">Test images ({len(entries)}, misclassified first)</h2>',
              f"<ul>{''.join(entries)}</ul>" if entries else "<p>No test image pages (--images 0).</p>",
              "<h2>Run configuration</h2>", table(("setting", "value"), _config_rows(saved))]

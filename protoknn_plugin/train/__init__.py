@@ -9,13 +9,15 @@ Modules: ``config`` (TrainConfig, devices), ``loading`` (batches, seeds, workers
 (TrainState, signals), ``records`` (metrics.csv, TensorBoard, progress), ``evaluation``
 (scores, rebuilding a model) and ``trainer`` (the loop, phases, validation, best.pt).
 """
-from .config import PRECISIONS, TrainConfig, default_workers, resolve_device
-from .evaluation import evaluate, load_model_state, model_from_checkpoint, write_json
+from .config import PRECISIONS, TrainConfig, default_workers, device_kind, resolve_device
+from .evaluation import (MODEL_CHOICES, TrainedModel, evaluate, holds_projected_model, load_model_state,
+                         load_trained_model, model_from_checkpoint, write_json)
 from .loading import IndexedDataset, SeededItems, epoch_batches, item_seed, plain_loader
 from .rng import rng_state, seed_everything, set_rng_state
 from .state import Interrupted, TrainState
 from .trainer import Trainer
 
-__all__ = ["PRECISIONS", "TrainConfig", "default_workers", "resolve_device", "evaluate", "load_model_state",
+__all__ = ["PRECISIONS", "TrainConfig", "default_workers", "device_kind", "resolve_device", "evaluate", "load_model_state",
+           "MODEL_CHOICES", "TrainedModel", "holds_projected_model", "load_trained_model",
            "model_from_checkpoint", "write_json", "IndexedDataset", "SeededItems", "epoch_batches", "item_seed",
            "plain_loader", "rng_state", "seed_everything", "set_rng_state", "Interrupted", "TrainState", "Trainer"]

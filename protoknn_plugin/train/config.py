@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -64,3 +66,24 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ProtoKNNError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+
+
+def device_kind(device: torch.device) -> str:
+    """The kind of chip that computes on ``device``: ``cuda: <GPU name>``, or ``cpu: <CPU model>``
+    (from /proc/cpuinfo where there is one). Floating-point kernels differ between kinds, so two
+    kinds train the same run to different numbers."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"{device.type}: {_cpu_model()}"
+
+
+@lru_cache(maxsize=1)
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.data import Dataset
 
 from .. import distributed
-from ..checkpoint import load_checkpoint
+from ..checkpoint import BEST_NAME, BEST_UNPROJECTED_NAME, CHECKPOINT_NAME, load_checkpoint
 from ..errors import ProtoKNNError
 from ..model import ModelConfig, PrototypeModel
 from .loading import plain_loader
@@ -31,6 +31,75 @@ def model_from_checkpoint(path, best: bool = False) -> Tuple[PrototypeModel, Dic
     load_model_state(model, saved)
     model.config.weights = saved["model_config"].get("weights")
     return model, saved
+
+
+# Which model of a run directory a command loads: the default (best.pt when interpretable,
+# else checkpoint.pt), the last checkpoint.pt, or best-unprojected.pt asked for by name.
+MODEL_CHOICES = ("best", "last", "unprojected")
+
+
+class TrainedModel(NamedTuple):
+    """What ``load_trained_model`` returns: the model, its checkpoint's data, the file it came
+    from, and a one-line note for the user (None when the default model was loaded as expected)."""
+
+    model: PrototypeModel
+    saved: Dict[str, Any]
+    file: str
+    note: Optional[str]
+
+
+def holds_projected_model(saved: Dict[str, Any]) -> bool:
+    """Whether a checkpoint's model can explain with training patches: its head never projects,
+    or every prototype sits on its recorded source patch."""
+    from ..heads import get_head_class
+
+    state = saved.get("train_state") or {}
+    if "projected" in state:
+        return state["projected"] is not False
+    # Written before the flag: every prototype head pushes at its end, so only a finished run's model is projected.
+    head = str((saved.get("model_config") or {}).get("head"))
+    return not get_head_class(head).uses_prototypes or bool(state.get("complete"))
+
+
+def load_trained_model(path, choice: str = "best") -> TrainedModel:
+    """The model of a finished run that ``evaluate``, ``predict``, ``explain``, ``report`` and
+    ``faithfulness`` share. It is never an un-projected model unless ``choice`` is ``unprojected``.
+
+    ``best``: best.pt when the run has one (with projected prototypes), else checkpoint.pt;
+    ``last``: checkpoint.pt; ``unprojected``: best-unprojected.pt, the best validation epoch
+    before projection. ``path`` may also be a checkpoint file.
+    """
+    if choice not in MODEL_CHOICES:
+        raise ProtoKNNError(f"unknown model choice {choice!r}; use one of {', '.join(MODEL_CHOICES)}")
+    folder, note = Path(path), None
+    if not folder.is_dir():
+        model, saved = model_from_checkpoint(folder)
+        return _refuse_unprojected(TrainedModel(model, saved, folder.name, None), choice)
+    if choice == "unprojected":
+        if not (folder / BEST_UNPROJECTED_NAME).exists():
+            raise ProtoKNNError(f"run {str(path)!r} has no {BEST_UNPROJECTED_NAME} (its head does not project, or it "
+                                "was trained without --val-fraction or by an older version); drop --unprojected")
+        name = BEST_UNPROJECTED_NAME
+        note = (f"loaded {name}: its prototypes were never projected onto training patches, so it does not "
+                "explain with real training patches")
+    elif choice == "best" and (folder / BEST_NAME).exists():
+        name = BEST_NAME
+        if not holds_projected_model(load_checkpoint(folder / BEST_NAME)):
+            name = CHECKPOINT_NAME
+            note = (f"{BEST_NAME} of this run holds un-projected prototypes (written by an older version); "
+                    f"using {CHECKPOINT_NAME}, the projected final model")
+    else:
+        name = CHECKPOINT_NAME
+    model, saved = model_from_checkpoint(folder / name)
+    return _refuse_unprojected(TrainedModel(model, saved, name, note), choice)
+
+
+def _refuse_unprojected(loaded: TrainedModel, choice: str) -> TrainedModel:
+    if choice != "unprojected" and not holds_projected_model(loaded.saved):
+        raise ProtoKNNError(f"{loaded.file} holds prototypes that were never projected onto training patches (the "
+                            "run has not reached its push); finish the run with --resume, or pass --unprojected to "
+                            "load the un-projected model anyway")
+    return loaded
 
 
 @torch.no_grad()

@@ -23,8 +23,17 @@ class TrainState:
     complete: bool = False
     train_seconds: float = 0.0
     # Best validation accuracy so far (best.pt holds that model); None: no validation split.
+    # For a head that projects, only projected models compete for best.pt.
     best_val_accuracy: Optional[float] = None
     best_epoch: Optional[Dict[str, Any]] = None
+    # None: the head never projects its prototypes. False: the prototypes are not (or no longer)
+    # training patches. True: every prototype equals the embedding of its recorded source patch.
+    projected: Optional[bool] = None
+    # A projecting head's best un-projected model (best-unprojected.pt), loaded only when asked for.
+    best_unprojected_val_accuracy: Optional[float] = None
+    best_unprojected_epoch: Optional[Dict[str, Any]] = None
+    # One record per push: how far the prototypes moved, where they landed, validation before/after.
+    pushes: List[Dict[str, Any]] = field(default_factory=list)
 
 
 class Interrupted(Exception):

@@ -1,5 +1,12 @@
 """The training loop: phases and their optimisers, one step (mixed precision, DDP),
-validation after every epoch with best.pt, and checkpoints that resume bit-for-bit."""
+validation after every epoch and after every push, best.pt, and checkpoints that resume
+bit-for-bit.
+
+For a head that projects its prototypes, best.pt is chosen only among projected models (after
+a push, its rebuilt kNN memory and any last-layer phase): the model a user loads by default
+must explain with real training patches. The un-projected epochs are still validated (the
+``projected`` column of metrics.csv says so) and the best of them is kept apart in
+best-unprojected.pt, which is loaded only when asked for by name."""
 from __future__ import annotations
 
 import time
@@ -11,11 +18,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .. import distributed
-from ..checkpoint import BEST_NAME, CHECKPOINT_NAME, check_compatible, ensure_writable_dir, load_checkpoint, save_atomic
+from ..checkpoint import (BEST_NAME, BEST_UNPROJECTED_NAME, CHECKPOINT_NAME, check_compatible, ensure_writable_dir,
+                          load_checkpoint, save_atomic)
 from ..errors import ProtoKNNError
 from ..heads.base import Phase
 from ..losses import single_class_guard
 from ..model import PrototypeModel
+from ..prototypes import projection_summary
 from ..schedules import build_optimizer, steps_per_epoch_schedule
 from .config import TrainConfig, resolve_device
 from .evaluation import evaluate, load_model_state
@@ -52,9 +61,13 @@ class Trainer:
     def __init__(self, model: PrototypeModel, splits, config: TrainConfig, out_dir: Optional[str] = None,
                  progress: bool = True, dataset_name: str = "", on_step: Optional[Callable[[int], None]] = None,
                  data_info: Optional[Dict[str, Any]] = None, stage_eval: Optional[Dataset] = None,
-                 run_settings: Optional[Dict[str, Any]] = None):
+                 run_settings: Optional[Dict[str, Any]] = None,
+                 on_epoch: Optional[Callable[[List[Dict[str, Any]]], None]] = None):
         """``stage_eval``: a dataset scored at every phase boundary (recorded in ``state.stages``).
-        ``run_settings``: the command's resolved options, kept in the checkpoint."""
+        ``run_settings``: the command's resolved options, kept in the checkpoint.
+        ``on_epoch``: called with the whole history (resumed epochs included) after every feature
+        epoch, once the checkpoint is written; an exception it raises (a tuner pruning the run)
+        stops training with nothing lost."""
         from ..data.base import carve_validation
 
         if config.val_fraction and getattr(splits, "val", None) is None:
@@ -76,13 +89,18 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model.to(self.device)
         model.head.check_data(splits.train_labels)  # fail now, not after hours of training
-        self.phases: List[Phase] = model.head.phases(config.epochs, model.pretrained_backbone)
-        self.state = TrainState()
+        # data_info records a frozen (cached) backbone: nothing needs protecting from a warm phase then.
+        self.phases: List[Phase] = model.head.phases(config.epochs, model.pretrained_backbone,
+                                                     frozen_backbone=bool(self.data_info.get("frozen_backbone")))
+        self.state = TrainState(projected=False if self.projects else None)
+        # The validation of the model as it is now, while nothing has trained since (reused at a push).
+        self._fresh_scores: Optional[Dict[str, float]] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
         self.precision = Precision(config.precision, self.device)
         self.forward_loss: nn.Module = LossForward(self.model, self.precision)
         self.on_step = on_step
+        self.on_epoch = on_epoch
         self.sync_every = config.sync_every or (1 if self.device.type == "cpu" else 10)
         self.steps_per_epoch = config.steps_per_epoch or max(1, len(splits.train_labels) // config.batch_size)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -134,6 +152,8 @@ class Trainer:
             )
         load_model_state(self.model, saved)
         self.state = TrainState(**saved["train_state"])
+        if self.projects and self.state.projected is None:  # a checkpoint written before the flag
+            self.state.projected = bool(self.state.complete)
         if not self.state.complete and self.state.phase < len(self.phases):
             self._build_optimizer(self.phases[self.state.phase])
             if saved.get("optimizer"):
@@ -312,18 +332,27 @@ class Trainer:
         scores["val_accuracy"] = scores.get(f"val_accuracy[{self.model.head.primary}]", float("nan"))
         return scores
 
+    @property
+    def projects(self) -> bool:
+        """Whether the head's phases push its prototypes onto training patches."""
+        return any("project" in p.after for p in self.phases)
+
     def _keep_best(self, scores: Dict[str, float], where: Dict[str, Any]) -> None:
         """Write best.pt when the validation accuracy beats every earlier one (ties: the later,
-        more trained model)."""
+        more trained model). An un-projected model of a projecting head competes only for
+        best-unprojected.pt."""
         acc = scores.get("val_accuracy")
         if acc is None or acc != acc:
             return
         st = self.state
-        if st.best_val_accuracy is not None and acc < st.best_val_accuracy:
+        prefix, name = ("best_unprojected", BEST_UNPROJECTED_NAME) if st.projected is False else ("best", BEST_NAME)
+        best = getattr(st, f"{prefix}_val_accuracy")
+        if best is not None and acc < best:
             return
-        st.best_val_accuracy, st.best_epoch = float(acc), {**where, "val_accuracy": float(acc)}
+        setattr(st, f"{prefix}_val_accuracy", float(acc))
+        setattr(st, f"{prefix}_epoch", {**where, "val_accuracy": float(acc), "projected": st.projected})
         if self._writes():
-            save_atomic(self.checkpoint_state(), self.out_dir / BEST_NAME)
+            save_atomic(self.checkpoint_state(), self.out_dir / name)
 
     def _record_stage(self, phase: Phase, when: str) -> None:
         if self.stage_eval is not None:
@@ -333,15 +362,30 @@ class Trainer:
     def _after(self, phase: Phase) -> None:
         if phase.after:
             self._record_stage(phase, "before " + "+".join(phase.after))
+        push: Optional[Dict[str, Any]] = None
         for action in phase.after:
             if action == "project":
-                self.model.project_prototypes(self._plain(self.splits.train_plain))
+                before = self._current_validation()
+                record = self.model.project_prototypes(self._plain(self.splits.train_plain))
+                self.state.projected = True
+                push = {"phase": phase.name, "phase_index": self.state.phase, "global_step": self.state.global_step,
+                        **projection_summary(record), "val_accuracy_before": before.get("val_accuracy")}
             elif action == "build_memory":
                 profiles, labels = self.profiles(self.splits.train_plain)
                 self.model.head.fit_memory(profiles, labels)
             else:
                 raise ProtoKNNError(f"phase {phase.name!r} asks for unknown action {action!r}")
+        self._fresh_scores = None
+        if push is not None:  # after the push and the rebuilt memory: the projection's own cost
+            push["val_accuracy_after"] = self._current_validation().get("val_accuracy")
+            self.state.pushes.append(push)
         self._record_stage(phase, "end")
+
+    def _current_validation(self) -> Dict[str, float]:
+        """Validation scores of the model as it is now (those of the last epoch when nothing trained since)."""
+        if self._fresh_scores is None:
+            self._fresh_scores = self._validation()
+        return self._fresh_scores
 
     def _record_epoch(self, entry: Dict[str, Any], bar) -> None:
         self.state.history.append(entry)
@@ -378,12 +422,15 @@ class Trainer:
                     self._build_optimizer(phase)
                 if phase.cached_profiles:
                     self._run_cached_phase(phase)
+                    self._fresh_scores = None
                     st.epoch = phase.epochs
                 while st.epoch < phase.epochs:
                     logs = self._run_epoch(phase, guard, bar)
                     st.epoch += 1
                     self._sync_buffers()
-                    scores = self._validation()
+                    if self.projects:  # training moved the embedding or the prototypes off their patches
+                        st.projected = logs["projected"] = False
+                    scores = self._fresh_scores = self._validation()
                     logs.update(scores)
                     st.train_seconds = time.perf_counter() - started
                     self._record_epoch({"phase": phase.name, "epoch": st.epoch, "global_step": st.global_step,
@@ -391,6 +438,8 @@ class Trainer:
                     self._keep_best(scores, {"phase": phase.name, "epoch": st.epoch, "when": "after epoch"})
                     self.save()
                     guard.raise_if_received()
+                    if self.on_epoch is not None:
+                        self.on_epoch(st.history)
                 self._keep_optimizer(phase)
                 self._after(phase)
                 st.phase, st.epoch = st.phase + 1, 0
@@ -398,8 +447,11 @@ class Trainer:
                 st.train_seconds = time.perf_counter() - started
                 if st.phase == len(self.phases):
                     st.complete = True
-                    # The finished model (projected, with its memory) competes for best.pt too.
-                    self._keep_best(self._validation(), {"phase": phase.name, "epoch": phase.epochs, "when": "end"})
+                if st.projected or (st.complete and not self.projects):
+                    # A projected model (after its push, memory or last layer) competes for best.pt;
+                    # so does the finished model of a head that never projects.
+                    self._keep_best(self._current_validation(),
+                                    {"phase": phase.name, "epoch": phase.epochs, "when": "end of phase"})
                 self.save()
                 # Also after the last phase: a signal that arrived during projection or the kNN
                 # memory must still stop the caller (a benchmark would go on to the next run).
