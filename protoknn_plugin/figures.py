@@ -29,6 +29,7 @@ from .explain import (Box, Counterfactual, LooksLike, check_explainable, check_t
 
 BOX_COLOR = "#0050ff"  # the paper's blue boxes
 CELL_COLOR = "#ff9900"  # the projected patch cell, dashed
+PART_COLOR = "#00a040"  # a deformable prototype's parts, dotted
 TITLE_SPACE = 1.0  # inches above the panels for a one-line figure title and the first row's titles
 TITLE_LINE = 0.25  # inches per extra title line
 FIGURE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -210,13 +211,18 @@ def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
         "w_i: last-layer weight to the predicted class",
         "blue box: where the prototype activates most",
         "orange (dashed box or +): the patch it was projected onto",
+        *(["green dotted boxes: the prototype's parts at their deformed positions"]
+          if any(p.part_boxes for p in result.top) else []),
     ])
     _text_panel(fig.add_subplot(grid[0, 1:4]), summary, fontsize=9.5)
     for row, proto in enumerate(result.top, start=1):
         first = row == 1
         source = splits.train_plain[proto.source_index][0]
-        _show(fig.add_subplot(grid[row, 0]), splits, result.image, proto.boxes["anchor"],
+        this = fig.add_subplot(grid[row, 0])
+        _show(this, splits, result.image, proto.boxes["anchor"],
               title=("this (test image)\n" if first else "") + f"prototype {proto.index}")
+        for box in proto.part_boxes:  # deformable prototypes: each part where it moved
+            _rectangle(this, box, edgecolor=PART_COLOR, linewidth=1.4, linestyle=(0, (1, 1)))
         _show(fig.add_subplot(grid[row, 1]), splits, _crop(source, proto.source_box),
               title=("looks like that\n" if first else "") + f"class {_class_name(splits, proto.prototype_class)}")
         _show(fig.add_subplot(grid[row, 2]), splits, source, proto.source_box,
@@ -373,7 +379,7 @@ def explain_command(run_dir, image, negative_class, top, data_dir, out, console,
     if is_knn and negative_class is not None:
         negative = resolve_class(negative_class, splits.classes)
     model = _load_model(run_dir, choice, say)
-    if not is_knn and getattr(model.head, "last_layer", None) is None:
+    if not is_knn and model.head.class_weights() is None:
         raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer; "
                             "explain supports protoknn and protopnet runs")
     if is_knn:
@@ -436,10 +442,14 @@ def _print_looks_like(result: LooksLike, splits, console, escape) -> None:
         table.add_column(col, justify="left" if col in ("class", "source") else "right")
     for rank, proto in enumerate(result.top, start=1):
         s = proto.similarity["anchor"]
-        table.add_row(str(rank), str(proto.index), escape(_class_name(splits, proto.prototype_class)), _num(s),
+        owners = ", ".join(_class_name(splits, c) for c in proto.shared_by) or _class_name(splits, proto.prototype_class)
+        table.add_row(str(rank), str(proto.index), escape(owners), _num(s),
                       _num(proto.weight, sign=True), _num(s * proto.weight, sign=True),
                       f"train #{proto.source_index}")
     console.print(table)
+    if result.class_prototypes:
+        console.print(f"'{pred}' uses the pool prototypes {', '.join(map(str, result.class_prototypes))}; "
+                      "class: the classes that use each prototype", markup=False, highlight=False)
 
 
 def prototypes_command(run_dir, data_dir, out, console) -> Path:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..prototypes import PrototypeOutputs
 
 # Components a phase can train. Everything else is frozen in that phase.
-COMPONENTS = ("backbone", "addon", "prototypes", "head", "last_layer", "beta", "proxies")
+COMPONENTS = ("backbone", "addon", "prototypes", "offsets", "head", "last_layer", "beta", "proxies")
 
 
 @dataclass
@@ -66,6 +66,9 @@ class PrototypeSpec:
     frozen: bool = True
     cost_space: str = "unit"
     extra: Dict[str, object] = field(default_factory=dict)
+    # parts > 0: deformable prototypes of parts x parts parts on a grid of `dilation` spacing.
+    parts: int = 0
+    dilation: int = 2
 
 
 class Head(nn.Module):
@@ -120,6 +123,15 @@ class Head(nn.Module):
         frozen and cached (it never trains, whatever the phases' rates say)."""
         raise NotImplementedError
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before every image-training epoch; ``epoch`` counts them over all phases
+        from 0 (ProtoPool's Gumbel-softmax scale follows it). Nothing by default."""
+
+    def projection_classes(self) -> Optional[Tensor]:
+        """Whose training images each prototype may be pushed onto: None (every image),
+        (P,) one class per prototype, or a boolean (C, P) of the classes each may use."""
+        return getattr(self, "prototype_class", None) if self.project_within_class else None
+
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """The head's own parameters by component (``head``, ``last_layer``, ``beta``, ``proxies``)."""
         params = [p for p in self.parameters()]
@@ -133,6 +145,18 @@ class Head(nn.Module):
 
     def predict(self, out: PrototypeOutputs) -> Tensor:
         return self.predict_all(out)[self.primary]
+
+    def classes_using(self) -> Optional[List[List[int]]]:
+        """Per prototype, the classes it belongs to by design (a ProtoPNet prototype: its own
+        class; a pool prototype: the classes whose slots pick it); None for class-free prototypes."""
+        own = getattr(self, "prototype_class", None)
+        return None if own is None else [[int(c)] for c in own.tolist()]
+
+    def class_weights(self) -> Optional[Tensor]:
+        """(C, P) with logits = profile @ class_weights().T at inference, for heads linear in the
+        prototype profile (explanations and deletion tests read it); None for the others."""
+        last_layer = getattr(self, "last_layer", None)
+        return None if last_layer is None else last_layer.weight
 
     def summary(self) -> Dict[str, object]:
         return {"name": self.name, **self.defaults()}

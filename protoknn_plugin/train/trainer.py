@@ -239,6 +239,7 @@ class Trainer:
             st.batches = epoch_batches(self.splits.train_labels, self.config)
             st.step = 0
         self.model.train()
+        self.model.head.begin_epoch(sum(p.epochs for p in self.phases[:st.phase] if not p.cached_profiles) + st.epoch)
         # Loss sums stay on the device between sync points (no per-step .item()).
         sums: Dict[str, Any] = dict(st.epoch_sums)  # carries over a resumed epoch's first part
         seen, started = 0, time.perf_counter()
