@@ -91,3 +91,14 @@ def test_a_backend_of_an_installed_package_is_found_through_its_entry_point(tmp_
         assert type(backend_for("ep:net")).__name__ == "EntryPointBackend"
     finally:
         RUN_BACKENDS._entries.pop("ep-test", None)
+
+
+def test_a_prefixed_row_no_backend_claims_names_the_fix_not_an_unknown_head():
+    from protoknn_plugin.errors import ProtoKNNError, UnknownNameError
+
+    backend = backend_for("nobody:net")
+    with pytest.raises(ProtoKNNError, match="no run backend claims the row 'nobody:net'.*'nobody:'"):
+        backend.check("nobody:net")
+    with pytest.raises(UnknownNameError, match="protopnett"):
+        backend.check("protopnett")
+    backend.check("protopnet")  # a registered head passes

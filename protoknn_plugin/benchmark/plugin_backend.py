@@ -19,8 +19,17 @@ class PluginBackend(RunBackend):
         return True
 
     def check(self, row: str) -> None:
-        from ..heads import get_head_class
+        """A registered head; a row ``PREFIX:NAME`` that no installed backend claims names the fix."""
+        from ..errors import ProtoKNNError
+        from ..heads import HEADS, get_head_class
+        from ..run_backends import list_backends
 
+        prefix, colon, _ = row.partition(":")
+        if colon and row not in HEADS:
+            raise ProtoKNNError(
+                f"no run backend claims the row {row!r} (installed: {', '.join(list_backends())}); install the "
+                f"toolkit that provides {prefix + ':'!r} rows (CaBRNet's: pip install 'protoknn-plugin[cabrnet]', "
+                "then `pip install --no-deps -e .` in a source tree), or name a head")
         get_head_class(row)
 
     def budget(self, spec, settings, splits, pretrained: bool, steps_per_epoch: int) -> Dict[str, Any]:
