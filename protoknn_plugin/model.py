@@ -80,7 +80,7 @@ class PrototypeModel(nn.Module):
         if self.head.uses_prototypes:
             spec = self.head.prototype_spec()
             self.prototype_layer = PrototypeLayer(
-                self.backbone.out_channels, spec.num_prototypes, config.dim, similarity=spec.similarity,
+                self.backbone.out_channels, spec.num_prototypes, spec.dim or config.dim, similarity=spec.similarity,
                 addon=spec.addon, cost_space=spec.cost_space, init="random" if for_loading else spec.init,
                 frozen=spec.frozen, seed=config.seed,
             )
@@ -148,7 +148,7 @@ class PrototypeModel(nn.Module):
         self.eval()
         device = self.prototype_layer.prototypes.device
         feats = ((self.features(x.to(device)), y, i) for x, y, i in batches)
-        restrict = getattr(self.head, "prototype_class", None) if self.head.project_within_class else None
+        restrict = self.head.projection_classes()
         self.projection = project(self.prototype_layer, feats, prototype_class=restrict)
         self.train(was_training)
         return self.projection

@@ -11,6 +11,13 @@ Two similarity modes:
   with unit prototypes (``cost_space="raw"``).
 * ``log`` (ProtoPNet): squared L2 via ||z||^2 - 2 z.p + ||p||^2 clamped at 0, and
   similarity log((d + 1) / (d + 1e-4)) of the minimum distance.
+* ``exp-l2`` (ProtoTree): the same squared L2, and similarity exp(-sqrt(d + 1e-14)), the
+  plain (not squared) Euclidean distance through exp(-x); its maximum over patches is the
+  routing probability of a tree node.
+* ``channel-softmax`` (PIP-Net): no prototype vectors; the add-on has one channel per
+  prototype (D = P) and the similarity of prototype i at a patch is softmax over channels,
+  z_i. The distance is 1 - similarity. Prototypes are latent: projection records each
+  one's most present training patch without moving anything.
 """
 from __future__ import annotations
 
@@ -24,10 +31,12 @@ from torch import Tensor, nn
 
 from .errors import ProtoKNNError, UnknownNameError
 
-SIMILARITY_MODES = ("cosine", "log")
+SIMILARITY_MODES = ("cosine", "log", "exp-l2", "channel-softmax")
+# Modes whose prototypes are not vectors compared with patches: projection moves nothing.
+LATENT_MODES = ("channel-softmax",)
 PROTOTYPE_INITS = ("hypersphere", "uniform", "shifted-normal", "random")
 COST_SPACES = ("unit", "raw")
-ADDONS = ("linear", "protopnet")
+ADDONS = ("linear", "protopnet", "conv-sigmoid")
 
 
 @dataclass
@@ -105,6 +114,11 @@ def _make_addon(kind: str, in_channels: int, dim: int) -> nn.Module:
         return nn.Sequential(
             nn.Conv2d(in_channels, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1), nn.Sigmoid()
         )
+    if kind == "conv-sigmoid":
+        # ProtoTree reference: 1x1 conv without bias, Sigmoid; Xavier-normal with the sigmoid gain.
+        conv = nn.Conv2d(in_channels, dim, 1, bias=False)
+        nn.init.xavier_normal_(conv.weight, gain=nn.init.calculate_gain("sigmoid"))
+        return nn.Sequential(conv, nn.Sigmoid())
     raise UnknownNameError("add-on", kind, ADDONS)
 
 
@@ -132,7 +146,12 @@ class PrototypeLayer(nn.Module):
             raise ProtoKNNError(f"need at least one prototype and dim >= 1, got P={num_prototypes}, D={dim}")
         self.similarity, self.cost_space = similarity, cost_space
         self.addon = _make_addon(addon, in_channels, dim)
-        if init == "hypersphere":
+        if similarity in LATENT_MODES:
+            if num_prototypes != dim:
+                raise ProtoKNNError(f"similarity {similarity!r} has one add-on channel per prototype, so it needs "
+                                    f"P = D, got P={num_prototypes}, D={dim}")
+            start, frozen = torch.eye(num_prototypes), True  # prototype i is channel i
+        elif init == "hypersphere":
             start = hypersphere_init(num_prototypes, dim, seed=seed)
         elif init == "uniform":  # ProtoPNet's torch.rand initialisation
             start = torch.rand(num_prototypes, dim, generator=torch.Generator().manual_seed(seed))
@@ -165,9 +184,14 @@ class PrototypeLayer(nn.Module):
                 dot = torch.einsum("bdn,pd->bpn", flat, unit_p)
                 dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + 1.0).clamp_min(0.0)
             return cos, dist
+        if self.similarity == "channel-softmax":
+            sim = flat.softmax(dim=1)  # (B, P, HW): P = D
+            return sim, 1.0 - sim
         p = self.prototypes
         dot = torch.einsum("bdn,pd->bpn", flat, p)
         dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + p.pow(2).sum(1)[None, :, None]).clamp_min(0.0)
+        if self.similarity == "exp-l2":
+            return torch.exp(-torch.sqrt(dist + 1e-14)), dist
         return torch.log((dist + 1.0) / (dist + 1e-4)), dist
 
     def forward(self, backbone_features: Tensor, maps: bool = False) -> PrototypeOutputs:
@@ -231,7 +255,9 @@ def project(
 
     batches yields (backbone_features (B, C, H, W), labels (B,), dataset indices (B,)).
     With ``prototype_class`` (P,), ProtoPNet's push: prototype i only looks at
-    patches of images of class prototype_class[i].
+    patches of images of class prototype_class[i]; with a (P, C) bool mask, at images
+    of the classes its row allows (ProtoTree: the leaves' classes below a node).
+    In a latent mode (``LATENT_MODES``) the prototypes stay; only their sources are recorded.
     """
     P = layer.num_prototypes
     device = layer.prototypes.device
@@ -248,7 +274,10 @@ def project(
         # Cosine mode maximises cosine; ProtoPNet's push minimises L2 distance.
         score = sim if layer.similarity == "cosine" else -dist
         if prototype_class is not None:
-            allowed = labels.to(device)[:, None] == prototype_class.to(device)[None, :]  # (B, P)
+            if prototype_class.dim() == 2:
+                allowed = prototype_class.to(device)[:, labels.to(device)].t()  # (B, P)
+            else:
+                allowed = labels.to(device)[:, None] == prototype_class.to(device)[None, :]  # (B, P)
             score = score.masked_fill(~allowed[:, :, None], -float("inf"))
         flat = score.permute(1, 0, 2).reshape(P, -1)  # (P, B*HW)
         value, where = flat.max(dim=1)
@@ -270,5 +299,8 @@ def project(
     moved = F.cosine_similarity(before.float(), best_patch.float(), dim=1)
     if layer.similarity == "cosine":
         best_patch = F.normalize(best_patch, dim=1)  # prototypes live on the unit sphere
-    layer.prototypes.data.copy_(best_patch)
+    if layer.similarity in LATENT_MODES:
+        moved = torch.ones_like(moved)  # nothing moves; the record only names the sources
+    else:
+        layer.prototypes.data.copy_(best_patch)
     return ProjectionRecord(best_image.cpu(), best_loc.cpu(), best.cpu(), map_size, moved.cpu())

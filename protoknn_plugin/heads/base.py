@@ -6,7 +6,7 @@ declares its training phases as data that the trainer follows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -66,6 +66,9 @@ class PrototypeSpec:
     frozen: bool = True
     cost_space: str = "unit"
     extra: Dict[str, object] = field(default_factory=dict)
+    # The add-on's output channels; None: the model's --dim. A head whose prototypes are the
+    # add-on's channels (PIP-Net) sets it to its prototype count.
+    dim: Optional[int] = None
 
 
 class Head(nn.Module):
@@ -85,6 +88,13 @@ class Head(nn.Module):
     uses_prototypes: bool = True
     uses_memory: bool = False
     project_within_class: bool = False
+    # Phase actions (Phase.after) this head runs itself through ``run_action``, e.g. pruning.
+    actions: Tuple[str, ...] = ()
+    # The explanation a head gives when it has neither a kNN memory nor a linear last layer
+    # ("decision-path": a tree's path from the root to a leaf); None: chosen by those.
+    explanation: Optional[str] = None
+    # False when training needs something a frozen-backbone feature cache cannot give.
+    supports_frozen_backbone: bool = True
 
     def __init__(self, num_classes: int, backbone_channels: int, dim: int, num_prototypes: int):
         super().__init__()
@@ -119,6 +129,36 @@ class Head(nn.Module):
         """The phases of ``epochs`` feature-training epochs. ``frozen_backbone``: the backbone is
         frozen and cached (it never trains, whatever the phases' rates say)."""
         raise NotImplementedError
+
+    # ---- hooks the trainer calls (defaults do nothing) ---------------------------------
+    def prepare_batch(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """The training batch the model is fed, e.g. two views of each image: images (B, C, H, W), labels (B,)."""
+        return images, labels
+
+    def begin_epoch(self, phase: Phase, epoch: int, steps: int, first_step: int) -> None:
+        """Called before each training epoch runs: ``epoch`` counts from 0 within ``phase``, ``steps``
+        is the epoch's length, ``first_step`` where it starts (0 unless resumed mid-epoch)."""
+
+    def after_step(self) -> None:
+        """Called after every optimiser step of a training epoch (derivative-free updates, clamps)."""
+
+    def run_action(self, action: str, train_profiles: Callable[[], Tuple[Tensor, Tensor]]) -> None:
+        """Run one of ``actions`` at the end of a phase; ``train_profiles()`` gives ((N, P), (N,)) of the training set."""
+        raise NotImplementedError(action)
+
+    def stage_info(self, profiles: Callable[[], Tensor]) -> Dict[str, float]:
+        """Numbers recorded with every stage (e.g. a tree's size); ``profiles()`` gives the stage set's (N, P)."""
+        return {}
+
+    def projection_classes(self) -> Optional[Tensor]:
+        """Which training images each prototype may be projected onto: None (any), (P,) one class
+        per prototype, or (P, C) bool, allowed classes per prototype."""
+        return getattr(self, "prototype_class", None) if self.project_within_class else None
+
+    def make_scorer(self, anchors: Tensor):
+        """The deletion test's scorer for profiles ``anchors`` (N, P) when this head scores in its own
+        way (see faithfulness.scorers: ``evidence``, ``score``, ``predict``); None: kNN or linear."""
+        return None
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """The head's own parameters by component (``head``, ``last_layer``, ``beta``, ``proxies``)."""
