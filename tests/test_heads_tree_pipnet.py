@@ -1,5 +1,6 @@
 """ProtoTree and PIP-Net heads: their math on tiny tensors by hand, and the CLI chain for each."""
 import csv
+import math
 
 import pytest
 import torch
@@ -7,9 +8,10 @@ import torch
 from protoknn_plugin.heads import create_head
 from protoknn_plugin.heads.prototree import (derivative_free_update, greedy_leaves, leaf_probabilities, path_nodes,
                                               prune_routes, reachable, tree_output, tree_size)
-from protoknn_plugin.prototypes import PrototypeLayer, PrototypeOutputs
+from protoknn_plugin.heads.pipnet import alignment_loss, class_loss, tanh_loss, two_views
+from protoknn_plugin.prototypes import PrototypeLayer, PrototypeOutputs, project
 
-from conftest import TINY, run_cli
+from conftest import TINY, assert_one_line_error, run_cli
 
 
 def _outputs(profile):
@@ -76,7 +78,7 @@ def test_head_updates_its_leaves_after_the_step_and_leaves_get_no_gradient():
     expected = derivative_free_update(before, before, pi, tree_output(pi, before), labels, 4)
     assert torch.allclose(head.leaf_logits, expected)
     # the loss is NLL of the soft tree's distribution
-    assert float(terms["nll"]) == pytest.approx(float(-tree_output(pi, before)[[0, 1], [2, 0]].log().mean()), rel=1e-5)
+    assert float(terms["nll"].detach()) == pytest.approx(float(-tree_output(pi, before)[[0, 1], [2, 0]].log().mean()), rel=1e-5)
 
 
 def _peaked(leaves, classes, flat):
@@ -158,3 +160,112 @@ def test_prototree_train_evaluate_explain_faithfulness_report_predict(tmp_path):
     assert pages and all("Decision path to leaf" in p.read_text() for p in pages)
     scores = [float(row[f"score_{j}"]) for j in range(1, 4)]
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+
+
+# --------------------------------------------------------------------------- PIP-Net
+
+def test_alignment_loss_by_hand_and_its_stop_gradient():
+    # two patches; view 1: (0.8, 0.2), (0.5, 0.5); view 2: (0.6, 0.4), (0.1, 0.9)
+    z1 = torch.tensor([[0.8, 0.5], [0.2, 0.5]]).view(1, 2, 1, 2).requires_grad_(True)
+    z2 = torch.tensor([[0.6, 0.1], [0.4, 0.9]]).view(1, 2, 1, 2).requires_grad_(True)
+    loss = alignment_loss(z1, z2)
+    dots = [0.8 * 0.6 + 0.2 * 0.4, 0.5 * 0.1 + 0.5 * 0.9]  # 0.56, 0.50
+    assert float(loss.detach()) == pytest.approx(-(math.log(dots[0] + 1e-12) + math.log(dots[1] + 1e-12)) / 2, rel=1e-6)
+    loss.backward()
+    # each direction differentiates only its own view (the other is detached): d/dz1 = -z2 / (2 * 2 patches * dot)
+    expected = torch.tensor([[0.6 / dots[0], 0.1 / dots[1]], [0.4 / dots[0], 0.9 / dots[1]]]) / -4
+    assert torch.allclose(z1.grad.view(2, 2), expected, atol=1e-6)
+
+
+def test_tanh_loss_by_hand():
+    p1 = torch.tensor([[0.2, 0.0], [0.3, 0.1]])  # batch sums 0.5, 0.1
+    p2 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # batch sums 2.0, 0.0
+    view1 = (math.log(math.tanh(0.5) + 1e-8) + math.log(math.tanh(0.1) + 1e-8)) / 2
+    view2 = (math.log(math.tanh(2.0) + 1e-8) + math.log(0 + 1e-8)) / 2
+    assert float(tanh_loss(p1, p2)) == pytest.approx(-(view1 + view2) / 2, rel=1e-6)
+
+
+def test_class_loss_normalises_scores_with_log1p_of_the_power():
+    scores, labels = torch.tensor([[1.0, 2.0], [0.5, 0.0]]), torch.tensor([1, 0])
+    inputs = [[math.log(2.0), math.log(5.0)], [math.log(1.25), 0.0]]
+    expected = -sum(row[y] - math.log(sum(math.exp(v) for v in row)) for row, y in zip(inputs, [1, 0])) / 2
+    assert float(class_loss(scores, labels, 2.0)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_presence_is_the_max_over_patches_of_a_softmax_over_prototypes_and_projection_moves_nothing():
+    layer = PrototypeLayer(3, 3, 3, similarity="channel-softmax", addon="linear")
+    with torch.no_grad():
+        layer.addon.weight.copy_(torch.eye(3)[:, :, None, None])
+        layer.addon.bias.zero_()
+    feats = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]]).view(1, 3, 1, 2)
+    expected = torch.stack([feats[0, :, 0, 0].softmax(0), feats[0, :, 0, 1].softmax(0)]).max(0).values
+    assert torch.allclose(layer(feats).profile.detach()[0], expected)
+    before = layer.prototypes.detach().clone()
+    record = project(layer, [(feats, torch.tensor([0]), torch.tensor([7]))])
+    assert torch.equal(layer.prototypes.detach(), before) and record.location.tolist() == [0, 1, 1]  # p2: 1 / (2 + e) > 1 / (2 + e^2)
+
+
+def test_two_views_pair_up_and_differ():
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    head = create_head("pipnet", num_classes=2, backbone_channels=4, dim=4, num_prototypes=4)
+    views, labels = head.prepare_batch(images, torch.tensor([0, 1, 1]))
+    assert views.shape == (6, 1, 8, 8) and labels.tolist() == [0, 0, 1, 1, 1, 1]
+    assert not torch.allclose(views[0], views[1])
+    plain = two_views(images, shift=0, brightness=0.0, contrast=0.0)
+    assert torch.allclose(plain[0::2], images) and torch.allclose(plain[1::2], images)
+
+
+def test_class_layer_stays_non_negative_and_becomes_sparse_after_training():
+    torch.manual_seed(0)
+    head = create_head("pipnet", num_classes=2, backbone_channels=4, dim=6, num_prototypes=6)
+    head.stage = "finetune"
+    # class 0 shows prototypes 0, 1; class 1 shows 2, 3; prototypes 4, 5 are in every image
+    labels = torch.arange(40) % 2
+    presence = torch.rand(40, 6) * 0.1
+    presence[labels == 0, :2] += 0.8
+    presence[labels == 1, 2:4] += 0.8
+    presence[:, 4:] += 0.5
+    optimizer = torch.optim.Adam(head.param_groups()["last_layer"], lr=0.05)
+    for _ in range(150):
+        loss = class_loss(head.last_layer(presence), labels, head.multiplier)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        head.after_step()
+    raw = head.last_layer.raw_weight.detach()
+    assert float(raw.min()) >= 0.0  # non-negative after every step, not only through the relu
+    assert float(raw[0, 2:4].max()) == 0.0 and float(raw[1, :2].max()) == 0.0  # the other class's evidence
+    assert float(raw[0, :2].min()) > 0 and float(raw[1, 2:4].min()) > 0
+    assert (head.scores(presence).argmax(1) == labels).all()
+    info = head.stage_info(lambda: presence)
+    zeros = float((head.last_layer.weight <= 1e-3).float().mean())
+    assert info["sparsity"] == pytest.approx(zeros) and zeros >= 4 / 12
+
+
+def test_stage_info_and_zero_unused_by_hand():
+    head = create_head("pipnet", num_classes=2, backbone_channels=4, dim=3, num_prototypes=3)
+    with torch.no_grad():
+        head.last_layer.raw_weight.copy_(torch.tensor([[1.0, 0.0, 0.5], [0.0, 2.0, 0.5]]))
+    presence = torch.tensor([[0.9, 0.2, 0.05], [0.05, 0.8, 0.05]])
+    info = head.stage_info(lambda: presence)
+    # presence below 0.1 counts as 0: image 0 -> class 0 (0.9 against 0.4), relevant: prototype 0 only;
+    # image 1 -> class 1 (1.6 against 0), relevant: prototype 1 only (prototype 2's 0.05 x 0.5 is dropped)
+    assert info["sparsity"] == pytest.approx(2 / 6) and info["prototypes_used"] == 3
+    assert info["local_explanation_size"] == pytest.approx(1.0)
+    head.run_action("zero-unused", lambda: (presence, torch.tensor([0, 1])))
+    assert head.last_layer.raw_weight[:, 2].abs().max() == 0 and head.last_layer.raw_weight[0, 0] == 1.0
+
+
+def test_pipnet_train_evaluate_explain_faithfulness_report_predict(tmp_path):
+    evaluated, explained, faithful, site, row = _chain(tmp_path, "pipnet", "--epochs", "3")
+    for name in ("accuracy[top1]", "sparsity", "local_explanation_size"):
+        assert name in evaluated
+    assert "ranked by contribution" in explained
+    assert "logit of the predicted class" in faithful
+    assert list(site.glob("test-*.html"))
+    assert row["predicted_class"]
+
+
+def test_pipnet_refuses_a_frozen_backbone_in_one_line(tmp_path):
+    result = run_cli("train", "--head", "pipnet", *TINY, "--frozen-backbone", "--out", tmp_path / "run")
+    assert_one_line_error(result, "pipnet", "--frozen-backbone", "augmentations")

@@ -29,6 +29,6 @@ def list_heads() -> List[str]:
 
 
 # Built-in heads register themselves on import.
-from . import plain, protoknn, protopnet, prototree  # noqa: E402,F401
+from . import pipnet, plain, protoknn, protopnet, prototree  # noqa: E402,F401
 
 __all__ = ["HEADS", "Head", "Phase", "PrototypeSpec", "COMPONENTS", "register_head", "create_head", "list_heads", "get_head_class"]
