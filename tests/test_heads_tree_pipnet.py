@@ -269,3 +269,56 @@ def test_pipnet_train_evaluate_explain_faithfulness_report_predict(tmp_path):
 def test_pipnet_refuses_a_frozen_backbone_in_one_line(tmp_path):
     result = run_cli("train", "--head", "pipnet", *TINY, "--frozen-backbone", "--out", tmp_path / "run")
     assert_one_line_error(result, "pipnet", "--frozen-backbone", "augmentations")
+
+
+# --------------------------------------------------------------------------- through the trainer
+
+@pytest.fixture(scope="module")
+def animals_small():
+    from protoknn_plugin.data import create_dataset
+
+    return create_dataset("animals", limit=200)
+
+
+def _fit(head, splits, epochs, **head_options):
+    from protoknn_plugin.model import ModelConfig, PrototypeModel
+    from protoknn_plugin.train import TrainConfig, Trainer
+
+    config = ModelConfig(head=head, backbone="small-cnn", num_classes=10, in_channels=1, num_prototypes=12, dim=8,
+                         backbone_options={"width": 4}, head_options=head_options)
+    model = PrototypeModel(config)
+    trainer = Trainer(model, splits, TrainConfig(epochs=epochs, steps_per_epoch=3, batch_classes=5, per_class=2),
+                      progress=False, stage_eval=splits.test)
+    return model, trainer.fit()
+
+
+def test_prototree_stages_report_soft_and_greedy_with_the_tree_before_and_after_pruning(animals_small):
+    model, state = _fit("prototree", animals_small, 1, depth=3, prune_threshold=0.5)
+    head = model.head
+    assert float(head.leaf_logits.abs().sum()) > 0  # the trainer ran the derivative-free update
+    before, end = state.stages[-2], state.stages[-1]
+    assert before["when"] == "before prune+project" and end["when"] == "end"
+    for stage in (before, end):
+        assert {"accuracy[soft]", "accuracy[greedy]", "accuracy[sample-max]"} <= set(stage)
+    assert (before["tree_internal_nodes"], before["tree_leaves"]) == (7, 8)
+    # the pruning the trainer ran is the one of the leaves it trained, and the end stage reports its size
+    assert head.routes.tolist() == prune_routes(head.leaf_logits, torch.zeros(7, dtype=torch.long), 0.5).tolist()
+    assert (end["tree_internal_nodes"], end["tree_leaves"]) == tree_size(head.routes)
+    # every node that still routes was pushed onto an image of a class one of its leaves predicts
+    allowed = head.projection_classes().cpu()
+    labels = animals_small.train_labels[model.projection.image_index]
+    assert all(bool(allowed[n, labels[n]]) for n in range(7))
+
+
+def test_pipnet_trains_on_two_views_and_keeps_a_non_negative_class_layer(animals_small, monkeypatch):
+    from protoknn_plugin.heads.pipnet import PIPNetHead
+
+    sizes = []
+    original = PIPNetHead.loss
+    monkeypatch.setattr(PIPNetHead, "loss", lambda self, out, labels: sizes.append(len(labels)) or
+                        original(self, out, labels))
+    model, state = _fit("pipnet", animals_small, 3)
+    assert sizes and all(size == 20 for size in sizes)  # 10 images x 2 views per step
+    assert [entry["phase"] for entry in state.history] == ["pretrain", "finetune", "joint"]
+    assert float(model.head.last_layer.raw_weight.detach().min()) >= 0.0
+    assert {"sparsity", "local_explanation_size", "prototypes_used"} <= set(state.stages[-1])
