@@ -319,6 +319,9 @@ def test_pipnet_trains_on_two_views_and_keeps_a_non_negative_class_layer(animals
                         original(self, out, labels))
     model, state = _fit("pipnet", animals_small, 3)
     assert sizes and all(size == 20 for size in sizes)  # 10 images x 2 views per step
-    assert [entry["phase"] for entry in state.history] == ["pretrain", "finetune", "joint"]
+    assert [entry["phase"] for entry in state.history] == ["pretrain", "joint", "joint"]  # from scratch: no finetune
+    head = model.head
+    assert [p.name for p in head.phases(70, pretrained_backbone=True)] == ["pretrain", "finetune", "joint"]
+    assert [p.epochs for p in head.phases(70, pretrained_backbone=True)] == [10, 3, 57]
     assert float(model.head.last_layer.raw_weight.detach().min()) >= 0.0
     assert {"sparsity", "local_explanation_size", "prototypes_used"} <= set(state.stages[-1])

@@ -125,7 +125,8 @@ class PIPNetHead(Head):
                            "finetune/joint step W <- max(W - 1e-3, 0); unused prototypes (presence <= 0.1) zeroed",
             "views": "two per image: own shift (2 px), brightness and contrast (0.2) on the augmented image; "
                      "--frozen-backbone is refused",
-            "phases": "pretrain 1/7, finetune 3/70 (class layer only), joint the rest; Adam, backbone 5e-4, "
+            "phases": "pretrain 1/7, finetune 3/70 (class layer only; pretrained backbones only), joint the rest; "
+                      "Adam, backbone 5e-4, "
                       "add-on 5e-3, class layer 0.05, cosine decay",
             "predict": "presence < 0.1 counts as 0, then argmax of o",
         }
@@ -187,8 +188,11 @@ class PIPNetHead(Head):
         return {"last_layer": [self.last_layer.raw_weight]}
 
     def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+        # The class-layer-only epochs fit a classifier to pretrained parts while the backbone
+        # rests; a backbone trained from scratch trains in every epoch (the protocol gives every
+        # row the same backbone steps), so then the class layer starts in the joint phase.
         pretrain = max(1, round(epochs * self.pretrain_fraction)) if epochs >= 3 else 0
-        finetune = max(1, round(epochs * self.finetune_fraction)) if epochs >= 2 else 0
+        finetune = max(1, round(epochs * self.finetune_fraction)) if epochs >= 2 and pretrained_backbone else 0
         joint = epochs - pretrain - finetune
         net = {"backbone": self.lr, "addon": self.lr * self.addon_lr_scale}
         phases = []
