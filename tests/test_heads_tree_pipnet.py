@@ -158,6 +158,8 @@ def test_prototree_train_evaluate_explain_faithfulness_report_predict(tmp_path):
     assert "y^ of the predicted class" in faithful
     pages = list(site.glob("test-*.html"))
     assert pages and all("Decision path to leaf" in p.read_text() for p in pages)
+    assert "See the tree" in (site / "index.html").read_text()
+    assert (site / "tree.html").read_text().count("<strong>leaf ") == 8  # depth 3, nothing pruned at 0.01
     scores = [float(row[f"score_{j}"]) for j in range(1, 4)]
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
 

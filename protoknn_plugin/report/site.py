@@ -180,10 +180,15 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
         entries.append(f"<li>{link(name, f'test #{index}')}: true {esc(_class_name(splits, label))}, predicted "
                        f"{esc(_class_name(splits, guess))} ({verdict})</li>")
 
+    tree = ""
+    if model.head.explanation == "decision-path":
+        from .tree import write_tree_page
+
+        tree = " " + link(write_tree_page(out, model, splits, tiles, nav), "See the tree") + "."
     head = saved["model_config"]["head"]
     metrics = _read_json(run_dir / "metrics.json") or {}
     body = [f"<p>Run directory: <code>{esc(run_dir)}</code>. Head <strong>{esc(head)}</strong> on "
-            f"<strong>{esc(saved['dataset'])}</strong>. " + link(GALLERY, "Browse the prototypes") + ".</p>",
+            f"<strong>{esc(saved['dataset'])}</strong>. " + link(GALLERY, "Browse the prototypes") + f".{tree}</p>",
             "<h2>Metrics</h2>",
             table(("metric", "value"), [(k, f"{100 * v:.2f} %" if k.startswith("accuracy[") else
                                          (_num(v) if isinstance(v, float) else v)) for k, v in metrics.items()])
