@@ -7,7 +7,6 @@ from typing import List
 import torch
 
 from ..explain import source_boxes
-from ..figures import _class_name, _num
 from ..heads.prototree import reachable
 from .gallery import PAGE as GALLERY
 from .html import esc, figure, write_page
@@ -19,7 +18,7 @@ LEAF_CLASSES = 2
 def _leaf(model, splits, leaf: int) -> str:
     distribution = model.head.leaf_distribution(leaf).cpu()
     top = torch.argsort(distribution, descending=True)[:LEAF_CLASSES].tolist()
-    shown = ", ".join(f"{esc(_class_name(splits, c))} {esc(_num(float(distribution[c])))}" for c in top)
+    shown = ", ".join(f"{esc(splits.classes[c])} {float(distribution[c]):.3f}" for c in top)
     return f"<li><strong>leaf {leaf}</strong>: {shown}</li>"
 
 
