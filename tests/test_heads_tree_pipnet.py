@@ -327,3 +327,19 @@ def test_pipnet_trains_on_two_views_and_keeps_a_non_negative_class_layer(animals
     assert [p.epochs for p in head.phases(70, pretrained_backbone=True)] == [10, 3, 57]
     assert float(model.head.last_layer.raw_weight.detach().min()) >= 0.0
     assert {"sparsity", "local_explanation_size", "prototypes_used"} <= set(state.stages[-1])
+
+
+def test_benchmark_stage_table_shows_the_tree_size_before_and_after_pruning():
+    from protoknn_plugin.benchmark.tables import stage_lines
+
+    stage = {"phase": "joint", "phase_index": 0, "accuracy[soft]": 0.5, "accuracy[greedy]": 0.4}
+    runs = [{"label": "prototree", "stages": [{**stage, "when": "before prune+project", "tree_leaves": 32},
+                                              {**stage, "when": "end", "tree_leaves": 21}]},
+            {"label": "cnn", "stages": [{"phase": "train", "phase_index": 0, "when": "end", "accuracy[top1]": 0.3}]}]
+    lines = stage_lines(runs)
+    header = [cell.strip() for cell in lines[0].split("|")]
+    assert "tree_leaves" in header and "phase_index" not in header
+    column = header.index("tree_leaves")
+    rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")] for line in lines[2:]}
+    assert rows["joint: before prune+push"][column] == "32.0" and rows["joint: end"][column] == "21.0"
+    assert rows["train: end"][column] == "—"
