@@ -343,3 +343,10 @@ def test_benchmark_stage_table_shows_the_tree_size_before_and_after_pruning():
     rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")] for line in lines[2:]}
     assert rows["joint: before prune+push"][column] == "32.0" and rows["joint: end"][column] == "21.0"
     assert rows["train: end"][column] == "—"
+
+
+def test_prototree_trains_on_a_frozen_backbone_cache(tmp_path):
+    result = run_cli("train", "--head", "prototree", *TINY, "--head-opt", "prototree.depth=2", "--frozen-backbone",
+                     "--cache-dir", tmp_path / "cache", "--workers", "0", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "tree_leaves" in result.stdout and "accuracy[greedy]" in result.stdout
