@@ -11,7 +11,7 @@ from protoknn_plugin.heads.prototree import (derivative_free_update, greedy_leav
 from protoknn_plugin.heads.pipnet import alignment_loss, class_loss, tanh_loss, two_views
 from protoknn_plugin.prototypes import PrototypeLayer, PrototypeOutputs, project
 
-from conftest import TINY, assert_one_line_error, run_cli
+from conftest import TINY, assert_one_line_error, cli_interrupted_at_step, run_cli
 
 
 def _outputs(profile):
@@ -350,3 +350,22 @@ def test_prototree_trains_on_a_frozen_backbone_cache(tmp_path):
                      "--cache-dir", tmp_path / "cache", "--workers", "0", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert "tree_leaves" in result.stdout and "accuracy[greedy]" in result.stdout
+
+
+@pytest.mark.parametrize("head", ["prototree", "pipnet"])
+def test_interrupted_mid_epoch_then_resumed_matches_the_straight_run(head, tmp_path):
+    """The leaves' epoch-start snapshot and PIP-Net's stage survive a resume mid-epoch."""
+    from protoknn_plugin.checkpoint import load_checkpoint
+
+    args = ["train", "--head", head, *TINY, "--workers", "0"]
+    args[args.index("--epochs") + 1] = "3"
+    args[args.index("--steps-per-epoch") + 1] = "4"
+    done = run_cli(*args, "--out", tmp_path / "straight")
+    assert done.returncode == 0, done.stderr
+    stopped = cli_interrupted_at_step([*args, "--out", tmp_path / "stopped"], step=6)  # mid second epoch
+    assert stopped.returncode == 130, stopped.stderr
+    resumed = run_cli(*args, "--out", tmp_path / "stopped", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (load_checkpoint(tmp_path / name)["model"] for name in ("straight", "stopped"))
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
