@@ -369,3 +369,13 @@ def test_interrupted_mid_epoch_then_resumed_matches_the_straight_run(head, tmp_p
     a, b = (load_checkpoint(tmp_path / name)["model"] for name in ("straight", "stopped"))
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def test_heads_command_lists_both_with_losses_defaults_and_option_keys():
+    result = run_cli("heads")
+    assert result.returncode == 0, result.stderr
+    flat = " ".join(result.stdout.split())
+    for words in (("prototree", "NLL", "depth", "prune_threshold", "greedy"),
+                  ("pipnet", "L_align", "L_tanh", "view_shift", "class_lr", "sparse")):
+        for word in words:
+            assert word in flat, word
