@@ -29,6 +29,7 @@ from ..errors import ProtoKNNError
 from ..prototypes import PrototypeOutputs
 from . import register_head
 from .base import Head, Phase, PrototypeSpec
+from .space import FloatRange
 
 PRESENCE_THRESHOLD = 0.1  # the reference's inference threshold and its unused-prototype test
 WEIGHT_EPSILON = 1e-3  # the reference's "zero" for weights and presence x weight
@@ -187,7 +188,12 @@ class PIPNetHead(Head):
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         return {"last_layer": [self.last_layer.raw_weight]}
 
-    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+    @classmethod
+    def search_space(cls, pretrained_backbone: bool = False) -> Dict[str, object]:
+        # Around the reference's rates: backbone 5e-4, add-on 10x that, class layer 0.05.
+        return {"lr": FloatRange(1e-4, 5e-3, log=True), "class_lr": FloatRange(5e-3, 0.5, log=True)}
+
+    def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
         # The class-layer-only epochs fit a classifier to pretrained parts while the backbone
         # rests; a backbone trained from scratch trains in every epoch (the protocol gives every
         # row the same backbone steps), so then the class layer starts in the joint phase.

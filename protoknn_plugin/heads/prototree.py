@@ -27,6 +27,7 @@ from ..errors import ProtoKNNError
 from ..prototypes import PrototypeOutputs
 from . import register_head
 from .base import Head, Phase, PrototypeSpec
+from .space import FloatRange
 
 
 # --------------------------------------------------------------------------- tree math
@@ -240,13 +241,22 @@ class ProtoTreeHead(Head):
                 allowed[node] = True
         return allowed.to(self.leaf_logits.device)
 
-    def phases(self, epochs: int, pretrained_backbone: bool) -> List[Phase]:
+    @classmethod
+    def search_space(cls, pretrained_backbone: bool = False) -> Dict[str, object]:
+        # Around the reference's rates (add-on and prototypes 1e-3, pretrained backbone 1e-5);
+        # the depth stays fixed: it sets the prototype count, which the protocol shares.
+        backbone = ({"backbone_lr": FloatRange(1e-6, 1e-4, log=True)} if pretrained_backbone
+                    else {"scratch_backbone_lr": FloatRange(1e-4, 1e-2, log=True)})
+        return {"lr": FloatRange(1e-4, 1e-2, log=True), **backbone}
+
+    def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
         lrs = {"addon": self.lr, "prototypes": self.lr}
         backbone_lr = self.backbone_lr if pretrained_backbone else self.scratch_backbone_lr
         # The reference freezes a pretrained backbone for its first 30 of 100 epochs, so the
-        # random add-on's first gradients do not wreck it; one trained from scratch has
-        # nothing to protect.
-        warm = min(epochs - 1, round(epochs * self.freeze_fraction)) if pretrained_backbone else 0
+        # random add-on's first gradients do not wreck it; one trained from scratch, or a frozen
+        # (cached) one, has nothing to protect.
+        protects = pretrained_backbone and not frozen_backbone
+        warm = min(epochs - 1, round(epochs * self.freeze_fraction)) if protects else 0
         phases = [Phase("warm", warm, lrs)] if warm > 0 else []
         phases.append(Phase("joint", epochs - warm, {**lrs, "backbone": backbone_lr}, after=("prune", "project")))
         return phases

@@ -9,7 +9,7 @@ import torch
 from ..explain import source_boxes
 from ..heads.prototree import reachable
 from .gallery import PAGE as GALLERY
-from .html import esc, figure, write_page
+from .html import esc, figure, link, write_page
 
 PAGE = "tree.html"
 LEAF_CLASSES = 2
@@ -56,3 +56,10 @@ def write_tree_page(out, model, splits, tiles, nav) -> str:
     body = intro + f"<ul>{_node(model, splits, tiles, sources, 0, internal, routes)}</ul>"
     write_page(out / PAGE, f"The tree of {head.name}", body, nav)
     return PAGE
+
+
+def tree_link(out, model, splits, tiles, nav) -> str:
+    """" See the tree." linking to the tree page written for a tree head; "" for any other head."""
+    if model.head.explanation != "decision-path":
+        return ""
+    return " " + link(write_tree_page(out, model, splits, tiles, nav), "See the tree") + "."
