@@ -79,10 +79,11 @@ class PrototypeModel(nn.Module):
         self.prototype_layer: Optional[PrototypeLayer] = None
         if self.head.uses_prototypes:
             spec = self.head.prototype_spec()
+            dim = int(spec.extra.get("dim") or config.dim)
             self.prototype_layer = PrototypeLayer(
-                self.backbone.out_channels, spec.num_prototypes, spec.dim or config.dim, similarity=spec.similarity,
-                addon=spec.addon, cost_space=spec.cost_space, init="random" if for_loading else spec.init,
-                frozen=spec.frozen, seed=config.seed,
+                self.backbone.out_channels, spec.num_prototypes, dim, similarity=spec.similarity, addon=spec.addon,
+                cost_space=spec.cost_space, init="random" if for_loading else spec.init, frozen=spec.frozen,
+                seed=config.seed,
             )
         self.projection: Optional[ProjectionRecord] = None
         self._backbone_bypassed = False  # see backbone_bypassed(); not saved: a run-time mode

@@ -78,7 +78,8 @@ def test_head_updates_its_leaves_after_the_step_and_leaves_get_no_gradient():
     expected = derivative_free_update(before, before, pi, tree_output(pi, before), labels, 4)
     assert torch.allclose(head.leaf_logits, expected)
     # the loss is NLL of the soft tree's distribution
-    assert float(terms["nll"].detach()) == pytest.approx(float(-tree_output(pi, before)[[0, 1], [2, 0]].log().mean()), rel=1e-5)
+    expected_nll = float(-tree_output(pi, before)[[0, 1], [2, 0]].log().mean())
+    assert float(terms["nll"].detach()) == pytest.approx(expected_nll, rel=1e-5)
 
 
 def _peaked(leaves, classes, flat):
@@ -204,7 +205,8 @@ def test_presence_is_the_max_over_patches_of_a_softmax_over_prototypes_and_proje
     assert torch.allclose(layer(feats).profile.detach()[0], expected)
     before = layer.prototypes.detach().clone()
     record = project(layer, [(feats, torch.tensor([0]), torch.tensor([7]))])
-    assert torch.equal(layer.prototypes.detach(), before) and record.location.tolist() == [0, 1, 1]  # p2: 1 / (2 + e) > 1 / (2 + e^2)
+    assert torch.equal(layer.prototypes.detach(), before)
+    assert record.location.tolist() == [0, 1, 1]  # p2: 1 / (2 + e) at patch 1 > 1 / (2 + e^2) at patch 0
 
 
 def test_two_views_pair_up_and_differ():

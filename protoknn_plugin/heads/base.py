@@ -65,10 +65,9 @@ class PrototypeSpec:
     init: str = "hypersphere"
     frozen: bool = True
     cost_space: str = "unit"
+    # extra["dim"]: the add-on's output channels when they are not the model's --dim (PIP-Net:
+    # its prototypes are the add-on's channels, so they number the prototypes).
     extra: Dict[str, object] = field(default_factory=dict)
-    # The add-on's output channels; None: the model's --dim. A head whose prototypes are the
-    # add-on's channels (PIP-Net) sets it to its prototype count.
-    dim: Optional[int] = None
 
 
 class Head(nn.Module):
@@ -143,7 +142,8 @@ class Head(nn.Module):
         """Called after every optimiser step of a training epoch (derivative-free updates, clamps)."""
 
     def run_action(self, action: str, train_profiles: Callable[[], Tuple[Tensor, Tensor]]) -> None:
-        """Run one of ``actions`` at the end of a phase; ``train_profiles()`` gives ((N, P), (N,)) of the training set."""
+        """Run one of ``actions`` at the end of a phase; ``train_profiles()`` gives the training set's
+        profiles (N, P) and labels (N,)."""
         raise NotImplementedError(action)
 
     def stage_info(self, profiles: Callable[[], Tensor]) -> Dict[str, float]:

@@ -134,7 +134,7 @@ class PIPNetHead(Head):
 
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity="channel-softmax", addon="linear",
-                             dim=self.requested_prototypes)
+                             extra={"dim": self.requested_prototypes})
 
     # ---- training -------------------------------------------------------------------
     def prepare_batch(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
