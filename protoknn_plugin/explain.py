@@ -462,3 +462,69 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
     uses = tuple(i for i, u in enumerate(users) if predicted in u) if shared else ()
     return LooksLike(image=image.cpu(), profile=profile, logits=logits, predicted_class=predicted, ranking=ranking,
                      top=evidence, anchor_label=label, anchor_name=name, class_prototypes=uses)
+
+
+# --------------------------------------------------------------------------- decision trees
+
+@dataclass
+class PathStep:
+    """One internal node on a tree's decision path.
+
+    node: the node's prototype index. similarity: its routing probability s_n = exp(-d_n).
+    present: the path went right (s_n > 0.5, "the prototype is present"). box: where the
+    prototype activates on the image; the source fields as in ``PrototypeEvidence``.
+    """
+
+    node: int
+    similarity: float
+    present: bool
+    box: Box
+    source_index: int
+    source_cell: Tuple[int, int]
+    source_box: Box
+    source_cell_box: Box
+
+
+@dataclass
+class DecisionPath:
+    """A tree head's greedy path from the root to a leaf for one image.
+
+    ``leaf_distribution`` (C,) is the leaf's class distribution; ``predicted_class`` its
+    argmax (the greedy prediction). ``head_predictions``: every named prediction of the head
+    (soft, greedy, sample-max). ``tree``: the head's size numbers (after pruning).
+    """
+
+    image: Tensor  # (C, H, W)
+    steps: List[PathStep]
+    leaf: int
+    leaf_distribution: Tensor  # (C,)
+    predicted_class: int
+    head_predictions: Dict[str, int]
+    tree: Dict[str, float]
+    anchor_label: Optional[int] = None
+    anchor_name: str = "query image"
+
+
+@torch.no_grad()
+def decision_path(model, image: Tensor, train_dataset, label: Optional[int] = None,
+                  name: str = "query image") -> DecisionPath:
+    """Explain a tree head's prediction for ``image`` (C, H, W): each node on the greedy path with its
+    prototype, where it activates on the image, present or absent, down to the leaf."""
+    check_explainable(model)
+    head = model.head
+    if head.explanation != "decision-path":
+        raise ProtoKNNError(f"head {head.name!r} is no decision tree, so it has no decision path; "
+                            "use a prototree run")
+    image = _check_image(model, image)
+    profiles, maps = _forward_maps(model, image[None])
+    nodes, rights, leaf = head.decision_path(profiles[0])
+    sources = source_boxes(model, train_dataset, nodes)
+    size = tuple(image.shape[-2:])
+    steps = [PathStep(node=n, similarity=float(profiles[0, n]), present=right, box=activation_box(maps[0, n], size),
+                      source_index=int(model.projection.image_index[n]), source_cell=sources[n][1],
+                      source_box=sources[n][0], source_cell_box=sources[n][2])
+             for n, right in zip(nodes, rights)]
+    distribution = head.leaf_distribution(leaf).cpu()
+    return DecisionPath(image=image.cpu(), steps=steps, leaf=leaf, leaf_distribution=distribution,
+                        predicted_class=int(distribution.argmax()), head_predictions=_head_predictions(model, image),
+                        tree=head.stage_info(lambda: profiles), anchor_label=label, anchor_name=name)

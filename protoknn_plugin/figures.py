@@ -24,8 +24,8 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from .errors import ProtoKNNError, check
-from .explain import (Box, Counterfactual, LooksLike, check_explainable, check_top, counterfactual, resolve_class,
-                      source_boxes, this_looks_like_that)
+from .explain import (Box, Counterfactual, DecisionPath, LooksLike, check_explainable, check_top, counterfactual,
+                      decision_path, resolve_class, source_boxes, this_looks_like_that)
 
 BOX_COLOR = "#0050ff"  # the paper's blue boxes
 CELL_COLOR = "#ff9900"  # the projected patch cell, dashed
@@ -236,6 +236,42 @@ def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
     return save_figure(fig, out_path)
 
 
+def decision_path_figure(result: DecisionPath, splits, out_path) -> Path:
+    """A tree's decision path: per node, where its prototype activates on the image, its source patch,
+    s_n and present/absent; the leaf's distribution in the summary."""
+    rows, cols = 1 + max(1, len(result.steps)), 4
+    pred = _class_name(splits, result.predicted_class)
+    fig, grid = _new_figure(cols * CELL * 1.15, rows * CELL * 1.15, rows, cols,
+                            f"Decision path to leaf {result.leaf}: '{pred}'  (ProtoTree)", hspace=0.45, wspace=0.15)
+    truth = f"\ntrue: {_class_name(splits, result.anchor_label)}" if result.anchor_label is not None else ""
+    _show(fig.add_subplot(grid[0, 0]), splits, result.image, title=f"{result.anchor_name}{truth}")
+    order = torch.argsort(result.leaf_distribution, descending=True)[:3].tolist()
+    summary = "\n".join([
+        f"leaf {result.leaf}: " + ", ".join(f"{_class_name(splits, c)} {_num(float(result.leaf_distribution[c]))}"
+                                           for c in order),
+        "head: " + ", ".join(f"{k} {_class_name(splits, v)}" for k, v in result.head_predictions.items()),
+        "tree: " + ", ".join(f"{k.replace('tree_', '')} {int(v)}" for k, v in result.tree.items()),
+        "right (present) iff s = exp(-distance) > 0.5",
+        "blue box: where the node's prototype activates",
+        "orange (dashed box or +): the patch it was projected onto",
+    ])
+    _text_panel(fig.add_subplot(grid[0, 1:4]), summary, fontsize=9.5)
+    for row, step in enumerate(result.steps, start=1):
+        first = row == 1
+        source = splits.train_plain[step.source_index][0]
+        _show(fig.add_subplot(grid[row, 0]), splits, result.image, step.box,
+              title=("test image\n" if first else "") + f"node {step.node}")
+        _show(fig.add_subplot(grid[row, 1]), splits, _crop(source, step.source_box),
+              title=("prototype\n" if first else "") + f"node {step.node}")
+        _show(fig.add_subplot(grid[row, 2]), splits, source, step.source_box,
+              title=("source image\n" if first else "") + f"train #{step.source_index}", cell=step.source_cell_box)
+        verdict = "present -> right" if step.present else "absent -> left"
+        _text_panel(fig.add_subplot(grid[row, 3]), f"s = {_num(step.similarity)}\n{verdict}", fontsize=9.5)
+    if not result.steps:
+        _text_panel(fig.add_subplot(grid[1, 0:4]), "the pruned tree routes this image without a decision", fontsize=9.5)
+    return save_figure(fig, out_path)
+
+
 def prototype_grid_figure(model, splits, out_path) -> Path:
     """Every projected prototype on its source training image, its box in blue, titled with its index.
 
@@ -379,6 +415,12 @@ def explain_command(run_dir, image, negative_class, top, data_dir, out, console,
     if is_knn and negative_class is not None:
         negative = resolve_class(negative_class, splits.classes)
     model = _load_model(run_dir, choice, say)
+    if head_class.explanation == "decision-path":
+        result = decision_path(model, x, splits.train_plain, label=label, name=name)
+        path = decision_path_figure(result, splits, out)
+        _print_decision_path(result, splits, console, escape)
+        console.print(f"figure written to {path}", markup=False, highlight=False)
+        return path
     if not is_knn and model.head.class_weights() is None:
         raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer; "
                             "explain supports protoknn and protopnet runs")
@@ -429,6 +471,23 @@ def _print_counterfactual(cf: Counterfactual, splits, console, escape) -> None:
     console.print(table)
     console.print("% diff: c_i as a share of d_an^2 - d_ap^2 (other prototypes can pull the other way); "
                   "source: training image the prototype was projected onto", markup=False, highlight=False)
+
+
+def _print_decision_path(result: DecisionPath, splits, console, escape) -> None:
+    from rich.table import Table
+
+    truth = f", true '{_class_name(splits, result.anchor_label)}'" if result.anchor_label is not None else ""
+    title = f"{result.anchor_name}: leaf {result.leaf} predicts '{_class_name(splits, result.predicted_class)}'{truth}"
+    table = Table(title=escape(title))
+    for col in ("depth", "node", "s = exp(-d)", "decision", "source"):
+        table.add_column(col, justify="left" if col in ("decision", "source") else "right")
+    for depth, step in enumerate(result.steps):
+        table.add_row(str(depth), str(step.node), _num(step.similarity),
+                      "present -> right" if step.present else "absent -> left", f"train #{step.source_index}")
+    console.print(table)
+    predictions = ", ".join(f"{k} '{_class_name(splits, v)}'" for k, v in result.head_predictions.items())
+    size = ", ".join(f"{k.replace('tree_', '').replace('_', ' ')} {int(v)}" for k, v in result.tree.items())
+    console.print(escape(f"head predictions: {predictions}; pruned tree: {size}"), highlight=False)
 
 
 def _print_looks_like(result: LooksLike, splits, console, escape) -> None:

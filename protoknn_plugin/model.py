@@ -80,8 +80,9 @@ class PrototypeModel(nn.Module):
         self.prototype_layer: Optional[PrototypeLayer] = None
         if self.head.uses_prototypes:
             spec = self.head.prototype_spec()
+            dim = int(spec.extra.get("dim") or config.dim)
             self.prototype_layer = self._deformable_layer(spec, for_loading) if spec.parts else PrototypeLayer(
-                self.backbone.out_channels, spec.num_prototypes, config.dim, similarity=spec.similarity,
+                self.backbone.out_channels, spec.num_prototypes, dim, similarity=spec.similarity,
                 addon=spec.addon, cost_space=spec.cost_space, init="random" if for_loading else spec.init,
                 frozen=spec.frozen, seed=config.seed,
             )

@@ -16,6 +16,13 @@ Similarity modes:
   distance 2 - 2 cos(z, p_i), as in ``cosine``.
 * ``focal`` (ProtoPool): the ``log`` distances, and the profile g(min d) - g(mean d) with
   g(d) = log((d + 1) / (d + 1e-4)): the best patch's similarity above the image's average.
+* ``exp-l2`` (ProtoTree): the same squared L2, and similarity exp(-sqrt(d + 1e-14)), the
+  plain (not squared) Euclidean distance through exp(-x); its maximum over patches is the
+  routing probability of a tree node.
+* ``channel-softmax`` (PIP-Net): no prototype vectors; the add-on has one channel per
+  prototype (D = P) and the similarity of prototype i at a patch is softmax over channels,
+  z_i. The distance is 1 - similarity. Prototypes are latent: projection records each
+  one's most present training patch without moving anything.
 """
 from __future__ import annotations
 
@@ -29,10 +36,12 @@ from torch import Tensor, nn
 
 from .errors import ProtoKNNError, UnknownNameError
 
-SIMILARITY_MODES = ("cosine", "log", "projection", "focal")
+SIMILARITY_MODES = ("cosine", "log", "projection", "focal", "exp-l2", "channel-softmax")
+# Modes whose prototypes are not vectors compared with patches: projection moves nothing.
+LATENT_MODES = ("channel-softmax",)
 PROTOTYPE_INITS = ("hypersphere", "uniform", "shifted-normal", "random")
 COST_SPACES = ("unit", "raw")
-ADDONS = ("linear", "protopnet", "sigmoid")
+ADDONS = ("linear", "protopnet", "sigmoid", "conv-sigmoid")
 
 
 @dataclass
@@ -136,6 +145,11 @@ def _make_addon(kind: str, in_channels: int, dim: int) -> nn.Module:
         )
     if kind == "sigmoid":  # ProtoPool reference: 1x1 conv, Sigmoid
         return nn.Sequential(nn.Conv2d(in_channels, dim, 1), nn.Sigmoid())
+    if kind == "conv-sigmoid":
+        # ProtoTree reference: 1x1 conv without bias, Sigmoid; Xavier-normal with the sigmoid gain.
+        conv = nn.Conv2d(in_channels, dim, 1, bias=False)
+        nn.init.xavier_normal_(conv.weight, gain=nn.init.calculate_gain("sigmoid"))
+        return nn.Sequential(conv, nn.Sigmoid())
     raise UnknownNameError("add-on", kind, ADDONS)
 
 
@@ -163,7 +177,14 @@ class PrototypeLayer(nn.Module):
             raise ProtoKNNError(f"need at least one prototype and dim >= 1, got P={num_prototypes}, D={dim}")
         self.similarity, self.cost_space = similarity, cost_space
         self.addon = _make_addon(addon, in_channels, dim)
-        self.prototypes = nn.Parameter(initial_prototypes(init, num_prototypes, dim, seed), requires_grad=not frozen)
+        if similarity in LATENT_MODES:
+            if num_prototypes != dim:
+                raise ProtoKNNError(f"similarity {similarity!r} has one add-on channel per prototype, so it needs "
+                                    f"P = D, got P={num_prototypes}, D={dim}")
+            start, frozen = torch.eye(num_prototypes), True  # prototype i is channel i
+        else:
+            start = initial_prototypes(init, num_prototypes, dim, seed)
+        self.prototypes = nn.Parameter(start, requires_grad=not frozen)
         self.frozen = frozen
 
     @property
@@ -199,9 +220,14 @@ class PrototypeLayer(nn.Module):
             projection = torch.einsum("bdn,pd->bpn", flat, unit_p)
             cos = projection / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
             return projection, 2.0 - 2.0 * cos
+        if self.similarity == "channel-softmax":
+            sim = flat.softmax(dim=1)  # (B, P, HW): P = D
+            return sim, 1.0 - sim
         p = self.prototypes
         dot = torch.einsum("bdn,pd->bpn", flat, p)
         dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + p.pow(2).sum(1)[None, :, None]).clamp_min(0.0)
+        if self.similarity == "exp-l2":
+            return torch.exp(-torch.sqrt(dist + 1e-14)), dist
         return log_similarity(dist), dist
 
     def forward(self, backbone_features: Tensor, maps: bool = False) -> PrototypeOutputs:
@@ -269,7 +295,9 @@ def project(
     batches yields (backbone_features (B, C, H, W), labels (B,), dataset indices (B,)).
     With ``prototype_class`` (P,), ProtoPNet's push: prototype i only looks at
     patches of images of class prototype_class[i]. A boolean (C, P) instead says which
-    classes' images each prototype may look at (ProtoPool: the classes that use it).
+    classes' images each prototype may look at (ProtoPool: the classes that use it;
+    ProtoTree: the classes of the leaves below a node).
+    In a latent mode (``LATENT_MODES``) the prototypes stay; only their sources are recorded.
     """
     P = layer.num_prototypes
     device = layer.prototypes.device
@@ -312,5 +340,8 @@ def project(
     moved = F.cosine_similarity(before.float(), best_patch.float(), dim=1)
     if layer.similarity in ("cosine", "projection"):
         best_patch = F.normalize(best_patch, dim=1)  # prototypes live on the unit sphere
-    layer.prototypes.data.copy_(best_patch)
+    if layer.similarity in LATENT_MODES:
+        moved = torch.ones_like(moved)  # nothing moves; the record only names the sources
+    else:
+        layer.prototypes.data.copy_(best_patch)
     return ProjectionRecord(best_image.cpu(), best_loc.cpu(), best.cpu(), map_size, moved.cpu())

@@ -198,9 +198,9 @@ def test_protopool_loss_in_the_gumbel_limit_equals_the_hand_computed_terms():
 
 def test_protopool_scale_follows_the_epochs_and_bad_slots_are_refused():
     head = _pool_head(gumbel_epochs=4)
-    head.begin_epoch(0)
+    head.begin_epoch(None, 0, steps=1, first_step=0, run_epoch=0)
     assert head.scale == 500.0  # our first epoch is the code's epoch 1
-    head.begin_epoch(7)
+    head.begin_epoch(None, 7, steps=1, first_step=0, run_epoch=7)
     assert head.scale == 1000.0
     with pytest.raises(ProtoKNNError, match="slots"):
         ProtoPoolHead(num_classes=2, backbone_channels=4, dim=2, num_prototypes=3, slots=4)

@@ -135,17 +135,20 @@ def _stage_name(stage: Dict[str, Any]) -> str:
 
 def stage_lines(runs) -> List[str]:
     """Validation accuracy of every prediction at each phase boundary, mean over seeds
-    (ProtoPNet: before push, after push, after the last layer; ProtoKNN: k = 1, 3, 5, 10)."""
+    (ProtoPNet: before push, after push, after the last layer; ProtoKNN: k = 1, 3, 5, 10),
+    then the numbers a head records with its stages (a tree's size, PIP-Net's sparsity)."""
     values: Dict[tuple, Dict[str, List[float]]] = {}
     for run in runs:
         for stage in run.get("stages") or []:
             cells = values.setdefault((run["label"], _stage_name(stage)), {})
             for key, v in stage.items():
-                if key.startswith("accuracy["):
+                numeric = isinstance(v, (int, float)) and not isinstance(v, bool) and key != "phase_index"
+                if key.startswith("accuracy[") or numeric:
                     cells.setdefault(key, []).append(v)
     if not values:
         return []
     keys = _accuracy_keys([{k: 0 for k in cells} for cells in values.values()])
+    keys += sorted({k for cells in values.values() for k in cells} - set(keys))
     lines = ["| head | stage | n | " + " | ".join(_header(k) for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     for (label, stage), cells in values.items():
         n = max(len(v) for v in cells.values())

@@ -81,7 +81,11 @@ class LinearLogitScorer:
 
 
 def create_scorer(model, anchors: Tensor):
-    """The scorer for ``model``'s head: kNN margin when it has a kNN memory, else the linear last layer."""
+    """The scorer for ``model``'s head: its own (``Head.make_scorer``), else the kNN margin when it has
+    a kNN memory, else the linear last layer."""
+    own = model.head.make_scorer(anchors)
+    if own is not None:
+        return own
     knn = getattr(model.head, "knn", None)
     if knn is not None:
         if len(knn) == 0:

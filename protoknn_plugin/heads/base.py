@@ -6,7 +6,7 @@ declares its training phases as data that the trainer follows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -65,6 +65,8 @@ class PrototypeSpec:
     init: str = "hypersphere"
     frozen: bool = True
     cost_space: str = "unit"
+    # extra["dim"]: the add-on's output channels when they are not the model's --dim (PIP-Net:
+    # its prototypes are the add-on's channels, so they number the prototypes).
     extra: Dict[str, object] = field(default_factory=dict)
     # parts > 0: deformable prototypes of parts x parts parts on a grid of `dilation` spacing.
     parts: int = 0
@@ -88,6 +90,13 @@ class Head(nn.Module):
     uses_prototypes: bool = True
     uses_memory: bool = False
     project_within_class: bool = False
+    # Phase actions (Phase.after) this head runs itself through ``run_action``, e.g. pruning.
+    actions: Tuple[str, ...] = ()
+    # The explanation a head gives when it has neither a kNN memory nor a linear last layer
+    # ("decision-path": a tree's path from the root to a leaf); None: chosen by those.
+    explanation: Optional[str] = None
+    # False when training needs something a frozen-backbone feature cache cannot give.
+    supports_frozen_backbone: bool = True
 
     def __init__(self, num_classes: int, backbone_channels: int, dim: int, num_prototypes: int):
         super().__init__()
@@ -123,14 +132,38 @@ class Head(nn.Module):
         frozen and cached (it never trains, whatever the phases' rates say)."""
         raise NotImplementedError
 
-    def begin_epoch(self, epoch: int) -> None:
-        """Called before every image-training epoch; ``epoch`` counts them over all phases
-        from 0 (ProtoPool's Gumbel-softmax scale follows it). Nothing by default."""
+    # ---- hooks the trainer calls (defaults do nothing) ---------------------------------
+    def prepare_batch(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """The training batch the model is fed, e.g. two views of each image: images (B, C, H, W), labels (B,)."""
+        return images, labels
+
+    def begin_epoch(self, phase: Phase, epoch: int, steps: int, first_step: int, run_epoch: int) -> None:
+        """Called before each training epoch runs: ``epoch`` counts from 0 within ``phase``, ``steps``
+        is the epoch's length, ``first_step`` where it starts (0 unless resumed mid-epoch), and
+        ``run_epoch`` counts the image-training epochs of every phase from 0 (ProtoPool's
+        Gumbel-softmax scale follows it)."""
+
+    def after_step(self) -> None:
+        """Called after every optimiser step of a training epoch (derivative-free updates, clamps)."""
+
+    def run_action(self, action: str, train_profiles: Callable[[], Tuple[Tensor, Tensor]]) -> None:
+        """Run one of ``actions`` at the end of a phase; ``train_profiles()`` gives the training set's
+        profiles (N, P) and labels (N,)."""
+        raise NotImplementedError(action)
+
+    def stage_info(self, profiles: Callable[[], Tensor]) -> Dict[str, float]:
+        """Numbers recorded with every stage (e.g. a tree's size); ``profiles()`` gives the stage set's (N, P)."""
+        return {}
 
     def projection_classes(self) -> Optional[Tensor]:
-        """Whose training images each prototype may be pushed onto: None (every image),
-        (P,) one class per prototype, or a boolean (C, P) of the classes each may use."""
+        """Whose training images each prototype may be projected onto: None (any image), (P,) one
+        class per prototype, or a boolean (C, P) of the classes whose images each may use."""
         return getattr(self, "prototype_class", None) if self.project_within_class else None
+
+    def make_scorer(self, anchors: Tensor):
+        """The deletion test's scorer for profiles ``anchors`` (N, P) when this head scores in its own
+        way (see faithfulness.scorers: ``evidence``, ``score``, ``predict``); None: kNN or linear."""
+        return None
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """The head's own parameters by component (``head``, ``last_layer``, ``beta``, ``proxies``)."""

@@ -120,9 +120,9 @@ class ProtoPoolHead(Head):
                              frozen=False)
 
     # ---- assignment ----------------------------------------------------------------------
-    def begin_epoch(self, epoch: int) -> None:
+    def begin_epoch(self, phase: Phase, epoch: int, steps: int, first_step: int, run_epoch: int) -> None:
         # The code trains from its epoch 1 (epoch 0 only evaluates), so our first epoch is its 1.
-        self.scale = gumbel_scale(epoch + 1, self.gumbel_epochs)
+        self.scale = gumbel_scale(run_epoch + 1, self.gumbel_epochs)
 
     def assignment(self) -> Tensor:
         """(C, N): the pool prototype of each slot (the argmax of its logits)."""
