@@ -80,6 +80,33 @@ def cell_box(cell: Tuple[int, int], map_size: Tuple[int, int], image_size: Tuple
             math.ceil((col + 1) * w / W), math.ceil((row + 1) * h / H))
 
 
+def part_box(position: Tuple[float, float], map_size: Tuple[int, int], image_size: Tuple[int, int]) -> Box:
+    """The image region of a cell-sized square centred at the fractional cell ``position`` (row, col)."""
+    (row, col), (H, W), (h, w) = position, map_size, image_size
+    return (math.floor(col * w / W), math.floor(row * h / H), math.ceil((col + 1) * w / W),
+            math.ceil((row + 1) * h / H))
+
+
+def deformed_part_boxes(model, image: Tensor, prototypes: Sequence[int]) -> Dict[int, Tuple[Box, ...]]:
+    """Per prototype of a deformable layer, its parts' boxes on ``image`` (C, H, W) at the patch
+    where it is most similar; {} for a layer without parts."""
+    layer = model.prototype_layer
+    if not hasattr(layer, "part_positions"):
+        return {}
+    was = model.training
+    model.eval()
+    try:
+        out = model(image[None].to(_device(model)))
+    finally:
+        model.train(was)
+    map_size, size = tuple(out.feature_map.shape[2:]), tuple(image.shape[-2:])
+    boxes = {}
+    for i in prototypes:
+        positions = layer.part_positions(out.offsets[0].float(), int(out.locations[0, i])).cpu().tolist()
+        boxes[int(i)] = tuple(part_box((r, c), map_size, size) for r, c in positions)
+    return boxes
+
+
 def resolve_class(name: str, classes: Sequence[str]) -> int:
     """Class index of ``name`` (case-insensitive); unknown names raise UnknownNameError."""
     lowered = {str(c).lower(): i for i, c in enumerate(classes)}
@@ -117,6 +144,8 @@ class PrototypeEvidence:
     source_cell_box: Box
     prototype_class: Optional[int] = None
     weight: Optional[float] = None
+    shared_by: Tuple[int, ...] = ()  # a pool prototype's classes (ProtoPool); () when it has one class or none
+    part_boxes: Tuple[Box, ...] = ()  # deformable prototypes: each part's cell at its deformed position
 
 
 @dataclass
@@ -174,6 +203,8 @@ class LooksLike:
     top: List[PrototypeEvidence]
     anchor_label: Optional[int] = None
     anchor_name: str = "query image"
+    # With a shared pool (ProtoPool): the prototypes the predicted class uses; else ().
+    class_prototypes: Tuple[int, ...] = ()
 
     @property
     def predicted_logit(self) -> float:
@@ -393,8 +424,8 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
     as ProtoPNet's "most activated prototypes" view.
     """
     check_explainable(model)
-    last_layer = getattr(model.head, "last_layer", None)
-    if last_layer is None:
+    class_weights = model.head.class_weights()
+    if class_weights is None:
         raise ProtoKNNError(
             f"head {model.head.name!r} has no linear last layer, so it has no 'this looks like that' explanation; "
             "use counterfactual for a kNN head")
@@ -404,7 +435,7 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
     top = check_top(top)
     profiles, maps = _forward_maps(model, image[None])
     profile = profiles[0]
-    weight = last_layer.weight.detach().cpu().to(profile.dtype)  # (C, P)
+    weight = class_weights.detach().cpu().to(profile.dtype)  # (C, P)
     logits = weight @ profile
     predicted = int(logits.argmax())
     points = profile * weight[predicted]
@@ -413,6 +444,9 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
     sources = source_boxes(model, train_dataset, order)
     size = tuple(image.shape[-2:])
     proto_class = getattr(model.head, "prototype_class", None)
+    users = model.head.classes_using()
+    shared = users is not None and any(len(u) != 1 for u in users)
+    parts = deformed_part_boxes(model, image, order)
     evidence = [
         PrototypeEvidence(
             index=i, score=float(key[i]), similarity={"anchor": float(profile[i])},
@@ -420,9 +454,77 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
             source_index=int(model.projection.image_index[i]), source_cell=sources[i][1], source_box=sources[i][0],
             source_cell_box=sources[i][2],
             prototype_class=int(proto_class[i]) if proto_class is not None else None,
-            weight=float(weight[predicted, i]),
+            weight=float(weight[predicted, i]), shared_by=tuple(users[i]) if shared else (),
+            part_boxes=parts.get(i, ()),
         )
         for i in order
     ]
+    uses = tuple(i for i, u in enumerate(users) if predicted in u) if shared else ()
     return LooksLike(image=image.cpu(), profile=profile, logits=logits, predicted_class=predicted, ranking=ranking,
-                     top=evidence, anchor_label=label, anchor_name=name)
+                     top=evidence, anchor_label=label, anchor_name=name, class_prototypes=uses)
+
+
+# --------------------------------------------------------------------------- decision trees
+
+@dataclass
+class PathStep:
+    """One internal node on a tree's decision path.
+
+    node: the node's prototype index. similarity: its routing probability s_n = exp(-d_n).
+    present: the path went right (s_n > 0.5, "the prototype is present"). box: where the
+    prototype activates on the image; the source fields as in ``PrototypeEvidence``.
+    """
+
+    node: int
+    similarity: float
+    present: bool
+    box: Box
+    source_index: int
+    source_cell: Tuple[int, int]
+    source_box: Box
+    source_cell_box: Box
+
+
+@dataclass
+class DecisionPath:
+    """A tree head's greedy path from the root to a leaf for one image.
+
+    ``leaf_distribution`` (C,) is the leaf's class distribution; ``predicted_class`` its
+    argmax (the greedy prediction). ``head_predictions``: every named prediction of the head
+    (soft, greedy, sample-max). ``tree``: the head's size numbers (after pruning).
+    """
+
+    image: Tensor  # (C, H, W)
+    steps: List[PathStep]
+    leaf: int
+    leaf_distribution: Tensor  # (C,)
+    predicted_class: int
+    head_predictions: Dict[str, int]
+    tree: Dict[str, float]
+    anchor_label: Optional[int] = None
+    anchor_name: str = "query image"
+
+
+@torch.no_grad()
+def decision_path(model, image: Tensor, train_dataset, label: Optional[int] = None,
+                  name: str = "query image") -> DecisionPath:
+    """Explain a tree head's prediction for ``image`` (C, H, W): each node on the greedy path with its
+    prototype, where it activates on the image, present or absent, down to the leaf."""
+    check_explainable(model)
+    head = model.head
+    if head.explanation != "decision-path":
+        raise ProtoKNNError(f"head {head.name!r} is no decision tree, so it has no decision path; "
+                            "use a prototree run")
+    image = _check_image(model, image)
+    profiles, maps = _forward_maps(model, image[None])
+    nodes, rights, leaf = head.decision_path(profiles[0])
+    sources = source_boxes(model, train_dataset, nodes)
+    size = tuple(image.shape[-2:])
+    steps = [PathStep(node=n, similarity=float(profiles[0, n]), present=right, box=activation_box(maps[0, n], size),
+                      source_index=int(model.projection.image_index[n]), source_cell=sources[n][1],
+                      source_box=sources[n][0], source_cell_box=sources[n][2])
+             for n, right in zip(nodes, rights)]
+    distribution = head.leaf_distribution(leaf).cpu()
+    return DecisionPath(image=image.cpu(), steps=steps, leaf=leaf, leaf_distribution=distribution,
+                        predicted_class=int(distribution.argmax()), head_predictions=_head_predictions(model, image),
+                        tree=head.stage_info(lambda: profiles), anchor_label=label, anchor_name=name)

@@ -25,11 +25,12 @@ from torch import Tensor
 
 from .checkpoint import is_writable_dir
 from .errors import ProtoKNNError, check
-from .explain import (Box, Counterfactual, LooksLike, check_explainable, check_top, counterfactual, resolve_class,
-                      source_boxes, this_looks_like_that)
+from .explain import (Box, Counterfactual, DecisionPath, LooksLike, check_explainable, check_top, counterfactual,
+                      decision_path, resolve_class, source_boxes, this_looks_like_that)
 
 BOX_COLOR = "#0050ff"  # the paper's blue boxes
 CELL_COLOR = "#ff9900"  # the projected patch cell, dashed
+PART_COLOR = "#00a040"  # a deformable prototype's parts, dotted
 TITLE_SPACE = 1.0  # inches above the panels for a one-line figure title and the first row's titles
 TITLE_LINE = 0.25  # inches per extra title line
 FIGURE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -211,13 +212,18 @@ def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
         "w_i: last-layer weight to the predicted class",
         "blue box: where the prototype activates most",
         "orange (dashed box or +): the patch it was projected onto",
+        *(["green dotted boxes: the prototype's parts at their deformed positions"]
+          if any(p.part_boxes for p in result.top) else []),
     ])
     _text_panel(fig.add_subplot(grid[0, 1:4]), summary, fontsize=9.5)
     for row, proto in enumerate(result.top, start=1):
         first = row == 1
         source = splits.train_plain[proto.source_index][0]
-        _show(fig.add_subplot(grid[row, 0]), splits, result.image, proto.boxes["anchor"],
+        this = fig.add_subplot(grid[row, 0])
+        _show(this, splits, result.image, proto.boxes["anchor"],
               title=("this (test image)\n" if first else "") + f"prototype {proto.index}")
+        for box in proto.part_boxes:  # deformable prototypes: each part where it moved
+            _rectangle(this, box, edgecolor=PART_COLOR, linewidth=1.4, linestyle=(0, (1, 1)))
         _show(fig.add_subplot(grid[row, 1]), splits, _crop(source, proto.source_box),
               title=("looks like that\n" if first else "") + f"class {_class_name(splits, proto.prototype_class)}")
         _show(fig.add_subplot(grid[row, 2]), splits, source, proto.source_box,
@@ -228,6 +234,42 @@ def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
             f"points s×w   = {_num(proto.similarity['anchor'] * proto.weight, sign=True)}",
         ])
         _text_panel(fig.add_subplot(grid[row, 3]), text, fontsize=9.5)
+    return save_figure(fig, out_path)
+
+
+def decision_path_figure(result: DecisionPath, splits, out_path) -> Path:
+    """A tree's decision path: per node, where its prototype activates on the image, its source patch,
+    s_n and present/absent; the leaf's distribution in the summary."""
+    rows, cols = 1 + max(1, len(result.steps)), 4
+    pred = _class_name(splits, result.predicted_class)
+    fig, grid = _new_figure(cols * CELL * 1.15, rows * CELL * 1.15, rows, cols,
+                            f"Decision path to leaf {result.leaf}: '{pred}'  (ProtoTree)", hspace=0.45, wspace=0.15)
+    truth = f"\ntrue: {_class_name(splits, result.anchor_label)}" if result.anchor_label is not None else ""
+    _show(fig.add_subplot(grid[0, 0]), splits, result.image, title=f"{result.anchor_name}{truth}")
+    order = torch.argsort(result.leaf_distribution, descending=True)[:3].tolist()
+    summary = "\n".join([
+        f"leaf {result.leaf}: " + ", ".join(f"{_class_name(splits, c)} {_num(float(result.leaf_distribution[c]))}"
+                                           for c in order),
+        "head: " + ", ".join(f"{k} {_class_name(splits, v)}" for k, v in result.head_predictions.items()),
+        "tree: " + ", ".join(f"{k.replace('tree_', '')} {int(v)}" for k, v in result.tree.items()),
+        "right (present) iff s = exp(-distance) > 0.5",
+        "blue box: where the node's prototype activates",
+        "orange (dashed box or +): the patch it was projected onto",
+    ])
+    _text_panel(fig.add_subplot(grid[0, 1:4]), summary, fontsize=9.5)
+    for row, step in enumerate(result.steps, start=1):
+        first = row == 1
+        source = splits.train_plain[step.source_index][0]
+        _show(fig.add_subplot(grid[row, 0]), splits, result.image, step.box,
+              title=("test image\n" if first else "") + f"node {step.node}")
+        _show(fig.add_subplot(grid[row, 1]), splits, _crop(source, step.source_box),
+              title=("prototype\n" if first else "") + f"node {step.node}")
+        _show(fig.add_subplot(grid[row, 2]), splits, source, step.source_box,
+              title=("source image\n" if first else "") + f"train #{step.source_index}", cell=step.source_cell_box)
+        verdict = "present -> right" if step.present else "absent -> left"
+        _text_panel(fig.add_subplot(grid[row, 3]), f"s = {_num(step.similarity)}\n{verdict}", fontsize=9.5)
+    if not result.steps:
+        _text_panel(fig.add_subplot(grid[1, 0:4]), "the pruned tree routes this image without a decision", fontsize=9.5)
     return save_figure(fig, out_path)
 
 
@@ -375,7 +417,13 @@ def explain_command(run_dir, image, negative_class, top, data_dir, out, console,
     if is_knn and negative_class is not None:
         negative = resolve_class(negative_class, splits.classes)
     model = _load_model(run_dir, choice, say)
-    if not is_knn and getattr(model.head, "last_layer", None) is None:
+    if head_class.explanation == "decision-path":
+        result = decision_path(model, x, splits.train_plain, label=label, name=name)
+        path = decision_path_figure(result, splits, out)
+        _print_decision_path(result, splits, console, escape)
+        console.print(f"figure written to {path}", markup=False, highlight=False)
+        return path
+    if not is_knn and model.head.class_weights() is None:
         raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer; "
                             "explain supports protoknn and protopnet runs")
     if is_knn:
@@ -427,6 +475,23 @@ def _print_counterfactual(cf: Counterfactual, splits, console, escape) -> None:
                   "source: training image the prototype was projected onto", markup=False, highlight=False)
 
 
+def _print_decision_path(result: DecisionPath, splits, console, escape) -> None:
+    from rich.table import Table
+
+    truth = f", true '{_class_name(splits, result.anchor_label)}'" if result.anchor_label is not None else ""
+    title = f"{result.anchor_name}: leaf {result.leaf} predicts '{_class_name(splits, result.predicted_class)}'{truth}"
+    table = Table(title=escape(title))
+    for col in ("depth", "node", "s = exp(-d)", "decision", "source"):
+        table.add_column(col, justify="left" if col in ("decision", "source") else "right")
+    for depth, step in enumerate(result.steps):
+        table.add_row(str(depth), str(step.node), _num(step.similarity),
+                      "present -> right" if step.present else "absent -> left", f"train #{step.source_index}")
+    console.print(table)
+    predictions = ", ".join(f"{k} '{_class_name(splits, v)}'" for k, v in result.head_predictions.items())
+    size = ", ".join(f"{k.replace('tree_', '').replace('_', ' ')} {int(v)}" for k, v in result.tree.items())
+    console.print(escape(f"head predictions: {predictions}; pruned tree: {size}"), highlight=False)
+
+
 def _print_looks_like(result: LooksLike, splits, console, escape) -> None:
     from rich.table import Table
 
@@ -438,10 +503,14 @@ def _print_looks_like(result: LooksLike, splits, console, escape) -> None:
         table.add_column(col, justify="left" if col in ("class", "source") else "right")
     for rank, proto in enumerate(result.top, start=1):
         s = proto.similarity["anchor"]
-        table.add_row(str(rank), str(proto.index), escape(_class_name(splits, proto.prototype_class)), _num(s),
+        owners = ", ".join(_class_name(splits, c) for c in proto.shared_by) or _class_name(splits, proto.prototype_class)
+        table.add_row(str(rank), str(proto.index), escape(owners), _num(s),
                       _num(proto.weight, sign=True), _num(s * proto.weight, sign=True),
                       f"train #{proto.source_index}")
     console.print(table)
+    if result.class_prototypes:
+        console.print(f"'{pred}' uses the pool prototypes {', '.join(map(str, result.class_prototypes))}; "
+                      "class: the classes that use each prototype", markup=False, highlight=False)
 
 
 def prototypes_command(run_dir, data_dir, out, console) -> Path:

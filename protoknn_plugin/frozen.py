@@ -50,6 +50,10 @@ def prepare_feature_cache(model, splits, *, dataset: str, data_dir=None, limit=N
     the same order as ``train_plain`` (``DatasetSplits``' contract), so it shares that cache.
     ``dataset``/``data_dir``/``limit``/``crop`` are how the splits were made (part of the key).
     """
+    head = model.head
+    check(head.supports_frozen_backbone,
+          f"head {head.name!r} cannot train with --frozen-backbone: it needs augmentations of the images that a "
+          "cache of one backbone map per image cannot give; train it without --frozen-backbone")
     cache = FeatureCache(cache_dir, dtype=dtype, progress=progress, log=log, channels_last=channels_last)
     backbone = model.backbone
     if device is not None:

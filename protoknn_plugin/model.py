@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import create_backbone
+from .deformable import DeformablePrototypeLayer
 from .errors import ProtoKNNError
 from .heads import create_head
 from .heads.base import Head
@@ -79,13 +80,20 @@ class PrototypeModel(nn.Module):
         self.prototype_layer: Optional[PrototypeLayer] = None
         if self.head.uses_prototypes:
             spec = self.head.prototype_spec()
-            self.prototype_layer = PrototypeLayer(
-                self.backbone.out_channels, spec.num_prototypes, config.dim, similarity=spec.similarity,
+            dim = int(spec.extra.get("dim") or config.dim)
+            self.prototype_layer = self._deformable_layer(spec, for_loading) if spec.parts else PrototypeLayer(
+                self.backbone.out_channels, spec.num_prototypes, dim, similarity=spec.similarity,
                 addon=spec.addon, cost_space=spec.cost_space, init="random" if for_loading else spec.init,
                 frozen=spec.frozen, seed=config.seed,
             )
         self.projection: Optional[ProjectionRecord] = None
         self._backbone_bypassed = False  # see backbone_bypassed(); not saved: a run-time mode
+
+    def _deformable_layer(self, spec, for_loading: bool) -> PrototypeLayer:
+        return DeformablePrototypeLayer(self.backbone.out_channels, spec.num_prototypes, self.config.dim,
+                                        parts=spec.parts, dilation=spec.dilation, addon=spec.addon,
+                                        init="random" if for_loading else spec.init, frozen=spec.frozen,
+                                        seed=self.config.seed)
 
     @property
     def pretrained_backbone(self) -> bool:
@@ -134,8 +142,7 @@ class PrototypeModel(nn.Module):
         """Parameters by component name (see heads.base.COMPONENTS)."""
         groups = {"backbone": [] if self._backbone_bypassed else list(self.backbone.parameters())}
         if self.prototype_layer is not None:
-            groups["addon"] = list(self.prototype_layer.addon.parameters())
-            groups["prototypes"] = [self.prototype_layer.prototypes]
+            groups.update(self.prototype_layer.component_parameters())
         for name, params in self.head.param_groups().items():
             groups.setdefault(name, []).extend(params)
         return groups
@@ -148,8 +155,7 @@ class PrototypeModel(nn.Module):
         self.eval()
         device = self.prototype_layer.prototypes.device
         feats = ((self.features(x.to(device)), y, i) for x, y, i in batches)
-        restrict = getattr(self.head, "prototype_class", None) if self.head.project_within_class else None
-        self.projection = project(self.prototype_layer, feats, prototype_class=restrict)
+        self.projection = project(self.prototype_layer, feats, prototype_class=self.head.projection_classes())
         self.train(was_training)
         return self.projection
 

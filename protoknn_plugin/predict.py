@@ -135,8 +135,9 @@ class Predictor:
         head = self.model.head
         if hasattr(head, "logits"):
             return head.logits(out)
-        if hasattr(head, "last_layer"):
-            return head.last_layer(out.profile)
+        weights = head.class_weights()
+        if weights is not None:
+            return out.profile @ weights.t()
         raise ProtoKNNError(f"head {type(head).__name__} gives neither kNN neighbours nor class scores")
 
     def _class_scores(self, rows, logits: Tensor) -> None:
@@ -147,10 +148,10 @@ class Predictor:
                 row[f"score_{j + 1}"] = float(v[j])
 
     def _linear_contributions(self, out, predicted: Tensor) -> Optional[Tensor]:
-        last = getattr(self.model.head, "last_layer", None)
-        if last is None or out.profile is None:
+        class_weights = self.model.head.class_weights()
+        if class_weights is None or out.profile is None:
             return None
-        weights = last.weight[predicted.to(last.weight.device)]  # (B, P)
+        weights = class_weights[predicted.to(class_weights.device)]  # (B, P)
         return out.profile.float() * weights.float()
 
 

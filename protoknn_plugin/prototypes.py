@@ -3,7 +3,7 @@
 A feature map from the backbone (B, C, H, W) goes through a 1x1-conv add-on to
 (B, D, H, W); every patch (pixel) z is compared with every prototype p_i (P, D).
 
-Two similarity modes:
+Similarity modes:
 
 * ``cosine`` (ProtoKNN, eq. 15): s_{a,i} = max_z cos(z, p_i). The cost C (eq. 8)
   and the gap cost C^ (eq. 11) are squared distances on the unit sphere by default
@@ -11,12 +11,24 @@ Two similarity modes:
   with unit prototypes (``cost_space="raw"``).
 * ``log`` (ProtoPNet): squared L2 via ||z||^2 - 2 z.p + ||p||^2 clamped at 0, and
   similarity log((d + 1) / (d + 1e-4)) of the minimum distance.
+* ``projection`` (TesNet): s_i = max_z <z, p_i / ||p_i||>, the feature's projection onto
+  the unit basis vector (the feature is not normalised); the cost is the unit-sphere
+  distance 2 - 2 cos(z, p_i), as in ``cosine``.
+* ``focal`` (ProtoPool): the ``log`` distances, and the profile g(min d) - g(mean d) with
+  g(d) = log((d + 1) / (d + 1e-4)): the best patch's similarity above the image's average.
+* ``exp-l2`` (ProtoTree): the same squared L2, and similarity exp(-sqrt(d + 1e-14)), the
+  plain (not squared) Euclidean distance through exp(-x); its maximum over patches is the
+  routing probability of a tree node.
+* ``channel-softmax`` (PIP-Net): no prototype vectors; the add-on has one channel per
+  prototype (D = P) and the similarity of prototype i at a patch is softmax over channels,
+  z_i. The distance is 1 - similarity. Prototypes are latent: projection records each
+  one's most present training patch without moving anything.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +36,12 @@ from torch import Tensor, nn
 
 from .errors import ProtoKNNError, UnknownNameError
 
-SIMILARITY_MODES = ("cosine", "log")
+SIMILARITY_MODES = ("cosine", "log", "projection", "focal", "exp-l2", "channel-softmax")
+# Modes whose prototypes are not vectors compared with patches: projection moves nothing.
+LATENT_MODES = ("channel-softmax",)
 PROTOTYPE_INITS = ("hypersphere", "uniform", "shifted-normal", "random")
 COST_SPACES = ("unit", "raw")
-ADDONS = ("linear", "protopnet")
+ADDONS = ("linear", "protopnet", "sigmoid", "conv-sigmoid")
 
 
 @dataclass
@@ -41,6 +55,9 @@ class PrototypeOutputs:
     feature_map: (B, D, H, W) add-on output.
     backbone_features: (B, C, H, W) backbone output (the aux loss and plain heads use it).
     similarity_maps: (B, P, H, W) per-patch similarity, only when asked for.
+    prototypes: (P, D) the prototype parameter itself, for losses on the prototypes
+        alone (TesNet's subspace terms); the same on every rank.
+    offsets: (B, K, 2, H, W) learned part offsets of a deformable layer, else None.
     """
 
     profile: Optional[Tensor]
@@ -50,6 +67,8 @@ class PrototypeOutputs:
     feature_map: Optional[Tensor]
     backbone_features: Tensor
     similarity_maps: Optional[Tensor] = None
+    prototypes: Optional[Tensor] = None
+    offsets: Optional[Tensor] = None
 
 
 def hypersphere_init(
@@ -91,10 +110,29 @@ def _hypersphere_init(num_prototypes: int, dim: int, steps: int, lr: float, mome
     return protos.detach()
 
 
+def log_similarity(distance: Tensor) -> Tensor:
+    """ProtoPNet's g(d) = log((d + 1) / (d + 1e-4)), large for a small squared distance d."""
+    return torch.log((distance + 1.0) / (distance + 1e-4))
+
+
 def prototype_spread(prototypes: Tensor) -> float:
     """Eq. 17: 1 - || mean_i p_i / ||p_i|| ||_2 for prototypes (P, D). 1 is evenly spread, 0 collapsed."""
     unit = F.normalize(prototypes.detach().float().reshape(prototypes.shape[0], -1), dim=1)
     return float(1.0 - unit.mean(dim=0).norm())
+
+
+def initial_prototypes(init: str, num_prototypes: int, dim: int, seed: int) -> Tensor:
+    """Starting prototypes (P, D) by the name of their initialisation (PROTOTYPE_INITS)."""
+    if init == "hypersphere":
+        return hypersphere_init(num_prototypes, dim, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    if init == "uniform":  # ProtoPNet's torch.rand initialisation
+        return torch.rand(num_prototypes, dim, generator=generator)
+    if init == "shifted-normal":  # N(0.5, 0.1): CaBRNet's ProtoPNet default, near the Sigmoid add-on's outputs
+        return 0.5 + 0.1 * torch.randn(num_prototypes, dim, generator=generator)
+    if init == "random":
+        return F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=1)
+    raise UnknownNameError("prototype init", init, PROTOTYPE_INITS)
 
 
 def _make_addon(kind: str, in_channels: int, dim: int) -> nn.Module:
@@ -105,6 +143,13 @@ def _make_addon(kind: str, in_channels: int, dim: int) -> nn.Module:
         return nn.Sequential(
             nn.Conv2d(in_channels, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1), nn.Sigmoid()
         )
+    if kind == "sigmoid":  # ProtoPool reference: 1x1 conv, Sigmoid
+        return nn.Sequential(nn.Conv2d(in_channels, dim, 1), nn.Sigmoid())
+    if kind == "conv-sigmoid":
+        # ProtoTree reference: 1x1 conv without bias, Sigmoid; Xavier-normal with the sigmoid gain.
+        conv = nn.Conv2d(in_channels, dim, 1, bias=False)
+        nn.init.xavier_normal_(conv.weight, gain=nn.init.calculate_gain("sigmoid"))
+        return nn.Sequential(conv, nn.Sigmoid())
     raise UnknownNameError("add-on", kind, ADDONS)
 
 
@@ -132,16 +177,13 @@ class PrototypeLayer(nn.Module):
             raise ProtoKNNError(f"need at least one prototype and dim >= 1, got P={num_prototypes}, D={dim}")
         self.similarity, self.cost_space = similarity, cost_space
         self.addon = _make_addon(addon, in_channels, dim)
-        if init == "hypersphere":
-            start = hypersphere_init(num_prototypes, dim, seed=seed)
-        elif init == "uniform":  # ProtoPNet's torch.rand initialisation
-            start = torch.rand(num_prototypes, dim, generator=torch.Generator().manual_seed(seed))
-        elif init == "shifted-normal":  # N(0.5, 0.1): CaBRNet's ProtoPNet default, near the Sigmoid add-on's outputs
-            start = 0.5 + 0.1 * torch.randn(num_prototypes, dim, generator=torch.Generator().manual_seed(seed))
-        elif init == "random":
-            start = F.normalize(torch.randn(num_prototypes, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+        if similarity in LATENT_MODES:
+            if num_prototypes != dim:
+                raise ProtoKNNError(f"similarity {similarity!r} has one add-on channel per prototype, so it needs "
+                                    f"P = D, got P={num_prototypes}, D={dim}")
+            start, frozen = torch.eye(num_prototypes), True  # prototype i is channel i
         else:
-            raise UnknownNameError("prototype init", init, PROTOTYPE_INITS)
+            start = initial_prototypes(init, num_prototypes, dim, seed)
         self.prototypes = nn.Parameter(start, requires_grad=not frozen)
         self.frozen = frozen
 
@@ -152,6 +194,14 @@ class PrototypeLayer(nn.Module):
     def freeze(self, frozen: bool = True) -> None:
         self.frozen = frozen
         self.prototypes.requires_grad_(not frozen)
+
+    def component_parameters(self) -> Dict[str, List[nn.Parameter]]:
+        """Trainable parts by component name (heads.base.COMPONENTS)."""
+        return {"addon": list(self.addon.parameters()), "prototypes": [self.prototypes]}
+
+    def patch_vectors(self, z: Tensor) -> Tensor:
+        """(B, D', H*W): what a prototype becomes when pushed onto each patch of z (B, D, H, W)."""
+        return z.flatten(2)
 
     def patch_distances(self, z: Tensor) -> Tuple[Tensor, Tensor]:
         """(similarity, squared distance) per patch, each (B, P, H*W), for add-on output z (B, D, H, W)."""
@@ -165,10 +215,20 @@ class PrototypeLayer(nn.Module):
                 dot = torch.einsum("bdn,pd->bpn", flat, unit_p)
                 dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + 1.0).clamp_min(0.0)
             return cos, dist
+        if self.similarity == "projection":
+            unit_p = F.normalize(self.prototypes, dim=1)
+            projection = torch.einsum("bdn,pd->bpn", flat, unit_p)
+            cos = projection / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return projection, 2.0 - 2.0 * cos
+        if self.similarity == "channel-softmax":
+            sim = flat.softmax(dim=1)  # (B, P, HW): P = D
+            return sim, 1.0 - sim
         p = self.prototypes
         dot = torch.einsum("bdn,pd->bpn", flat, p)
         dist = (flat.pow(2).sum(1, keepdim=True) - 2.0 * dot + p.pow(2).sum(1)[None, :, None]).clamp_min(0.0)
-        return torch.log((dist + 1.0) / (dist + 1e-4)), dist
+        if self.similarity == "exp-l2":
+            return torch.exp(-torch.sqrt(dist + 1e-14)), dist
+        return log_similarity(dist), dist
 
     def forward(self, backbone_features: Tensor, maps: bool = False) -> PrototypeOutputs:
         """backbone_features (B, C, H, W) -> PrototypeOutputs (profile (B, P), ...)."""
@@ -180,8 +240,11 @@ class PrototypeLayer(nn.Module):
         min_dist, _ = dist.min(dim=2)
         profile, locations = sim.max(dim=2)
         gap_cost = min_dist - dist.mean(dim=2)
+        if self.similarity == "focal":
+            profile = profile - log_similarity(dist.mean(dim=2))
         sim_maps = sim.view(*sim.shape[:2], *z.shape[2:]) if maps else None
-        return PrototypeOutputs(profile, min_dist, gap_cost, locations, z, backbone_features, sim_maps)
+        return PrototypeOutputs(profile, min_dist, gap_cost, locations, z, backbone_features, sim_maps,
+                                self.prototypes)
 
 
 @dataclass
@@ -231,7 +294,10 @@ def project(
 
     batches yields (backbone_features (B, C, H, W), labels (B,), dataset indices (B,)).
     With ``prototype_class`` (P,), ProtoPNet's push: prototype i only looks at
-    patches of images of class prototype_class[i].
+    patches of images of class prototype_class[i]. A boolean (C, P) instead says which
+    classes' images each prototype may look at (ProtoPool: the classes that use it;
+    ProtoTree: the classes of the leaves below a node).
+    In a latent mode (``LATENT_MODES``) the prototypes stay; only their sources are recorded.
     """
     P = layer.num_prototypes
     device = layer.prototypes.device
@@ -245,10 +311,14 @@ def project(
         z = layer.addon(features.to(device))
         map_size = tuple(z.shape[2:])
         sim, dist = layer.patch_distances(z)
-        # Cosine mode maximises cosine; ProtoPNet's push minimises L2 distance.
-        score = sim if layer.similarity == "cosine" else -dist
+        # Cosine mode maximises cosine, projection mode (TesNet) the projection; ProtoPNet's
+        # push minimises L2 distance.
+        score = -dist if layer.similarity in ("log", "focal") else sim
         if prototype_class is not None:
-            allowed = labels.to(device)[:, None] == prototype_class.to(device)[None, :]  # (B, P)
+            if prototype_class.dtype == torch.bool:
+                allowed = prototype_class.to(device)[labels.to(device)]  # (B, P)
+            else:
+                allowed = labels.to(device)[:, None] == prototype_class.to(device)[None, :]  # (B, P)
             score = score.masked_fill(~allowed[:, :, None], -float("inf"))
         flat = score.permute(1, 0, 2).reshape(P, -1)  # (P, B*HW)
         value, where = flat.max(dim=1)
@@ -256,7 +326,7 @@ def project(
         if improved.any():
             hw = z.shape[2] * z.shape[3]
             img, loc = where // hw, where % hw
-            patches = z.flatten(2)[img, :, loc]  # (P, D)
+            patches = layer.patch_vectors(z)[img, :, loc]  # (P, D)
             best = torch.where(improved, value, best)
             best_patch = torch.where(improved[:, None], patches, best_patch)
             best_image = torch.where(improved, indices.to(device)[img], best_image)
@@ -268,7 +338,10 @@ def project(
             "every prototype class needs at least one training image"
         )
     moved = F.cosine_similarity(before.float(), best_patch.float(), dim=1)
-    if layer.similarity == "cosine":
+    if layer.similarity in ("cosine", "projection"):
         best_patch = F.normalize(best_patch, dim=1)  # prototypes live on the unit sphere
-    layer.prototypes.data.copy_(best_patch)
+    if layer.similarity in LATENT_MODES:
+        moved = torch.ones_like(moved)  # nothing moves; the record only names the sources
+    else:
+        layer.prototypes.data.copy_(best_patch)
     return ProjectionRecord(best_image.cpu(), best_loc.cpu(), best.cpu(), map_size, moved.cpu())

@@ -8,7 +8,8 @@
 # 1. creates the venv if missing or broken: torch and torchvision, then the extra
 #    (pip install -e '.[cabrnet,test]'), at the versions of constraints.txt less the two
 #    lines CaBRNet cannot take (marked `not-cabrnet`); about 200 s and 1.4 GB on top of torch;
-# 2. points its editable install at this tree if it points elsewhere (a CI clone);
+# 2. points its editable install at this tree if it points elsewhere (a CI clone) or lacks
+#    this tree's entry points (the run backend `cabrnet`);
 # 3. writes the tiny animals image folder (60 train, 30 val, 30 test) once;
 # 4. the option matrix: task loss {margin, triplet-margin, proxy-anchor} x aux loss
 #    {margin, proxy-anchor, none}, the cluster variants spread over those 9 runs so each
@@ -60,10 +61,12 @@ assert torchvision.__version__.split('+')[0] == '0.29.1', torchvision.__version_
     "$VENV/bin/pip" install -q --progress-bar off -c "$WORK/constraints-cabrnet.txt" -e "$ROOT[cabrnet,test]"
 fi
 
-# -- 2. the editable install must be this tree ---------------------------------------
+# -- 2. the editable install must be this tree, with this tree's entry points ---------
 installed="$(cd / && "$PY" -c "import pathlib, protoknn_plugin, protoknn_plugin.adapters.cabrnet as a
-print(pathlib.Path(protoknn_plugin.__file__).resolve().parents[1], pathlib.Path(a.__file__).resolve().parents[2])" 2>/dev/null || true)"
-if [ "$installed" != "$ROOT $ROOT" ]; then
+from importlib.metadata import entry_points
+print(pathlib.Path(protoknn_plugin.__file__).resolve().parents[1], pathlib.Path(a.__file__).resolve().parents[2],
+      sorted(e.name for e in entry_points(group='protoknn_plugin.run_backends')))" 2>/dev/null || true)"
+if [ "$installed" != "$ROOT $ROOT ['cabrnet']" ]; then
     step "pointing the editable install at $ROOT"
     "$VENV/bin/pip" install -q --progress-bar off --no-deps -e "$ROOT"
 fi

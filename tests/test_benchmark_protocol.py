@@ -131,7 +131,8 @@ def test_run_keys_of_unrevised_heads_are_stable_across_releases(monkeypatch):
     monkeypatch.setattr(settings_module, "machine_identity", lambda device: dict(PINNED_MACHINE))
     settings = BenchmarkSettings(train=TrainConfig(epochs=4, val_fraction=0.1))
     assert run_key(RunSpec("protoknn", "protoknn"), settings, 1.0) == "df08eb58"
-    assert run_key(RunSpec("cnn", "cnn"), settings, 1.0) == "89897f42"
+    # The plain CNN's key changed on purpose with its revision 3 (the rate its validation sweep chose).
+    assert run_key(RunSpec("cnn", "cnn"), settings, 1.0) == "dee698b0"
 
 
 def test_the_run_key_holds_the_thread_count_and_the_device_kind(monkeypatch):
@@ -152,21 +153,23 @@ def test_the_run_key_holds_the_thread_count_and_the_device_kind(monkeypatch):
 # Every built-in head's defaults under its current revision: its constructor's default options
 # and a digest of the phases (rates, schedules, pushes) and prototype layer they give. A default
 # that changes results must come with a new Head.revision (the run key holds it), and then a
-# new entry here.
+# new entry here. A new option whose default keeps the old behaviour (ProtoPNet's
+# similarity="log", the prototype spec's parts=0 for plain prototypes) changes the digest here
+# but not the results: it updates the pin, not the revision.
 PINNED_DEFAULTS = {
-    "cnn": {"revision": 2, "phases": "3ef37ef1d745", "options": {
-        "dim": 0, "num_prototypes": 0, "lr": 0.003, "warmup_epochs": 0.5, "schedule": "cosine", "weight_decay": 0.0}},
-    "protoknn": {"revision": 1, "phases": "c2a4fa452945", "options": {
+    "cnn": {"revision": 3, "phases": "73277d3bfbe7", "options": {
+        "dim": 0, "num_prototypes": 0, "lr": 0.09, "warmup_epochs": 0.5, "schedule": "cosine", "weight_decay": 0.0}},
+    "protoknn": {"revision": 1, "phases": "a6bd256bf192", "options": {
         "dim": 64, "num_prototypes": 100, "task_loss": "margin", "task_miner": "batch-hard", "aux_loss": "margin",
         "cluster_variant": "full", "cluster_reduction": "mean", "cluster_weight": 0.1, "aux_weight": 1.0, "tau": 0.05,
         "reg": 0.05, "margin": 0.2, "beta": 1.2, "cost_space": "unit", "ks": [1, 3, 5, 10], "k": 5, "memory": "full",
         "lr": 0.001, "beta_lr": 0.0005, "proxy_lr_scale": 100.0, "plan_cost": "gap", "tau_soft": 0.5,
         "straight_through": False, "frozen_prototypes": True, "prototype_lr": 0.001}},
-    "protopnet": {"revision": 3, "phases": "6753ef0b1ce0", "options": {
+    "protopnet": {"revision": 3, "phases": "555d1130e4cf", "options": {
         "dim": 64, "num_prototypes": 0, "prototypes_per_class": 10, "cluster_weight": 0.8, "separation_weight": 0.08,
         "l1_weight": 0.0001, "warm_epochs": 5, "push_every": 10, "push_start": 10, "last_layer_epochs": 20,
         "joint_step": [5, 0.1], "warm_lr": 0.003, "joint_backbone_lr": 0.0001, "scratch_backbone_lr": 0.001,
-        "last_layer_lr": 0.0001, "weight_decay": 0.001, "prototype_init": "shifted-normal"}},
+        "last_layer_lr": 0.0001, "weight_decay": 0.001, "prototype_init": "shifted-normal", "similarity": "log"}},
 }
 
 
@@ -206,13 +209,15 @@ def test_lr_sweep_picks_on_validation_and_scores_the_test_set_only_for_the_choic
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "results.json").read_text())
     chosen = data["meta"]["chosen"]["cnn"]
-    assert set(chosen["val"]) == {"0.5", "1.0"} and chosen["lr_scale"] in (0.5, 1.0)
-    best = max(chosen["val"].values())
-    assert chosen["val"][str(float(chosen["lr_scale"]))] == best  # the best validation accuracy wins
+    assert {(c["lr_scale"], c["schedule"]) for c in chosen["val"]} == {(0.5, "own"), (1.0, "own")}
+    best = max(c["val_accuracy"] for c in chosen["val"])
+    picked = [c for c in chosen["val"] if c["lr_scale"] == chosen["lr_scale"]]
+    assert picked[0]["val_accuracy"] == best  # the best validation accuracy wins
     dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert len(dirs) == 3  # two sweep runs on seed 0 (one reused for the final table) + seed 1
     tested = [p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").exists()]
     assert len(tested) == 2 and all(r["lr_scale"] == chosen["lr_scale"] for r in data["runs"])
+    assert all(r["schedule"] == "own" and r["prediction"] == "top1" for r in data["runs"])
 
 
 def test_step_time_is_the_median_over_feature_epochs_per_step():
@@ -226,6 +231,94 @@ def test_step_time_is_the_median_over_feature_epochs_per_step():
     assert _step_ms(SimpleNamespace(history=history), 10) == pytest.approx(300.0)
     assert _step_ms(SimpleNamespace(history=history[:2]), 10) == pytest.approx(300.0)  # even count: the mean of the middle two
     assert _step_ms(SimpleNamespace(history=[]), 10) is None
+
+
+def test_cosine_schedule_decays_every_phase_and_restarts_after_each_push():
+    from protoknn_plugin.benchmark.protocol import with_schedule
+
+    # ProtoPNet over 25 epochs from scratch: joint cycles to the pushes at 10 and 20 and the end,
+    # which share one Adam and one StepLR under its own schedule.
+    own = _phases("protopnet", 25, pretrained=False)
+    assert [p.name for p in own] == ["joint", "last-layer"] * 3 and own[0].optimizer_key == "joint"
+    assert with_schedule(own, "own") == own
+    cosine = with_schedule(own, "cosine")
+    assert [(p.name, p.epochs, p.lrs, p.after) for p in cosine] == [(p.name, p.epochs, p.lrs, p.after) for p in own]
+    joint = [p for p in cosine if p.name == "joint"]
+    assert all(p.schedule_name == "cosine" and p.warmup_epochs == 0.5 and p.optimizer_key is None for p in joint)
+    # The last layer trains on cached profiles, where no scheduler steps: it keeps its constant rate.
+    assert [p for p in cosine if p.name == "last-layer"] == [p for p in own if p.name == "last-layer"]
+    # The plain CNN's own schedule is the swept cosine: one setting, not two.
+    cnn = _phases("cnn", 4, pretrained=False)
+    assert with_schedule(cnn, "cosine") == cnn
+    with pytest.raises(ProtoKNNError, match="unknown schedule 'linear'"):
+        with_schedule(own, "linear")
+
+
+def test_the_head_s_own_schedule_keeps_its_run_key_and_cosine_gets_its_own(monkeypatch):
+    monkeypatch.setattr(settings_module, "machine_identity", lambda device: dict(PINNED_MACHINE))
+    settings = BenchmarkSettings(train=TrainConfig(epochs=4, val_fraction=0.1))
+    spec = RunSpec("protoknn", "protoknn")
+    assert run_key(spec, settings, 1.0, "own") == run_key(spec, settings, 1.0) == "df08eb58"  # the pinned key
+    assert run_key(spec, settings, 1.0, "cosine") != run_key(spec, settings, 1.0)
+    swept = BenchmarkSettings(train=TrainConfig(epochs=4, val_fraction=0.1), schedules=("own", "cosine"))
+    assert run_key(spec, swept, 1.0) == "df08eb58"  # what is swept does not name a run, what it chose does
+
+
+def test_the_prediction_is_chosen_on_validation_with_ties_to_the_head_s_own():
+    from protoknn_plugin.benchmark.comparison import choose_prediction
+
+    def record(k1, k3, k5):
+        return {"val_accuracy": k5, "val_accuracy[k=1]": k1, "val_accuracy[k=3]": k3, "val_accuracy[k=5]": k5}
+
+    # means k=1 0.80, k=3 0.85, k=5 0.84: k=3 wins although the head's own is k=5.
+    name, means = choose_prediction([record(0.8, 0.9, 0.88), record(0.8, 0.8, 0.8)], "k=5")
+    assert name == "k=3" and means == pytest.approx({"k=1": 0.8, "k=3": 0.85, "k=5": 0.84})
+    assert choose_prediction([record(0.8, 0.9, 0.9)], "k=5")[0] == "k=5"  # a tie goes to the head's own
+    assert choose_prediction([record(0.9, 0.9, 0.8)], "k=5")[0] == "k=1"  # else to the smaller k
+    assert choose_prediction([{"val_accuracy": None}], "k=5") == ("k=5", {})  # no validation split
+
+
+def test_schedule_sweep_and_k_are_chosen_on_validation(tmp_path):
+    import json
+
+    from conftest import TINY, run_cli
+
+    result = run_cli("benchmark", "--heads", "protoknn,cnn", *TINY, "--schedules", "own,cosine", "--seeds", "0",
+                     "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    pk, cnn = data["meta"]["chosen"]["protoknn"], data["meta"]["chosen"]["cnn"]
+    assert [c["schedule"] for c in pk["val"]] == ["own", "cosine"]
+    best = max(pk["val"], key=lambda c: c["val_accuracy"])
+    assert pk["schedule"] == best["schedule"] or pk["val"][0]["val_accuracy"] == pk["val"][1]["val_accuracy"]
+    assert cnn["val"] == [] and cnn["schedule"] == "own"  # its own schedule is the cosine: nothing to sweep
+    assert len(list((tmp_path / "runs").iterdir())) == 3  # protoknn twice, cnn once
+    (run,) = [r for r in data["runs"] if r["label"] == "protoknn"]
+    assert pk["prediction"] == max(pk["val_by_prediction"], key=lambda k: (pk["val_by_prediction"][k], k == "k=5"))
+    assert run["prediction"] == pk["prediction"] and run["accuracy"] == run[f"accuracy[{pk['prediction']}]"]
+    assert f"protoknn x1 {pk['schedule']} {pk['prediction']}" in (tmp_path / "results.md").read_text()
+
+
+def test_benchmarks_on_the_feature_cache_default_to_five_seeds(monkeypatch):
+    from click.testing import CliRunner
+
+    from protoknn_plugin.cli import cli, comparing
+
+    seen = {}
+    monkeypatch.setattr(comparing, "_run_interruptibly", lambda specs, settings, *a, **k: seen.update(s=settings))
+    for args, seeds in ((["--frozen-backbone"], [0, 1, 2, 3, 4]), ([], [0, 1, 2]),
+                        (["--frozen-backbone", "--seeds", "7"], [7])):
+        result = CliRunner().invoke(cli, ["benchmark", *args])
+        assert result.exit_code == 0, result.output
+        assert list(seen["s"].seeds) == seeds
+
+
+def test_an_unknown_schedule_is_a_one_line_error(tmp_path):
+    from conftest import TINY, assert_one_line_error, run_cli
+
+    result = run_cli("benchmark", "--heads", "cnn", *TINY, "--schedules", "own,linear", "--out", tmp_path)
+    assert_one_line_error(result, "--schedules", "own,cosine")
+    assert result.returncode == 2
 
 
 def test_projection_table_pairs_before_and_after_the_push_over_seeds():

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from protoknn_plugin.benchmark.stats import T975, Interval, mean_interval, paired_difference, paired_table, t_quantile
+from protoknn_plugin.benchmark.stats import (T975, Interval, holm_adjusted, mean_interval, paired_difference,
+                                             paired_table, t_quantile, t_two_sided_p)
 
 
 def test_t_quantiles_match_the_printed_table():
@@ -86,7 +87,83 @@ def test_paired_lines_of_a_further_metric_by_hand():
             {"label": "b", "seed": 1, "prototype_spread": 0.7, "accuracy[k=1]": 0.85}]
     # spread differences 0.1 and 0.2: mean 0.15, sd 0.0707, t(0.975, 1) = 12.706,
     # half-width 12.706 * 0.0707 / sqrt(2) = 0.6353, in the metric's own unit.
-    assert paired_lines(runs, "prototype_spread")[2] == "| a − b | 2 | +0.1500 | [-0.4853, +0.7853] | no |"
-    # accuracies in points: differences +5 and -5 points, mean 0, sd 7.07, half-width 63.53.
-    assert paired_lines(runs, "accuracy[k=1]")[2] == "| a − b | 2 | +0.00 | [-63.53, +63.53] | no |"
+    # t = 0.15 / (0.0707 / sqrt(2)) = 3 with df = 1, where P(|T| >= t) = 1 - (2 / pi) atan(t)
+    # = 1 - 0.7952 = 0.2048; one pair, so Holm's p is the same.
+    assert paired_lines(runs, "prototype_spread")[2] == \
+        "| a − b | 2 | +0.1500 | [-0.4853, +0.7853] | 0.2048 | 0.2048 | no |"
+    # accuracies in points: differences +5 and -5 points, mean 0, sd 7.07, half-width 63.53; t = 0, p = 1.
+    assert paired_lines(runs, "accuracy[k=1]")[2] == "| a − b | 2 | +0.00 | [-63.53, +63.53] | 1.0000 | 1.0000 | no |"
     assert "difference (points)" in paired_lines(runs, "accuracy[k=1]")[0]
+
+
+def test_holm_adjusted_p_values_by_hand():
+    # m = 3, sorted 0.01 < 0.03 < 0.04: 3 * 0.01 = 0.03, then max(0.03, 2 * 0.03) = 0.06,
+    # then max(0.06, 1 * 0.04) = 0.06 (adjusted p never falls along the order); input order kept.
+    assert holm_adjusted([0.04, 0.01, 0.03]) == pytest.approx([0.06, 0.03, 0.06])
+    # (m - j + 1) * p above 1 is cut at 1; one p-value is its own adjusted p.
+    assert holm_adjusted([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm_adjusted([0.2]) == [0.2]
+    assert holm_adjusted([]) == []
+
+
+def test_t_p_value_matches_closed_forms_with_and_without_scipy(monkeypatch):
+    # df = 2: P(|T| >= t) = 1 - t / sqrt(t^2 + 2); df = 1 (Cauchy): 1 - (2 / pi) atan(t).
+    cases = [(3 * math.sqrt(3), 2, 1 - math.sqrt(27 / 29)), (3.0, 1, 1 - 2 / math.pi * math.atan(3.0)),
+             (0.0, 4, 1.0)]
+    for t, df, p in cases:
+        assert t_two_sided_p(t, df) == pytest.approx(p, abs=1e-9)
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    for t, df, p in cases:
+        assert t_two_sided_p(t, df) == pytest.approx(p, abs=1e-6)
+    assert t_two_sided_p(-2.776, 4) == pytest.approx(0.05, abs=1e-4)  # t_{0.975, 4} of the table
+
+
+def test_holm_claims_fewer_pairs_than_uncorrected_intervals_by_hand():
+    """Three rows, seeds 0-2 (accuracies as fractions):
+
+        a = 0.90 0.91 0.95    a - b = 0.02 0.03 0.04   mean 0.03, s 0.01
+        b = 0.88 0.88 0.91    b - c = 0.04 0.02 0.03   mean 0.03, s 0.01
+        c = 0.84 0.86 0.88    a - c = 0.06 0.05 0.07   mean 0.06, s 0.01
+
+    t = mean / (s / sqrt(3)): 3 sqrt(3) = 5.196 for a - b and b - c, 6 sqrt(3) = 10.392 for a - c;
+    with df = 2, p = 1 - t / sqrt(t^2 + 2):
+        a - b, b - c: 1 - sqrt(27 / 29)  = 0.035099  (< 0.05: each 95% interval excludes 0)
+        a - c:        1 - sqrt(108 / 110) = 0.009133
+    Holm, m = 3: a - c first, 3 * 0.009133 = 0.0274 < 0.05, claimed; next a - b (ties keep
+    table order), 2 * 0.035099 = 0.0702 >= 0.05: stop, so a - b and b - c are not claimed
+    (adjusted 0.0702 both, since adjusted p never falls along the order).
+    """
+    per_seed = {"a": {0: 0.90, 1: 0.91, 2: 0.95}, "b": {0: 0.88, 1: 0.88, 2: 0.91}, "c": {0: 0.84, 1: 0.86, 2: 0.88}}
+    rows = {(r["a"], r["b"]): r for r in paired_table(per_seed)}
+    p_ab, p_ac = 1 - math.sqrt(27 / 29), 1 - math.sqrt(108 / 110)
+    assert (p_ab, p_ac) == (pytest.approx(0.035099, abs=1e-6), pytest.approx(0.009133, abs=1e-6))
+    assert rows["a", "b"]["p"] == pytest.approx(p_ab) and rows["b", "c"]["p"] == pytest.approx(p_ab)
+    assert rows["a", "c"]["p"] == pytest.approx(p_ac)
+    assert all(r["diff"].excludes_zero() for r in rows.values())  # uncorrected: all three
+    assert rows["a", "c"]["holm_p"] == pytest.approx(3 * p_ac) and rows["a", "c"]["claimed"] is True
+    for pair in (("a", "b"), ("b", "c")):
+        assert rows[pair]["holm_p"] == pytest.approx(2 * p_ab) and rows[pair]["claimed"] is False
+    # The same rows in a table: intervals uncorrected, the claim Holm's.
+    from protoknn_plugin.benchmark.tables import paired_lines
+
+    runs = [{"label": label, "seed": seed, "accuracy": acc} for label, accs in per_seed.items()
+            for seed, acc in accs.items()]
+    lines = paired_lines(runs)
+    assert lines[2] == "| a − b | 3 | +3.00 | [+0.52, +5.48] | 0.0351 | 0.0702 | no |"
+    assert lines[3] == "| a − c | 3 | +6.00 | [+3.52, +8.48] | 0.0091 | 0.0274 | yes |"
+
+
+def test_a_pair_with_one_shared_seed_is_not_tested_and_not_counted_by_holm():
+    # a - b over seeds 0-2: 0.02, 0.03, 0.04, p = 0.035099 as above; a - c shares one seed only,
+    # so Holm's m is 1 and a - b is claimed at its own p.
+    rows = paired_table({"a": {0: 0.90, 1: 0.91, 2: 0.95}, "b": {0: 0.88, 1: 0.88, 2: 0.91}, "c": {2: 0.5}})
+    by_pair = {(r["a"], r["b"]): r for r in rows}
+    assert by_pair["a", "c"]["p"] is None and by_pair["a", "c"]["claimed"] is None
+    assert by_pair["a", "b"]["holm_p"] == pytest.approx(1 - math.sqrt(27 / 29)) and by_pair["a", "b"]["claimed"]

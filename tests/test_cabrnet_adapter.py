@@ -45,6 +45,18 @@ def test_baseline_without_cabrnet_names_the_extra(no_cabrnet):
         run_cabrnet_head("protopnet", settings=None, splits=None, out_dir="unused", seed=0)
 
 
+def test_cabrnet_rows_belong_to_the_adapter_s_backend_and_name_the_extra_when_it_is_missing(no_cabrnet):
+    from protoknn_plugin.benchmark import RunSpec  # noqa: F401  (registers the default backend)
+    from protoknn_plugin.run_backends import backend_for
+
+    backend = backend_for("cabrnet:protopnet")
+    assert type(backend).__name__ == "CaBRNetBackend" and backend.architecture("cabrnet:protopnet") == "protopnet"
+    assert not (backend.lr_scales or backend.schedules or backend.tuning)  # it builds its own schedule
+    assert type(backend_for("protopnet")).__name__ == "PluginBackend"
+    with pytest.raises(ProtoKNNError, match=r"protoknn-plugin\[cabrnet\]"):
+        backend.check("cabrnet:protopnet")  # what `protoknn benchmark` runs on every row before training
+
+
 def test_unknown_cabrnet_baseline_suggests_the_known_one():
     from protoknn_plugin.adapters.cabrnet.baseline import run_cabrnet_head
 

@@ -81,14 +81,6 @@ PRIVATE_IMPORTS: Set[str] = {
 }
 
 CABRNET_OUTSIDE_ADAPTERS: Set[str] = {
-    "benchmark/comparison.py::check_protocol imports protoknn_plugin.adapters.cabrnet.baseline",
-    'benchmark/comparison.py::check_protocol tests "cabrnet:"',
-    'benchmark/comparison.py::explain_runs tests "cabrnet:"',
-    'benchmark/comparison.py::run_comparison tests "cabrnet:"',
-    "benchmark/runner.py::cabrnet_run imports protoknn_plugin.adapters.cabrnet.baseline",
-    'benchmark/settings.py::_head_revision tests "cabrnet:"',
-    "cli/comparing.py::_specs imports protoknn_plugin.adapters.cabrnet",
-    'cli/comparing.py::_specs tests "cabrnet:"',
     'heads/options.py::assign_head_options tests "cabrnet:"',
 }
 

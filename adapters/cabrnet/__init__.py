@@ -2,19 +2,19 @@
 
 CaBRNet is heavy (about 1.4 GB), so it is imported lazily: importing this package
 costs nothing, and touching a CaBRNet-backed name without the extra raises a
-one-line error that names the extra.
+one-line error that names the extra. Its rows in ``protoknn benchmark`` (``cabrnet:protopnet``)
+come from the run backend in ``backend``.
 """
 from __future__ import annotations
 
 import importlib
 
-from protoknn_plugin.extras import require_extra
+from . import backend  # noqa: F401  (registers the run backend ``cabrnet``; needs no CaBRNet)
+from .extra import require_cabrnet
+
+__all__ = ["require_cabrnet", "ProtoKNNClassifier", "ProtoKNNCaBRNet"]
 
 _LAZY = {"ProtoKNNClassifier": ".classifier", "ProtoKNNCaBRNet": ".model"}
-
-
-def require_cabrnet():
-    return require_extra("cabrnet", "cabrnet", "ProtoKNN inside CaBRNet")
 
 
 def __getattr__(name):

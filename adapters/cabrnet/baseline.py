@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from protoknn_plugin.errors import ProtoKNNError, UnknownNameError, check
 
-from . import require_cabrnet
+from .extra import require_cabrnet
 
 DEFAULT_OPTIONS: Dict[str, Any] = {
     "prototypes_per_class": 10,   # used unless settings.prototypes is a multiple of the class count
@@ -227,7 +227,7 @@ def _train_and_evaluate(settings, splits, train_config, device, seed, opts, out,
     """Build, train (epochs + epilogue) and evaluate; returns what the metrics need."""
     from cabrnet.core.utils.optimizers import OptimizerManager
 
-    from protoknn_plugin.benchmark import PeakMemory
+    from protoknn_plugin.resources import PeakRAM
 
     model = build_cabrnet_protopnet(settings, len(splits.classes), splits.channels, seed, opts)
     pretrained = getattr(model.extractor.convnet, "weights", None) not in (None, "none", "None", "random")
@@ -242,7 +242,7 @@ def _train_and_evaluate(settings, splits, train_config, device, seed, opts, out,
         "test_set": DataLoader(splits.test, batch_size=eval_batch, shuffle=False, num_workers=0),
     }
     timing = {}
-    with PeakMemory(device) as peak:
+    with PeakRAM(device) as peak:
         started = time.perf_counter()
         for epoch in range(train_config.epochs):
             optimizer_mngr.freeze(epoch=epoch)

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from protoknn_plugin.errors import ProtoKNNError, check
+from protoknn_plugin.errors import check
 
 
 class ClassBalancedImageFolder(ImageFolder):

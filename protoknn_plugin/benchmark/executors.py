@@ -8,14 +8,14 @@ same run: two benchmark commands on the same ``--out``, or Ray workers on a shar
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import ProtoKNNError
+from ..run_backends import backend_for
+from . import plugin_backend  # noqa: F401  (registers the default backend)
 from .locking import run_lock
-from .runner import cabrnet_run, score_test, train_run
 from .settings import BenchmarkSettings, RunSpec
 
 EXECUTORS = ("in-process", "ray")
@@ -32,6 +32,7 @@ class RunJob:
     run_dir: Path
     score: bool = False
     title: str = ""
+    schedule: str = "own"
 
     def note(self) -> str:
         """What the progress line adds: a finished run is only read."""
@@ -45,14 +46,8 @@ class RunJob:
         with run_lock(run_dir, wait=wait) as held:
             if not held:
                 return None
-            if self.spec.head.startswith("cabrnet:"):
-                return cabrnet_run(self.spec, self.seed, settings, splits, run_dir, progress)
-            if self.score and (run_dir / "metrics.json").exists():
-                saved = json.loads((run_dir / "metrics.json").read_text())
-                if "accuracy" in saved:
-                    return saved
-            record, model = train_run(self.spec, self.seed, self.lr_scale, settings, splits, run_dir, progress)
-            return score_test(record, splits, settings, model) if self.score else record
+            return backend_for(self.spec.head).run(self.spec, self.seed, self.lr_scale, self.schedule, settings,
+                                                   splits, run_dir, progress, score=self.score)
 
 
 class InProcessExecutor:

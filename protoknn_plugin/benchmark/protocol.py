@@ -55,6 +55,32 @@ def scale_lrs(phases: Sequence[Phase], scale: float) -> List[Phase]:
     return [dataclasses.replace(p, lrs={k: v * scale for k, v in p.lrs.items()}) for p in phases]
 
 
+# The schedules a sweep may offer every row: ``own``, the phases as the head declares them
+# (ProtoKNN constant, ProtoPNet StepLR, the plain CNN warm-up + cosine), and ``cosine``.
+SWEEP_SCHEDULES = ("own", "cosine")
+# Warm-up of the swept ``cosine`` schedule, in epochs: the plain CNN's own.
+COSINE_WARMUP_EPOCHS = 0.5
+
+
+def with_schedule(phases: Sequence[Phase], schedule: str) -> List[Phase]:
+    """The phases under a swept schedule (``SWEEP_SCHEDULES``); the rates are left as they are.
+
+    ``cosine``: every feature phase warms up linearly over ``COSINE_WARMUP_EPOCHS`` and then
+    decays to 0 by its last step (``schedules.WarmupCosine``). Each gets its own optimiser, so
+    joint cycles that shared one (ProtoPNet between pushes) restart the warm-up and the decay
+    after each push instead of continuing a decay that already reached 0. Phases on cached
+    profiles (ProtoPNet's last layer, a convex fit on fixed profiles) keep their own rate: the
+    trainer steps no scheduler there, so a warm-up would hold them at its first, tiny factor.
+    """
+    if schedule == "own":
+        return list(phases)
+    if schedule == "cosine":
+        return [p if p.cached_profiles else
+                dataclasses.replace(p, schedule="cosine", step_lr=None, optimizer_key=None,
+                                    warmup_epochs=COSINE_WARMUP_EPOCHS) for p in phases]
+    raise ProtoKNNError(f"unknown schedule {schedule!r} to sweep; use one of {', '.join(SWEEP_SCHEDULES)}")
+
+
 def check_same_budget(budgets: Dict[str, Dict[str, int]], pretrained: bool) -> None:
     """Every row sees the same number of images; from scratch, every row also takes the same
     number of backbone steps (a pretrained backbone may be frozen for warm epochs, which count

@@ -1,4 +1,4 @@
-"""One benchmark run: train (or resume, or skip) a (row, learning-rate scale, seed) in its own
+"""One benchmark run: train (or resume, or skip) a (row, learning-rate scale, schedule, seed) in its own
 directory, then score it on the validation split, and on the test split once it is chosen.
 
 A run directory holds ``checkpoint.pt`` (the Trainer's, written atomically every epoch),
@@ -21,49 +21,11 @@ import torch
 from ..checkpoint import CHECKPOINT_NAME
 from ..model import ModelConfig, PrototypeModel
 from ..prototypes import prototype_spread
+from ..resources import PeakRAM
 from ..train import TrainConfig, Trainer, evaluate, model_from_checkpoint, write_json
 from .projection import projection_fields
-from .protocol import budget, scale_lrs
+from .protocol import budget, scale_lrs, with_schedule
 from .settings import BenchmarkSettings, RunSpec, machine_identity
-
-
-class PeakMemory:
-    """Peak memory of the block: CUDA peak allocation, or the process's peak RSS on CPU.
-
-    On Linux, writing 5 to /proc/self/clear_refs resets VmHWM, so each run gets its own peak.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_mb = float("nan")
-
-    @staticmethod
-    def _vm_hwm_kb() -> Optional[int]:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            kb = self._vm_hwm_kb()
-            self.peak_mb = kb / 1024 if kb is not None else float("nan")
-        return False
 
 
 class _Timed:
@@ -87,8 +49,9 @@ def feeding(model, settings: BenchmarkSettings):
 
 
 def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits,
-                  run_dir: Optional[Path], progress: bool = False, on_epoch=None) -> Trainer:
-    """The Trainer of one run, its phases' learning rates scaled by ``lr_scale``; ``on_epoch``: see Trainer."""
+                  run_dir: Optional[Path], progress: bool = False, on_epoch=None, schedule: str = "own") -> Trainer:
+    """The Trainer of one run, its phases' learning rates scaled by ``lr_scale``, under ``schedule``
+    (``protocol.with_schedule``); ``on_epoch``: see Trainer."""
     config = ModelConfig.for_data(
         splits, head=spec.head, backbone=settings.backbone, num_prototypes=settings.prototypes, dim=settings.dim,
         weights=settings.weights, backbone_options=dict(settings.backbone_options),
@@ -100,7 +63,7 @@ def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: Benchmark
                       on_epoch=on_epoch,
                       data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
                                  "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone})
-    trainer.phases = scale_lrs(trainer.phases, lr_scale)
+    trainer.phases = with_schedule(scale_lrs(trainer.phases, lr_scale), schedule)
     return trainer
 
 
@@ -118,7 +81,7 @@ def _step_ms(state, steps_per_epoch: int) -> float | None:
 
 
 def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits, run_dir: Path,
-              progress: bool = False, on_epoch=None):
+              progress: bool = False, on_epoch=None, schedule: str = "own"):
     """Train, resume or skip one run. Returns ``(record, model)``; model is None when skipped.
 
     Raises ``train.Interrupted`` on SIGINT/SIGTERM, with the checkpoint written. ``on_epoch``
@@ -127,14 +90,14 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
     record_path = run_dir / "run.json"
     if record_path.exists():
         return json.loads(record_path.read_text()), None
-    trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress, on_epoch)
+    trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress, on_epoch, schedule)
     model = trainer.model
     push = model.project_prototypes = _Timed(model.project_prototypes)
     last = None
     if hasattr(trainer, "_run_cached_phase"):  # ProtoPNet's last layer on cached profiles
         last = trainer._run_cached_phase = _Timed(trainer._run_cached_phase)
     resumed = (run_dir / CHECKPOINT_NAME).exists()
-    with PeakMemory(trainer.device) as peak, feeding(model, settings):
+    with PeakRAM(trainer.device) as peak, feeding(model, settings):
         state = trainer.fit(resume=resumed)
         val = getattr(splits, "val", None)
         val_metrics = (evaluate(model, val, trainer.config.eval_batch_size, trainer.device, workers=settings.workers)
@@ -142,7 +105,7 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
     primary = model.head.primary
     record: Dict[str, Any] = {
         "label": spec.label, "head": spec.head, "head_options": spec.head_options, "seed": seed,
-        "lr_scale": lr_scale, "primary": primary, "run_dir": str(run_dir), "resumed": resumed,
+        "lr_scale": lr_scale, "schedule": schedule, "primary": primary, "run_dir": str(run_dir), "resumed": resumed,
         "val_accuracy": val_metrics.get(f"accuracy[{primary}]"),
         **{"val_" + k: v for k, v in val_metrics.items() if k.startswith("accuracy[")},
         **budget(trainer.phases, trainer.steps_per_epoch, trainer.config.batch_size, len(trainer.splits.train_labels),
@@ -181,17 +144,3 @@ def score_test(record: Dict[str, Any], splits, settings: BenchmarkSettings, mode
     write_json(run_dir / "metrics.json", result)
     return result
 
-
-def cabrnet_run(spec: RunSpec, seed: int, settings: BenchmarkSettings, splits, run_dir: Path,
-                progress: bool = False) -> Dict[str, Any]:
-    """CaBRNet's own ProtoPNet as a row (extra ``protoknn-plugin[cabrnet]``); skipped when done."""
-    if (run_dir / "metrics.json").exists():
-        return json.loads((run_dir / "metrics.json").read_text())
-    from protoknn_plugin.adapters.cabrnet.baseline import run_cabrnet_head
-
-    result = run_cabrnet_head(spec.head.split(":", 1)[1], settings, splits, run_dir, seed, label=spec.label,
-                              options=spec.head_options, progress=progress)
-    result.setdefault("accuracy", result.get("accuracy[top1]"))
-    result.setdefault("primary", "top1")
-    write_json(run_dir / "metrics.json", result)
-    return result

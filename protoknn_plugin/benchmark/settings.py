@@ -24,11 +24,12 @@ class RunSpec:
 class BenchmarkSettings:
     """Settings shared by every row: same data, same backbone initialisation, same budget.
 
-    ``lr_scales``: the documented learning-rate sweep. Every row trains once per scale (every
-    learning rate of every phase multiplied by it) on ``sweep_seeds``, picks the scale with the
-    best validation accuracy, and only that choice is scored on the test set. ``(1.0,)``: the
-    heads' own rates, no sweep. Extra keys a later mode needs (e.g. a frozen backbone with a
-    feature cache) go here and into ``run_key`` through ``asdict``.
+    ``lr_scales`` and ``schedules``: the documented sweep. Every row trains once per scale (every
+    learning rate of every phase multiplied by it) and schedule (``own``: the head's; ``cosine``:
+    warm-up and cosine decay, ``protocol.with_schedule``) on ``sweep_seeds``, picks the pair with
+    the best validation accuracy, and only that choice is scored on the test set. ``(1.0,)`` and
+    ``("own",)``: the heads' own rates and schedules, no sweep. Extra keys a later mode needs
+    (e.g. a frozen backbone with a feature cache) go here and into ``run_key`` through ``asdict``.
     """
 
     dataset: str = "animals"
@@ -44,6 +45,7 @@ class BenchmarkSettings:
     train: TrainConfig = field(default_factory=TrainConfig)
     backbone_options: Dict[str, Any] = field(default_factory=dict)
     lr_scales: Sequence[float] = (1.0,)
+    schedules: Sequence[str] = ("own",)
     sweep_seeds: Optional[Sequence[int]] = None  # None: the first seed
     # Frozen pretrained backbone: its maps are computed once into a feature cache and every row
     # trains its add-on, prototypes and head on them (protoknn_plugin.frozen).
@@ -60,7 +62,7 @@ class BenchmarkSettings:
 
 
 # Settings that do not change what a run computes, so they do not name its directory.
-_NOT_IN_KEY = {"seeds", "lr_scales", "sweep_seeds", "strict", "cache_dir", "workers"}
+_NOT_IN_KEY = {"seeds", "lr_scales", "schedules", "sweep_seeds", "strict", "cache_dir", "workers"}
 _TRAIN_NOT_IN_KEY = {"seed", "device", "threads", "sync_every", "eval_batch_size"}
 
 
@@ -71,17 +73,20 @@ def machine_identity(device) -> Dict[str, Any]:
     return {"threads": torch.get_num_threads(), "device_kind": device_kind(resolve_device(str(device)))}
 
 
-def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float) -> str:
+def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float, schedule: str = "own") -> str:
     """Short hash of everything that decides a run's result except the seed, including the
     thread count and the device kind it computes with (``machine_identity``).
 
     Part of the run directory's name, so changed options, or another machine's runs in a
-    shared output folder, never reuse an old run.
+    shared output folder, never reuse an old run. The head's own schedule stays out of the
+    payload, so keys made before the schedule sweep still hold.
     """
     shared = {k: v for k, v in asdict(settings).items() if k not in _NOT_IN_KEY and k != "train"}
     shared["train"] = {k: v for k, v in asdict(settings.train).items() if k not in _TRAIN_NOT_IN_KEY}
     payload = {"head": spec.head, "options": spec.head_options, "lr_scale": float(lr_scale), **shared,
                "machine": machine_identity(settings.train.device)}
+    if schedule != "own":
+        payload["schedule"] = schedule
     revision = _head_revision(spec.head)
     if revision != 1:  # absent at 1, so the keys of heads never revised stay what they were
         payload["head_revision"] = revision
@@ -90,18 +95,17 @@ def run_key(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float) -> str:
 
 
 def _head_revision(head: str) -> int:
-    """The registered head's ``revision`` (1 for CaBRNet rows and unknown names, which fail later)."""
+    """The registered head's ``revision`` (1 for another run backend's rows, which name no head,
+    and for unknown names, which fail later)."""
     from ..errors import ProtoKNNError
     from ..heads import get_head_class
 
-    if head.startswith("cabrnet:"):
-        return 1
     try:
         return int(getattr(get_head_class(head), "revision", 1))
     except ProtoKNNError:
         return 1
 
 
-def run_dir_name(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float, seed: int) -> str:
+def run_dir_name(spec: RunSpec, settings: BenchmarkSettings, lr_scale: float, seed: int, schedule: str = "own") -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.label)
-    return f"{safe}-{run_key(spec, settings, lr_scale)}-seed{seed}"
+    return f"{safe}-{run_key(spec, settings, lr_scale, schedule)}-seed{seed}"

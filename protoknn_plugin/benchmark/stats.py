@@ -1,4 +1,5 @@
-"""Means over seeds with Student-t 95% intervals, and paired differences between heads.
+"""Means over seeds with Student-t 95% intervals, paired differences between heads, and
+the paired t-test's p-values with Holm's correction over the pairs of a table.
 
 Pure functions on lists of floats, so the numbers in every table can be checked by hand.
 """
@@ -75,12 +76,78 @@ def paired_difference(a: Dict[int, float], b: Dict[int, float]) -> Interval:
     return mean_interval([a[s] - b[s] for s in seeds])
 
 
-def paired_table(per_seed: Dict[str, Dict[int, float]]) -> List[Dict[str, object]]:
-    """Every ordered pair (first-seen order, a before b) of rows: ``{"a", "b", "diff": Interval}``."""
+# The family-wise error rate of a table's claims (Holm): at most 5% that any claim of the table is false.
+ALPHA = 0.05
+
+
+def _t_density(x: float, df: int) -> float:
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+
+
+def t_two_sided_p(t_stat: float, df: int) -> float:
+    """P(|T| >= |t_stat|) for Student's T with ``df`` degrees of freedom: scipy when installed,
+    else Simpson's rule on the density over [0, |t|] (2,000 intervals; error far below 1e-6)."""
+    if df < 1:
+        raise ValueError(f"a t-test needs df >= 1, got {df}")
+    x = abs(float(t_stat))
+    try:
+        from scipy.stats import t
+
+        return float(2.0 * t.sf(x, df))
+    except ImportError:
+        intervals = 2000
+        h = x / intervals
+        weights = (1 if i in (0, intervals) else (4 if i % 2 else 2) for i in range(intervals + 1))
+        mass = h / 3 * sum(w * _t_density(i * h, df) for i, w in enumerate(weights))
+        return min(1.0, max(0.0, 1.0 - 2.0 * mass))
+
+
+def paired_p_value(diff: Interval) -> Optional[float]:
+    """Two-sided p of the paired t-test of ``mean difference = 0``: t = mean / (s / sqrt(n)) with
+    n - 1 degrees of freedom; None when n < 2. p < 0.05 exactly when the 95% interval excludes 0."""
+    if diff.std is None or diff.n < 2:
+        return None
+    if diff.std == 0:
+        return 0.0 if diff.mean != 0 else 1.0
+    return t_two_sided_p(diff.mean / (diff.std / math.sqrt(diff.n)), diff.n - 1)
+
+
+def holm_adjusted(p_values: Sequence[float]) -> List[float]:
+    """Holm's step-down adjusted p-values, in the order given.
+
+    With the m p-values sorted, p_(1) <= ... <= p_(m), the adjusted p_(i) is
+    max over j <= i of min(1, (m - j + 1) * p_(j)). Rejecting every hypothesis whose adjusted p
+    is below alpha is Holm's procedure: compare p_(1) with alpha / m, p_(2) with alpha / (m - 1),
+    ..., and stop at the first that is not below; the chance that any rejection is false stays
+    at most alpha, whatever the dependence between the tests.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_table(per_seed: Dict[str, Dict[int, float]], alpha: float = ALPHA) -> List[Dict[str, object]]:
+    """Every ordered pair (first-seen order, a before b) of rows:
+    ``{"a", "b", "diff": Interval, "p", "holm_p", "claimed"}``.
+
+    ``p`` is the paired t-test's, ``holm_p`` Holm's adjusted p over every pair of the table with
+    at least two shared seeds, and ``claimed`` whether the difference is claimed: ``holm_p < alpha``.
+    Pairs with one shared seed have None in all three and do not count in Holm's m.
+    """
     labels = list(per_seed)
     rows = []
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
             if set(per_seed[a]) & set(per_seed[b]):
-                rows.append({"a": a, "b": b, "diff": paired_difference(per_seed[a], per_seed[b])})
+                diff = paired_difference(per_seed[a], per_seed[b])
+                rows.append({"a": a, "b": b, "diff": diff, "p": paired_p_value(diff), "holm_p": None, "claimed": None})
+    tested = [row for row in rows if row["p"] is not None]
+    for row, adjusted in zip(tested, holm_adjusted([row["p"] for row in tested])):
+        row["holm_p"], row["claimed"] = adjusted, adjusted < alpha
     return rows

@@ -32,7 +32,9 @@ def summarise(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows: Dict[str, Dict[str, Any]] = {}
     for run in runs:
         row = rows.setdefault(run["label"], {"label": run["label"], "head": run["head"], "seeds": [],
-                                             "lr_scale": run.get("lr_scale", 1.0), "_values": {}})
+                                             "lr_scale": run.get("lr_scale", 1.0),
+                                             "schedule": run.get("schedule", "own"),
+                                             "prediction": run.get("prediction", run.get("primary", "")), "_values": {}})
         row["seeds"].append(run["seed"])
         for key, value in run.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("seed", "lr_scale"):
@@ -94,18 +96,34 @@ def schedule_changes(meta: Dict[str, Any]) -> Dict[str, str]:
     return {label: b["schedule_change"] for label, b in (meta.get("budgets") or {}).items() if b.get("schedule_change")}
 
 
+PAIRED_COLUMNS = ("a − b", "n", "difference", "95% interval", "p", "Holm p", "claimed")
+HOLM_NOTE = ("`95% interval` and `p` (paired t-test) are uncorrected; a difference is `claimed` only when "
+             "Holm's step-down over every pair of the table rejects 0 at 5% (`Holm p` < 0.05).")
+
+
+def _p_text(p) -> str:
+    return "—" if p is None else ("<0.0001" if p < 1e-4 else f"{p:.4f}")
+
+
+def paired_cells(pair: Dict[str, Any], scale: float = 100.0, digits: int = 2) -> List[str]:
+    """One pair's cells in PAIRED_COLUMNS order: the uncorrected interval and p, Holm's p and the claim."""
+    d: Interval = pair["diff"]
+    interval = "—" if d.half_width is None else f"[{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]"
+    claimed = "—" if pair["claimed"] is None else ("yes" if pair["claimed"] else "no")
+    return [f"{pair['a']} − {pair['b']}", str(d.n), f"{scale * d.mean:+.{digits}f}", interval,
+            _p_text(pair["p"]), _p_text(pair["holm_p"]), claimed]
+
+
 def paired_lines(runs, key: str = "accuracy") -> List[str]:
-    """The paired-difference table of ``key``: accuracies in points, other metrics in their own unit."""
+    """The paired-difference table of ``key``: accuracies in points, other metrics in their own unit;
+    Holm's correction runs over the pairs of this table."""
     points = key.startswith("accuracy")
     scale, digits = (100.0, 2) if points else (1.0, 4 if key == "prototype_spread" else 1)
     unit = "difference (points)" if points else "difference"
-    lines = [f"| a − b | n | {unit} | 95% interval | excludes 0 |", "|---|---|---|---|---|"]
+    header = [unit if name == "difference" else name for name in PAIRED_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for pair in paired_table(per_seed(runs, key)):
-        d: Interval = pair["diff"]
-        interval = ("—" if d.half_width is None
-                    else f"[{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]")
-        verdict = "—" if d.half_width is None else ("yes" if d.excludes_zero() else "no")
-        lines.append(f"| {pair['a']} − {pair['b']} | {d.n} | {scale * d.mean:+.{digits}f} | {interval} | {verdict} |")
+        lines.append("| " + " | ".join(paired_cells(pair, scale, digits)) + " |")
     return lines
 
 
@@ -117,17 +135,20 @@ def _stage_name(stage: Dict[str, Any]) -> str:
 
 def stage_lines(runs) -> List[str]:
     """Validation accuracy of every prediction at each phase boundary, mean over seeds
-    (ProtoPNet: before push, after push, after the last layer; ProtoKNN: k = 1, 3, 5, 10)."""
+    (ProtoPNet: before push, after push, after the last layer; ProtoKNN: k = 1, 3, 5, 10),
+    then the numbers a head records with its stages (a tree's size, PIP-Net's sparsity)."""
     values: Dict[tuple, Dict[str, List[float]]] = {}
     for run in runs:
         for stage in run.get("stages") or []:
             cells = values.setdefault((run["label"], _stage_name(stage)), {})
             for key, v in stage.items():
-                if key.startswith("accuracy["):
+                numeric = isinstance(v, (int, float)) and not isinstance(v, bool) and key != "phase_index"
+                if key.startswith("accuracy[") or numeric:
                     cells.setdefault(key, []).append(v)
     if not values:
         return []
     keys = _accuracy_keys([{k: 0 for k in cells} for cells in values.values()])
+    keys += sorted({k for cells in values.values() for k in cells} - set(keys))
     lines = ["| head | stage | n | " + " | ".join(_header(k) for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     for (label, stage), cells in values.items():
         n = max(len(v) for v in cells.values())
@@ -136,36 +157,46 @@ def stage_lines(runs) -> List[str]:
     return lines
 
 
+def choice_text(label: str, choice: Dict[str, Any]) -> str:
+    """``protoknn x1 own k=3``: what the validation split chose for a row."""
+    return " ".join([label, f"x{choice['lr_scale']:g}", choice.get("schedule", "own")]
+                    + ([choice["prediction"]] if choice.get("prediction") else []))
+
+
 def write_results(out: Path, runs: List[Dict[str, Any]], summary: List[Dict[str, Any]], meta: Dict[str, Any]) -> None:
     """results.json (every run, the summary and the paired differences), results.csv and results.md."""
     def plain(row):
         return {**{k: v for k, v in row.items() if k != "intervals"},
                 **{k: vars(i) for k, i in row["intervals"].items()}}
 
-    pairs = [{"a": p["a"], "b": p["b"], **vars(p["diff"])} for p in paired_table(per_seed(runs))]
+    pairs = [{"a": p["a"], "b": p["b"], **vars(p["diff"]), "p": p["p"], "holm_p": p["holm_p"], "claimed": p["claimed"]}
+             for p in paired_table(per_seed(runs))]
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": [plain(r) for r in summary],
                                                   "paired": pairs, "runs": runs}, indent=2, default=str))
     keys = columns(summary, runs)
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["label", "head", "n", "seeds", "lr_scale"] + [c for k in keys for c in (k, k + "_ci95")])
+        writer.writerow(["label", "head", "n", "seeds", "lr_scale", "schedule", "prediction"]
+                        + [c for k in keys for c in (k, k + "_ci95")])
         for row in summary:
             cells = []
             for k in keys:
                 i = row["intervals"].get(k)
                 cells += ["" if i is None else i.mean, "" if i is None or i.half_width is None else i.half_width]
-            writer.writerow([row["label"], row["head"], row["n"], " ".join(map(str, row["seeds"])), row["lr_scale"]] + cells)
+            writer.writerow([row["label"], row["head"], row["n"], " ".join(map(str, row["seeds"])), row["lr_scale"],
+                             row["schedule"], row["prediction"]] + cells)
     seeds = ",".join(str(s) for s in meta.get("seeds", []))
     changes = schedule_changes(meta)
     lines = markdown_table(summary, runs, marked=changes)
     if changes:
         lines += [""] + [f"{SCHEDULE_MARK} {label} changes its paper's schedule: {change}."
                          for label, change in changes.items()]
-    lines += ["", f"mean ± half-width of the 95% t-interval over n seeds ({seeds}); `acc %` is each head's own "
-              f"prediction (top-1, or its primary k); dataset {meta.get('dataset')}, backbone {meta.get('backbone')}, "
-              f"{meta.get('epochs')} epochs; learning-rate scale per row: "
-              + ", ".join(f"{label} x{c['lr_scale']:g}" for label, c in (meta.get("chosen") or {}).items()) + ".",
-              "", "Paired differences of `acc %` (same seed = same data order and initialisation):", ""]
+    lines += ["", f"mean ± half-width of the 95% t-interval over n seeds ({seeds}); `acc %` is each row's "
+              "prediction chosen on the validation split (kNN heads: the k with the best mean validation accuracy "
+              f"over the seeds); dataset {meta.get('dataset')}, backbone {meta.get('backbone')}, "
+              f"{meta.get('epochs')} epochs; choices per row (rate scale, schedule, prediction): "
+              + ", ".join(choice_text(label, c) for label, c in (meta.get("chosen") or {}).items()) + ".",
+              "", "Paired differences of `acc %` (same seed = same data order and initialisation). " + HOLM_NOTE, ""]
     lines += paired_lines(runs)
     for key in meta.get("paired_keys") or ():  # further metrics compared pair by pair (ablate)
         lines += ["", f"Paired differences of `{_header(key)}`:", ""] + paired_lines(runs, key)
@@ -230,12 +261,9 @@ def rich_paired(runs: List[Dict[str, Any]]):
     pairs = paired_table(per_seed(runs))
     if not pairs:
         return None
-    table = Table(title="paired differences of acc % (same seed, same data)")
-    for name in ("a − b", "n", "difference", "95% interval", "excludes 0"):
+    table = Table(title="paired differences of acc % (same seed, same data); claimed: Holm over all pairs, 5%")
+    for name in PAIRED_COLUMNS:
         table.add_column(name, justify="right" if name != "a − b" else "left")
     for pair in pairs:
-        d: Interval = pair["diff"]
-        interval = "—" if d.half_width is None else f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
-        verdict = "—" if d.half_width is None else ("yes" if d.excludes_zero() else "no")
-        table.add_row(escape(f"{pair['a']} − {pair['b']}"), str(d.n), f"{100 * d.mean:+.2f}", interval, verdict)
+        table.add_row(*(escape(cell) for cell in paired_cells(pair)))
     return table

@@ -202,6 +202,11 @@ def _print_metrics(metrics, title):
 def comparison_options(fn):
     """The protocol's validation split and learning-rate sweep, shared by benchmark and ablate."""
     fn = click.option("--sweep-seeds", default=None, help="Seeds of the sweep runs (default: the first of --seeds).")(fn)
+    fn = click.option("--schedules", default="own", show_default=True,
+                      help="Schedule sweep, on the same terms for every row: `own` (the head's: ProtoKNN constant, "
+                           "ProtoPNet StepLR, the plain CNN warm-up + cosine) and `cosine` (every phase: linear "
+                           "warm-up over half an epoch, then cosine decay to 0), e.g. own,cosine; crossed with "
+                           "--lr-scales, each row keeps the pair with the best validation accuracy.")(fn)
     fn = click.option("--lr-scales", default="1", show_default=True,
                       help="Learning-rate sweep: every rate of every head times each scale, e.g. 0.3,1,3; each row "
                            "keeps the scale with the best validation accuracy; 1 = the heads' own rates, no sweep.")(fn)
@@ -217,7 +222,7 @@ def comparison_options(fn):
 def _comparison_settings(*, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs,
                          batch_classes, per_class, prototypes, dim, steps_per_epoch, device, seeds, val_fraction=0.0,
                          lr_scales="1", sweep_seeds=None, frozen_backbone=False, cache_dir=None, image_size=None,
-                         workers=0):
+                         workers=0, schedules="own"):
     """BenchmarkSettings from the options benchmark and ablate share (by keyword, as click passes them)."""
     from ..benchmark import BenchmarkSettings
 
@@ -226,9 +231,17 @@ def _comparison_settings(*, dataset, data_dir, limit, strict, crop, backbone, we
     scales = _split_list(lr_scales, float)
     if not scales or any(s <= 0 for s in scales):
         raise ProtoKNNError(f"--lr-scales {lr_scales!r} must list positive numbers, e.g. 0.3,1,3")
+    from ..benchmark.protocol import SWEEP_SCHEDULES
+
+    schedule_list = _split_list(schedules)
+    unknown = [name for name in schedule_list if name not in SWEEP_SCHEDULES]
+    if not schedule_list or unknown or len(set(schedule_list)) < len(schedule_list):
+        raise ProtoKNNError(f"--schedules {schedules!r} must list distinct schedules out of "
+                            f"{', '.join(SWEEP_SCHEDULES)}, e.g. own,cosine")
     return BenchmarkSettings(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
                              prototypes=prototypes, dim=dim, limit=limit, strict=strict, crop=crop, seeds=_split_list(seeds, int),
                              backbone_options=parse_options(backbone_opts), train=train, lr_scales=tuple(scales),
+                             schedules=tuple(schedule_list),
                              sweep_seeds=_split_list(sweep_seeds, int) if sweep_seeds else None,
                              frozen_backbone=frozen_backbone, cache_dir=cache_dir, image_size=image_size,
                              workers=workers)

@@ -81,15 +81,19 @@ class LinearLogitScorer:
 
 
 def create_scorer(model, anchors: Tensor):
-    """The scorer for ``model``'s head: kNN margin when it has a kNN memory, else the linear last layer."""
+    """The scorer for ``model``'s head: its own (``Head.make_scorer``), else the kNN margin when it has
+    a kNN memory, else the linear last layer."""
+    own = model.head.make_scorer(anchors)
+    if own is not None:
+        return own
     knn = getattr(model.head, "knn", None)
     if knn is not None:
         if len(knn) == 0:
             raise ProtoKNNError("the kNN memory is empty (training did not finish); finish training with "
                                 "`protoknn train ... --resume`")
         return KNNMarginScorer(knn, anchors)
-    last_layer = getattr(model.head, "last_layer", None)
-    if last_layer is None:
+    class_weights = model.head.class_weights()
+    if class_weights is None:
         raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer over "
                             "prototypes, so there is no deletion test for it; use a protoknn or protopnet run")
-    return LinearLogitScorer(last_layer.weight, anchors)
+    return LinearLogitScorer(class_weights, anchors)

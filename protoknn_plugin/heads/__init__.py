@@ -29,6 +29,8 @@ def list_heads() -> List[str]:
 
 
 # Built-in heads register themselves on import.
-from . import plain, protoknn, protopnet  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    deformable_protopnet, pipnet, plain, protoknn, protopnet, protopool, prototree, tesnet,
+)
 
 __all__ = ["HEADS", "Head", "Phase", "PrototypeSpec", "COMPONENTS", "register_head", "create_head", "list_heads", "get_head_class"]

@@ -6,14 +6,14 @@ declares its training phases as data that the trainer follows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
 from ..prototypes import PrototypeOutputs
 
 # Components a phase can train. Everything else is frozen in that phase.
-COMPONENTS = ("backbone", "addon", "prototypes", "head", "last_layer", "beta", "proxies")
+COMPONENTS = ("backbone", "addon", "prototypes", "offsets", "head", "last_layer", "beta", "proxies")
 
 
 @dataclass
@@ -65,7 +65,12 @@ class PrototypeSpec:
     init: str = "hypersphere"
     frozen: bool = True
     cost_space: str = "unit"
+    # extra["dim"]: the add-on's output channels when they are not the model's --dim (PIP-Net:
+    # its prototypes are the add-on's channels, so they number the prototypes).
     extra: Dict[str, object] = field(default_factory=dict)
+    # parts > 0: deformable prototypes of parts x parts parts on a grid of `dilation` spacing.
+    parts: int = 0
+    dilation: int = 2
 
 
 class Head(nn.Module):
@@ -85,6 +90,13 @@ class Head(nn.Module):
     uses_prototypes: bool = True
     uses_memory: bool = False
     project_within_class: bool = False
+    # Phase actions (Phase.after) this head runs itself through ``run_action``, e.g. pruning.
+    actions: Tuple[str, ...] = ()
+    # The explanation a head gives when it has neither a kNN memory nor a linear last layer
+    # ("decision-path": a tree's path from the root to a leaf); None: chosen by those.
+    explanation: Optional[str] = None
+    # False when training needs something a frozen-backbone feature cache cannot give.
+    supports_frozen_backbone: bool = True
 
     def __init__(self, num_classes: int, backbone_channels: int, dim: int, num_prototypes: int):
         super().__init__()
@@ -120,6 +132,39 @@ class Head(nn.Module):
         frozen and cached (it never trains, whatever the phases' rates say)."""
         raise NotImplementedError
 
+    # ---- hooks the trainer calls (defaults do nothing) ---------------------------------
+    def prepare_batch(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """The training batch the model is fed, e.g. two views of each image: images (B, C, H, W), labels (B,)."""
+        return images, labels
+
+    def begin_epoch(self, phase: Phase, epoch: int, steps: int, first_step: int, run_epoch: int) -> None:
+        """Called before each training epoch runs: ``epoch`` counts from 0 within ``phase``, ``steps``
+        is the epoch's length, ``first_step`` where it starts (0 unless resumed mid-epoch), and
+        ``run_epoch`` counts the image-training epochs of every phase from 0 (ProtoPool's
+        Gumbel-softmax scale follows it)."""
+
+    def after_step(self) -> None:
+        """Called after every optimiser step of a training epoch (derivative-free updates, clamps)."""
+
+    def run_action(self, action: str, train_profiles: Callable[[], Tuple[Tensor, Tensor]]) -> None:
+        """Run one of ``actions`` at the end of a phase; ``train_profiles()`` gives the training set's
+        profiles (N, P) and labels (N,)."""
+        raise NotImplementedError(action)
+
+    def stage_info(self, profiles: Callable[[], Tensor]) -> Dict[str, float]:
+        """Numbers recorded with every stage (e.g. a tree's size); ``profiles()`` gives the stage set's (N, P)."""
+        return {}
+
+    def projection_classes(self) -> Optional[Tensor]:
+        """Whose training images each prototype may be projected onto: None (any image), (P,) one
+        class per prototype, or a boolean (C, P) of the classes whose images each may use."""
+        return getattr(self, "prototype_class", None) if self.project_within_class else None
+
+    def make_scorer(self, anchors: Tensor):
+        """The deletion test's scorer for profiles ``anchors`` (N, P) when this head scores in its own
+        way (see faithfulness.scorers: ``evidence``, ``score``, ``predict``); None: kNN or linear."""
+        return None
+
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """The head's own parameters by component (``head``, ``last_layer``, ``beta``, ``proxies``)."""
         params = [p for p in self.parameters()]
@@ -133,6 +178,18 @@ class Head(nn.Module):
 
     def predict(self, out: PrototypeOutputs) -> Tensor:
         return self.predict_all(out)[self.primary]
+
+    def classes_using(self) -> Optional[List[List[int]]]:
+        """Per prototype, the classes it belongs to by design (a ProtoPNet prototype: its own
+        class; a pool prototype: the classes whose slots pick it); None for class-free prototypes."""
+        own = getattr(self, "prototype_class", None)
+        return None if own is None else [[int(c)] for c in own.tolist()]
+
+    def class_weights(self) -> Optional[Tensor]:
+        """(C, P) with logits = profile @ class_weights().T at inference, for heads linear in the
+        prototype profile (explanations and deletion tests read it); None for the others."""
+        last_layer = getattr(self, "last_layer", None)
+        return None if last_layer is None else last_layer.weight
 
     def summary(self) -> Dict[str, object]:
         return {"name": self.name, **self.defaults()}

@@ -89,9 +89,15 @@ def assign_head_options(rows: Sequence[Tuple[str, str]], items: Sequence[str]) -
 def parse_rows(text: str, option: str = "--heads", example: str = "pk-sum=protoknn") -> List[Tuple[str, str]]:
     """``'pk=protoknn,pk-sum=protoknn,cnn'`` -> ``[('pk', 'protoknn'), ('pk-sum', 'protoknn'), ('cnn', 'cnn')]``.
 
+    ``all`` alone (``--heads all``) is one row per registered head, named after it.
+
     ``option`` and ``example`` name the command-line option in the errors (``--heads`` rows
     are LABEL=HEAD, ``ablate --variants`` rows LABEL=VARIANT).
     """
+    if option == "--heads" and text.strip() == "all":
+        from . import list_heads
+
+        return [(name, name) for name in list_heads()]
     rows = []
     for item in (v.strip() for v in text.split(",")):
         if not item:

@@ -20,6 +20,9 @@ from .base import Head, Phase, PrototypeSpec
 from .space import FloatRange
 
 
+PROTOPNET_SIMILARITIES = ("log", "cosine")
+
+
 @register_head("protopnet")
 class ProtoPNetHead(Head):
     name = "protopnet"
@@ -48,6 +51,7 @@ class ProtoPNetHead(Head):
         last_layer_lr: float = 1e-4,
         weight_decay: float = 1e-3,
         prototype_init: str = "shifted-normal",
+        similarity: str = "log",
     ):
         # num_prototypes is ignored unless it is a multiple of the class count: ProtoPNet's
         # prototypes are class-specific, `prototypes_per_class` of each class.
@@ -68,6 +72,11 @@ class ProtoPNetHead(Head):
         if prototype_init not in ("uniform", "shifted-normal"):
             raise UnknownNameError("ProtoPNet prototype init", prototype_init, ("uniform", "shifted-normal"))
         self.prototype_init = prototype_init
+        # "log": the paper's log((d + 1) / (d + 1e-4)) on squared L2; "cosine": cos(z, p) of the best patch,
+        # after Moffett et al. (WACV 2026), with the cluster and separation terms on 2 - 2 cos.
+        if similarity not in PROTOPNET_SIMILARITIES:
+            raise UnknownNameError("protopnet similarity", similarity, PROTOPNET_SIMILARITIES)
+        self.similarity = similarity
         self.register_buffer("prototype_class", torch.arange(total) // prototypes_per_class)
         self.last_layer = nn.Linear(total, num_classes, bias=False)
         identity = F.one_hot(self.prototype_class, num_classes).t().float()  # (C, P)
@@ -84,6 +93,7 @@ class ProtoPNetHead(Head):
             "lrs": "warm/joint add-on + prototypes 3e-3, joint backbone 1e-4 (pretrained) or 1e-3 (from scratch), "
                    "last layer 1e-4; weight decay 1e-3 on backbone and add-on",
             "predict": "argmax of the linear last layer",
+            "similarity": "log (the paper); cosine: cos(z, p), cluster and separation on 2 - 2 cos (Moffett et al.)",
         }
 
     @classmethod
@@ -104,8 +114,8 @@ class ProtoPNetHead(Head):
         }
 
     def prototype_spec(self) -> PrototypeSpec:
-        return PrototypeSpec(self.requested_prototypes, similarity="log", addon="protopnet", init=self.prototype_init,
-                             frozen=False)
+        return PrototypeSpec(self.requested_prototypes, similarity=self.similarity, addon="protopnet",
+                             init=self.prototype_init, frozen=False)
 
     def _l1(self) -> Tensor:
         off_class = 1 - F.one_hot(self.prototype_class, self.num_classes).t().float()

@@ -6,7 +6,7 @@ from typing import Dict, List
 
 import torch
 
-from ..explain import _forward_maps, counterfactual, this_looks_like_that
+from ..explain import _forward_maps, counterfactual, decision_path, this_looks_like_that
 from ..figures import _class_name, _num
 from .gallery import PAGE as GALLERY, prototype_label
 from .html import esc, figure, link, table, write_page
@@ -135,6 +135,30 @@ def _count_words(count: int) -> str:
     return f"the {words.get(count, str(count))} runner-up classes"
 
 
+def _decision_path_section(model, splits, tiles, index, image, label) -> str:
+    result = decision_path(model, image, splits.train_plain, label=label, name=f"test #{index}")
+    order = torch.argsort(result.leaf_distribution, descending=True)[:4].tolist()
+    leaf = table(("class", "probability"), [(_class_name(splits, c), _num(float(result.leaf_distribution[c])))
+                                           for c in order], caption=f"leaf {result.leaf}")
+    rows = []
+    for depth, step in enumerate(result.steps):
+        src = splits.train_plain[step.source_index][0]
+        label_i = prototype_label(model, splits, step.node)
+        verdict = "present, so right" if step.present else "absent, so left"
+        pics = [figure(tiles.write(f"t{index}-d{depth}-this", result.image, box=step.box),
+                       f"where node {step.node}'s prototype activates on test image #{index}", "test image"),
+                figure(tiles.write(f"t{index}-d{depth}-proto", src, crop=step.source_box),
+                       f"{label_i}: the prototype's patch", "prototype"),
+                figure(tiles.write(f"t{index}-d{depth}-source", src, box=step.source_box, cell=step.source_cell_box),
+                       f"{label_i}: source training image #{step.source_index}", f"source: train #{step.source_index}")]
+        rows.append(f"<h3>depth {depth}: node {step.node} ({_proto_link(model, splits, step.node)}), "
+                    f"s = {esc(_num(step.similarity))}: {verdict}</h3><div class=\"row\">{''.join(pics)}</div>")
+    size = ", ".join(f"{esc(k.replace('tree_', '').replace('_', ' '))} {int(v)}" for k, v in result.tree.items())
+    return (f"<section><h2>Decision path to leaf {result.leaf}</h2>{leaf}<p>Each node routes right when its "
+            f"prototype is present (s = exp(−distance) &gt; 0.5). Pruned tree: {size}.</p>" + "".join(rows)
+            + "</section>")
+
+
 def write_example(out, model, splits, tiles, index: int, predicted: int, nav, others: Dict[str, str]) -> str:
     """Write the page of test image ``index``; ``others``: {label: href} of the same image under other heads."""
     image, label = splits.test[index]
@@ -151,6 +175,8 @@ def write_example(out, model, splits, tiles, index: int, predicted: int, nav, ot
                     + _count_words(len(runners)) + ": "
                     + ", ".join(f'<a href="#vs-{c}">{esc(_class_name(splits, c))}</a>' for c in runners) + ".</p>")
         body += [_counterfactual_section(model, splits, tiles, index, image, int(label), c) for c in runners]
+    elif model.head.explanation == "decision-path":
+        body.append(_decision_path_section(model, splits, tiles, index, image, int(label)))
     else:
         body.append(_looks_like_section(model, splits, tiles, index, image, int(label)))
     name = page_name(index)

@@ -16,6 +16,7 @@ from ..errors import ProtoKNNError
 from ..figures import _class_name, _num
 from .examples import choose_examples, page_name, predictions, write_example
 from .gallery import PAGE as GALLERY, write_gallery
+from .tree import tree_link
 from .html import esc, figure, link, table, write_page
 from .tiles import TileWriter
 
@@ -181,11 +182,11 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
         verdict = "misclassified" if label != guess else "correct"
         entries.append(f"<li>{link(name, f'test #{index}')}: true {esc(_class_name(splits, label))}, predicted "
                        f"{esc(_class_name(splits, guess))} ({verdict})</li>")
-
+    tree = tree_link(out, model, splits, tiles, nav)  # "" unless the head is a decision tree
     head = saved["model_config"]["head"]
     metrics = _read_json(run_dir / "metrics.json") or {}
     body = [f"<p>Run directory: <code>{esc(run_dir)}</code>. Head <strong>{esc(head)}</strong> on "
-            f"<strong>{esc(saved['dataset'])}</strong>. " + link(GALLERY, "Browse the prototypes") + ".</p>",
+            f"<strong>{esc(saved['dataset'])}</strong>. " + link(GALLERY, "Browse the prototypes") + f".{tree}</p>",
             "<h2>Metrics</h2>",
             table(("metric", "value"), [(k, f"{100 * v:.2f} %" if k.startswith("accuracy[") else
                                          (_num(v) if isinstance(v, float) else v)) for k, v in metrics.items()])

@@ -136,14 +136,20 @@ def _refuse_unprojected(loaded: TrainedModel, choice: str) -> TrainedModel:
 @torch.no_grad()
 def evaluate(model: PrototypeModel, dataset: Dataset, batch_size: int = 256,
              device: Optional[torch.device] = None, workers: int = 0) -> Dict[str, float]:
-    """Accuracy of every named prediction (``top1`` or ``k=1``, ``k=3``, ...) and images per second."""
+    """Accuracy of every named prediction (``top1`` or ``k=1``, ``k=3``, ...), images per second, and the
+    head's own numbers on these profiles (``Head.stage_info``: a tree's size, PIP-Net's sparsity; under
+    torchrun those of this rank's shard)."""
     device = device or next(model.parameters()).device
     model.eval()
     correct: Dict[str, int] = {}
     total, started = 0, time.perf_counter()
     # Under torchrun every rank evaluates its shard; the counts are summed over ranks.
+    profiles = []
     for images, labels, _ in plain_loader(dataset, batch_size, sharded=True, workers=workers, device=device):
-        preds = model.predict_all(images.to(device, non_blocking=True))
+        out = model(images.to(device, non_blocking=True))
+        preds = model.head.predict_all(out)
+        if out.profile is not None:
+            profiles.append(out.profile)
         for name, p in preds.items():
             correct[name] = correct.get(name, 0) + int((p.cpu() == labels).sum())
         total += len(labels)
@@ -156,6 +162,7 @@ def evaluate(model: PrototypeModel, dataset: Dataset, batch_size: int = 256,
         raise ProtoKNNError("the evaluation set is empty; check the dataset path and --limit")
     metrics = {f"accuracy[{name}]": c / total for name, c in correct.items()}
     metrics["images_per_second"] = total / max(seconds, 1e-9)
+    metrics.update(model.head.stage_info(lambda: torch.cat(profiles)))
     metrics["test_images"] = total
     return metrics
 

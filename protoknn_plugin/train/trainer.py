@@ -49,6 +49,7 @@ class LossForward(nn.Module):
         self.model, self.precision = model, precision
 
     def forward(self, images: Tensor, labels: Tensor) -> Dict[str, Tensor]:
+        images, labels = self.model.head.prepare_batch(images, labels)
         with self.precision.autocast():
             out = self.model(images)
         out = distributed.gather_outputs(outputs_to_float(out))
@@ -222,6 +223,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(terms["total"])
         self.precision.step(self.optimizer)
+        self.model.head.after_step()
         if self.scheduler is not None and self._step_schedule:
             self.scheduler.step()
         return terms
@@ -240,6 +242,8 @@ class Trainer:
         if st.batches is None:
             st.batches = epoch_batches(self.splits.train_labels, self.config)
             st.step = 0
+        run_epoch = sum(p.epochs for p in self.phases[:st.phase] if not p.cached_profiles) + st.epoch
+        self.model.head.begin_epoch(phase, st.epoch, len(st.batches), st.step, run_epoch)
         self.model.train()
         # Loss sums stay on the device between sync points (no per-step .item()).
         sums: Dict[str, Any] = dict(st.epoch_sums)  # carries over a resumed epoch's first part
@@ -358,7 +362,8 @@ class Trainer:
     def _record_stage(self, phase: Phase, when: str) -> None:
         if self.stage_eval is not None:
             self.state.stages.append({"phase": phase.name, "phase_index": self.state.phase, "when": when,
-                                      **self.score(self.stage_eval)})
+                                      **self.score(self.stage_eval),
+                                      **self.model.head.stage_info(lambda: self.profiles(self.stage_eval)[0])})
 
     def _after(self, phase: Phase) -> None:
         if phase.after:
@@ -374,6 +379,8 @@ class Trainer:
             elif action == "build_memory":
                 profiles, labels = self.profiles(self.splits.train_plain)
                 self.model.head.fit_memory(profiles, labels)
+            elif action in self.model.head.actions:
+                self.model.head.run_action(action, lambda: self.profiles(self.splits.train_plain))
             else:
                 raise ProtoKNNError(f"phase {phase.name!r} asks for unknown action {action!r}")
         self._fresh_scores = None
