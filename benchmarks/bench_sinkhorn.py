@@ -63,8 +63,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from protoknn_plugin.cluster import (  # noqa: E402
     ProtoKNNClusterLoss,
-    _class_index,
-    _stack_by_class,
+    class_index,
+    stack_by_class,
     affiliation,
     sample_counts,
     transport_plan,
@@ -97,7 +97,7 @@ def make_batch(features: str, classes: int, per_class: int, protos: int, dim: in
 def marginal_error(plan: torch.Tensor, labels: torch.Tensor, affil: torch.Tensor) -> float:
     """max(|T 1 - 1|, max_y |sum_{a in y} T_a - N_y P(y, .)|), on the plan in float64."""
     plan = plan.detach().double().cpu()
-    _, index, sizes = _class_index(labels.cpu())
+    _, index, sizes = class_index(labels.cpu())
     cols = torch.zeros(sizes.shape[0], plan.shape[1], dtype=torch.float64).index_add_(0, index, plan)
     target = sizes.double().unsqueeze(1) * affil.double().cpu()
     return max(float((plan.sum(1) - 1).abs().max()), float((cols - target).abs().max()))
@@ -120,8 +120,8 @@ def time_ms(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool) -> 
 
 def our_iterations(cost, labels, affil, reg, tol, max_iter) -> int:
     """Iterations our solver runs on this problem (the same stacking as transport_plan)."""
-    _, index, sizes = _class_index(labels)
-    slot, n_max = _stack_by_class(index, sizes)
+    _, index, sizes = class_index(labels)
+    slot, n_max = stack_by_class(index, sizes)
     y, p = sizes.shape[0], cost.shape[1]
     blocks = torch.zeros(y, n_max, p, dtype=cost.dtype, device=cost.device)
     blocks[index, slot] = cost
@@ -135,8 +135,8 @@ def our_iterations(cost, labels, affil, reg, tol, max_iter) -> int:
 def stacked_problem(cost, labels, affil):
     """(Y, Nmax, P) cost block, row masses (Y, Nmax) and column masses (Y, P), as transport_plan
     builds them without compaction."""
-    _, index, sizes = _class_index(labels)
-    slot, n_max = _stack_by_class(index, sizes)
+    _, index, sizes = class_index(labels)
+    slot, n_max = stack_by_class(index, sizes)
     y, p = sizes.shape[0], cost.shape[1]
     blocks = torch.zeros(y, n_max, p, dtype=cost.dtype, device=cost.device)
     blocks[index, slot] = cost

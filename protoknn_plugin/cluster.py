@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from .errors import ProtoKNNError, UnknownNameError
 from .sampling import relaxed_counts, sample_counts  # noqa: F401  (sample_counts: public here)
-from .transport import (  # noqa: F401  (transport_plan, SOLVERS, _stack_by_class: public here too)
-    SOLVERS, _check_labels, _check_matrix, _class_index, _stack_by_class, _transport_from_index, transport_plan,
+from .transport import (  # noqa: F401  (transport_plan, SOLVERS, stack_by_class: public here too)
+    SOLVERS, check_labels, check_matrix, class_index, stack_by_class, transport_from_index, transport_plan,
 )
 
 CLUSTER_VARIANTS = ("most-similar", "sampling", "debias", "linear-assignment", "full",
@@ -69,12 +69,12 @@ def affiliation(counts: Tensor, labels: Tensor, debias: bool = True) -> Tuple[Te
     A class whose row is all zeros (only when B == 1, where nothing is drawn) falls
     back to the uniform 1/P, so rows always sum to 1 and nothing divides by zero.
     """
-    _check_matrix(counts, "counts")
-    _check_labels(labels, counts.shape[0])
+    check_matrix(counts, "counts")
+    check_labels(labels, counts.shape[0])
     counts = counts.detach()
     if not counts.dtype.is_floating_point:
         counts = counts.float()
-    classes, index, sizes = _class_index(labels.to(counts.device))
+    classes, index, sizes = class_index(labels.to(counts.device))
     return classes, _affiliation_from_index(counts, index, sizes, debias)
 
 
@@ -200,7 +200,7 @@ class ProtoKNNClusterLoss(nn.Module):
                 f"cluster loss: variant {self.variant!r} needs {weighted_name}, got None; "
                 f"pass the prototype layer's {weighted_name}."
             )
-        _check_matrix(weighted, weighted_name)
+        check_matrix(weighted, weighted_name)
         n, p = weighted.shape
         if n == 0 or p == 0:
             raise ProtoKNNError(
@@ -223,13 +223,13 @@ class ProtoKNNClusterLoss(nn.Module):
                 )
             used["profiles"] = profiles
         for name, x in used.items():
-            _check_matrix(x, name)
+            check_matrix(x, name)
             if x.shape != (n, p):
                 raise ProtoKNNError(
                     f"cluster loss: {name} has shape {tuple(x.shape)} but {weighted_name} has "
                     f"{(n, p)}; pass all of them for the same batch and prototypes."
                 )
-        _check_labels(labels, n)
+        check_labels(labels, n)
         finite = torch.stack([torch.isfinite(x).all() for x in used.values()])
         if not bool(finite.all()):  # the one host sync of the check
             bad = [name for name, ok in zip(used, finite.tolist()) if not ok]
@@ -275,11 +275,11 @@ class ProtoKNNClusterLoss(nn.Module):
             nearest = solved.argmin(dim=1, keepdim=True)
             return torch.zeros_like(solved).scatter_(1, nearest, 1.0)
         counts = self._counts(profiles, generator, grad and self.relaxed)
-        _, index, sizes = _class_index(labels)
+        _, index, sizes = class_index(labels)
         affil = _affiliation_from_index(counts, index, sizes, debias=self.variant != "sampling")
         if self.variant in ("sampling", "debias"):
             return affil[index].to(dtype)  # rows of P(y, .) already sum to 1
-        return _transport_from_index(
+        return transport_from_index(
             solved, index, sizes, affil, self.reg, self.max_iter, self.tol, self.solver,
             differentiable=grad,
         )

@@ -284,6 +284,14 @@ def projection_summary(record: ProjectionRecord) -> dict:
     return summary
 
 
+def allowed_images(prototype_class: Tensor, labels: Tensor) -> Tensor:
+    """(B, P) bool: which prototypes may be projected onto each image of ``labels`` (B,), from
+    ``prototype_class``: (P,) one class per prototype, or a boolean (C, P) of allowed classes."""
+    if prototype_class.dtype == torch.bool:
+        return prototype_class.to(labels.device)[labels]
+    return labels[:, None] == prototype_class.to(labels.device)[None, :]
+
+
 @torch.no_grad()
 def project(
     layer: PrototypeLayer,
@@ -315,11 +323,7 @@ def project(
         # push minimises L2 distance.
         score = -dist if layer.similarity in ("log", "focal") else sim
         if prototype_class is not None:
-            if prototype_class.dtype == torch.bool:
-                allowed = prototype_class.to(device)[labels.to(device)]  # (B, P)
-            else:
-                allowed = labels.to(device)[:, None] == prototype_class.to(device)[None, :]  # (B, P)
-            score = score.masked_fill(~allowed[:, :, None], -float("inf"))
+            score = score.masked_fill(~allowed_images(prototype_class, labels.to(device))[:, :, None], -float("inf"))
         flat = score.permute(1, 0, 2).reshape(P, -1)  # (P, B*HW)
         value, where = flat.max(dim=1)
         improved = value > best

@@ -22,7 +22,7 @@ from .sinkhorn_grad import sinkhorn_implicit
 SOLVERS = ("torch", "pot", "pot-loop")
 
 
-def _check_matrix(x: Tensor, name: str, what: str = "(B, P)") -> None:
+def check_matrix(x: Tensor, name: str, what: str = "(B, P)") -> None:
     if not isinstance(x, Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ProtoKNNError(
@@ -31,7 +31,7 @@ def _check_matrix(x: Tensor, name: str, what: str = "(B, P)") -> None:
         )
 
 
-def _check_labels(labels: Tensor, batch: int) -> None:
+def check_labels(labels: Tensor, batch: int) -> None:
     if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != batch:
         shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ProtoKNNError(
@@ -45,7 +45,7 @@ def _check_labels(labels: Tensor, batch: int) -> None:
         )
 
 
-def _class_index(labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def class_index(labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """classes (Y,) sorted unique labels, index (B,) of each sample's class, sizes (Y,)."""
     classes, index, sizes = torch.unique(labels, sorted=True, return_inverse=True, return_counts=True)
     return classes, index, sizes
@@ -61,7 +61,7 @@ def _class_slots(index: Tensor, sizes: Tensor) -> Tensor:
     return slot
 
 
-def _stack_by_class(index: Tensor, sizes: Tensor) -> Tuple[Tensor, int]:
+def stack_by_class(index: Tensor, sizes: Tensor) -> Tuple[Tensor, int]:
     """Slot (B,) of each sample inside its class block, and the largest class size."""
     return _class_slots(index, sizes), int(sizes.max())  # host sync: the block's shape
 
@@ -100,7 +100,7 @@ def _warn_unconverged(max_iter: int, error: float, tol: float) -> None:
     )
 
 
-def _transport_from_index(
+def transport_from_index(
     cost: Tensor, index: Tensor, sizes: Tensor, affil: Tensor,
     reg: float, max_iter: int, tol: float, solver: str, compact: bool = True,
     differentiable: bool = False,
@@ -189,14 +189,14 @@ def transport_plan(
     ``compact`` solves only the prototypes that some class of the batch drew (the
     others get T = 0 anyway); it changes the speed, not the plan.
     """
-    _check_matrix(cost, "cost")
+    check_matrix(cost, "cost")
     if not bool(torch.isfinite(cost).all()):
         raise ProtoKNNError(
             "non-finite values (NaN or inf) in the transport cost; check the feature maps and "
             "prototypes upstream, or lower the learning rate"
         )
-    _check_labels(labels, cost.shape[0])
-    _check_matrix(affiliation, "affiliation", "(Y, P)")
+    check_labels(labels, cost.shape[0])
+    check_matrix(affiliation, "affiliation", "(Y, P)")
     if solver not in SOLVERS:
         raise UnknownNameError("transport solver", solver, SOLVERS)
     if not reg > 0:
@@ -213,12 +213,12 @@ def transport_plan(
     if cost.dtype not in (torch.float32, torch.float64):
         cost = cost.float()
     labels, classes, affiliation = (t.to(cost.device) for t in (labels, classes, affiliation))
-    found, index, sizes = _class_index(labels)
+    found, index, sizes = class_index(labels)
     if found.shape != classes.shape or not bool((found == classes.to(found.dtype)).all()):
         raise ProtoKNNError(
             "cluster loss: classes do not equal the sorted unique labels of this batch; "
             "pass the classes returned by affiliation(counts, labels) for the same labels."
         )
-    return _transport_from_index(
+    return transport_from_index(
         cost, index, sizes, affiliation.detach(), reg, max_iter, tol, solver, compact
     )

@@ -47,18 +47,6 @@ LONG_FUNCTIONS: Set[str] = {
 }
 
 PRIVATE_IMPORTS: Set[str] = {
-    "cli/comparing.py -> protoknn_plugin.cli.common._comparison_settings",
-    "cli/comparing.py -> protoknn_plugin.cli.common._setup_threads",
-    "cli/reporting.py -> protoknn_plugin.cli.common._split_list",
-    "cli/training.py -> protoknn_plugin.cli.common._print_metrics",
-    "cli/training.py -> protoknn_plugin.cli.common._report_skipped",
-    "cli/training.py -> protoknn_plugin.cli.common._setup_threads",
-    "cli/training.py -> protoknn_plugin.cli.common._train_config",
-    "cluster.py -> protoknn_plugin.transport._check_labels",
-    "cluster.py -> protoknn_plugin.transport._check_matrix",
-    "cluster.py -> protoknn_plugin.transport._class_index",
-    "cluster.py -> protoknn_plugin.transport._stack_by_class",
-    "cluster.py -> protoknn_plugin.transport._transport_from_index",
     "faithfulness/deletion.py -> protoknn_plugin.explain._forward_maps",
     "faithfulness/purity.py -> protoknn_plugin.explain._device",
     "faithfulness/run.py -> protoknn_plugin.figures._check_run",

@@ -20,7 +20,7 @@ console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS")
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _split_list(value: str, cast=str) -> List:
+def split_list(value: str, cast=str) -> List:
     items = [v.strip() for v in value.split(",") if v.strip()]
     try:
         return [cast(v) for v in items]
@@ -90,7 +90,7 @@ def training_options(fn):
     return dataset_options(fn)
 
 
-def _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed=0, deterministic=False):
+def make_train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed=0, deterministic=False):
     from ..train import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_classes=batch_classes, per_class=per_class,
@@ -150,7 +150,7 @@ def parse_options(pairs) -> dict:
     return options
 
 
-def _setup_threads(threads: Optional[int]) -> None:
+def setup_threads(threads: Optional[int]) -> None:
     import torch
 
     if threads:
@@ -181,14 +181,14 @@ def run_cli(fn):
     return wrapper
 
 
-def _report_skipped(splits) -> None:
+def report_skipped(splits) -> None:
     skipped = getattr(splits, "skipped", None) or []
     if skipped:
         err_console.print(f"warning: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}; "
                           "pass --strict to stop on them instead", markup=False)
 
 
-def _print_metrics(metrics, title):
+def print_metrics(metrics, title):
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -219,30 +219,30 @@ def comparison_options(fn):
     return fn
 
 
-def _comparison_settings(*, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs,
+def comparison_settings(*, dataset, data_dir, limit, strict, crop, backbone, weights, backbone_opts, epochs,
                          batch_classes, per_class, prototypes, dim, steps_per_epoch, device, seeds, val_fraction=0.0,
                          lr_scales="1", sweep_seeds=None, frozen_backbone=False, cache_dir=None, image_size=None,
                          workers=0, schedules="own"):
     """BenchmarkSettings from the options benchmark and ablate share (by keyword, as click passes them)."""
     from ..benchmark import BenchmarkSettings
 
-    train = _train_config(epochs, batch_classes, per_class, steps_per_epoch, device)
+    train = make_train_config(epochs, batch_classes, per_class, steps_per_epoch, device)
     train.val_fraction = val_fraction
-    scales = _split_list(lr_scales, float)
+    scales = split_list(lr_scales, float)
     if not scales or any(s <= 0 for s in scales):
         raise ProtoKNNError(f"--lr-scales {lr_scales!r} must list positive numbers, e.g. 0.3,1,3")
     from ..benchmark.protocol import SWEEP_SCHEDULES
 
-    schedule_list = _split_list(schedules)
+    schedule_list = split_list(schedules)
     unknown = [name for name in schedule_list if name not in SWEEP_SCHEDULES]
     if not schedule_list or unknown or len(set(schedule_list)) < len(schedule_list):
         raise ProtoKNNError(f"--schedules {schedules!r} must list distinct schedules out of "
                             f"{', '.join(SWEEP_SCHEDULES)}, e.g. own,cosine")
     return BenchmarkSettings(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
-                             prototypes=prototypes, dim=dim, limit=limit, strict=strict, crop=crop, seeds=_split_list(seeds, int),
+                             prototypes=prototypes, dim=dim, limit=limit, strict=strict, crop=crop, seeds=split_list(seeds, int),
                              backbone_options=parse_options(backbone_opts), train=train, lr_scales=tuple(scales),
                              schedules=tuple(schedule_list),
-                             sweep_seeds=_split_list(sweep_seeds, int) if sweep_seeds else None,
+                             sweep_seeds=split_list(sweep_seeds, int) if sweep_seeds else None,
                              frozen_backbone=frozen_backbone, cache_dir=cache_dir, image_size=image_size,
                              workers=workers)
 

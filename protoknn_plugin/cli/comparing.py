@@ -9,7 +9,7 @@ import click
 
 from ..errors import ProtoKNNError
 from . import cli
-from .common import (_comparison_settings, _setup_threads, comparison_options, console, err_console,
+from .common import (comparison_settings, setup_threads, comparison_options, console, err_console,
                      frozen_backbone_options, run_cli, training_options, with_preset)
 
 
@@ -131,11 +131,11 @@ def benchmark(head_names, head_opts, threads, explanations, out, tune, executor,
               ray_cpus, **shared):
     from ..heads.options import parse_rows
 
-    _setup_threads(threads)
+    setup_threads(threads)
     if shared.get("seeds") is None:
         shared["seeds"] = FROZEN_SEEDS if shared.get("frozen_backbone") else DEFAULT_SEEDS
     specs = _specs(parse_rows(head_names), head_opts)
-    settings = _comparison_settings(**shared)
+    settings = comparison_settings(**shared)
     if tune:  # say now, not after loading the data, when the search library is missing
         from ..benchmark.tuning import optuna_module
 
@@ -175,7 +175,7 @@ def ablate(variants, head_opts, threads, out, **shared):
     from ..errors import UnknownNameError
     from ..heads.options import assign_head_options, parse_rows
 
-    _setup_threads(threads)
+    setup_threads(threads)
     rows, base = [], {}
     for label, item in parse_rows(variants, "--variants", "full,learnable=full"):
         variant, _, reduction = item.partition(":")
@@ -187,7 +187,7 @@ def ablate(variants, head_opts, threads, out, **shared):
         base[label] = {"cluster_variant": variant, "cluster_reduction": reduction or "mean"}
     options = assign_head_options(rows, head_opts)
     specs = [RunSpec(label, head, {**base[label], **options[label]}) for label, head in rows]
-    settings = _comparison_settings(**shared)
+    settings = comparison_settings(**shared)
     # The main table's `acc %` is each row's k chosen on validation; k = 1, spread and step time are compared too.
     _run_interruptibly(specs, settings, out, f"cluster-loss ablation on {settings.dataset}",
                        paired_keys=("accuracy[k=1]", "prototype_spread", "step_ms", "peak_memory_mb"))

@@ -8,9 +8,9 @@ from .common import console, err_console, model_choice, model_choice_options, ru
 
 
 def _parse_ms(value: str):
-    from .common import _split_list
+    from .common import split_list
 
-    return tuple(_split_list(value, int))
+    return tuple(split_list(value, int))
 
 
 @cli.command()

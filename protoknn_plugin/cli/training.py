@@ -9,7 +9,7 @@ import click
 
 from ..errors import ProtoKNNError
 from . import cli
-from .common import (_print_metrics, _report_skipped, _setup_threads, _train_config, check_option_ranges,
+from .common import (print_metrics, report_skipped, setup_threads, make_train_config, check_option_ranges,
                      config_option, console, err_console, frozen_backbone_options, loading_options, model_choice,
                      model_choice_options, parse_options, precision_option, run_cli, say_note, training_options,
                      with_preset, workers_option, write_run_config)
@@ -63,14 +63,14 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     check_option_ranges(params)
     check_run_dir(out, resume, overwrite)
     saved = require_run_parts(load_checkpoint(out), checkpoint_path(out)) if resume else None
-    _setup_threads(threads)
+    setup_threads(threads)
     splits = create_dataset(dataset, data_dir, limit=limit, strict=strict, crop=crop, image_size=image_size)
-    _report_skipped(splits)
+    report_skipped(splits)
     model = _new_model(splits, head, head_opts, backbone, backbone_opts, weights, prototypes, dim, seed,
                        dict(task_loss=task_loss, aux_loss=aux_loss, cluster_variant=cluster_variant,
                             cluster_reduction=cluster_reduction, memory=memory, k=k))
     data_info = {"data_dir": data_dir, "limit": limit, "crop": crop, "image_size": image_size}
-    train_config = _train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed, deterministic)
+    train_config = make_train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed, deterministic)
     train_config.val_fraction, train_config.workers = val_fraction, workers
     train_config.precision, train_config.tensorboard = precision, tensorboard
     train_config.__post_init__()  # check the new fields
@@ -109,7 +109,7 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     if distributed.is_main():  # under torchrun, rank 0 alone writes and reports
         metrics["processes"] = distributed.world_size()
         write_json(Path(out) / "metrics.json", metrics)
-        _print_metrics({k: v for k, v in metrics.items() if k not in ("best", "pushes")}, f"{head} on {dataset}")
+        print_metrics({k: v for k, v in metrics.items() if k not in ("best", "pushes")}, f"{head} on {dataset}")
         for push in state.pushes:
             console.print(push_line(push), markup=False, highlight=False)
     distributed.teardown()
@@ -228,7 +228,7 @@ def evaluate(run_dir, data_dir, device, last, unprojected, workers, image_size):
     metrics["checkpoint"] = file
     if writable:
         write_json(Path(run_dir) / "metrics.json", metrics)
-    _print_metrics(metrics, f"{saved['model_config']['head']} on {saved['dataset']}")
+    print_metrics(metrics, f"{saved['model_config']['head']} on {saved['dataset']}")
     if not writable:
         err_console.print(f"warning: {run_dir} is not writable, so metrics.json was left as it was; "
                           "the table above is the result", markup=False, highlight=False)

@@ -141,6 +141,19 @@ def _config_rows(saved: dict) -> List[tuple]:
     return rows
 
 
+def _example_pages(out, model, splits, tiles, predicted, indices, nav, others) -> List[str]:
+    """Write one page per test image in ``indices``; returns their index-page list items."""
+    entries = []
+    for index in indices:
+        links = {label: f"{prefix}/{page_name(index)}" for label, prefix in (others or {}).items()}
+        name = write_example(out, model, splits, tiles, int(index), int(predicted[index]), nav, links)
+        label, guess = int(splits.test_labels[index]), int(predicted[index])
+        verdict = "misclassified" if label != guess else "correct"
+        entries.append(f"<li>{link(name, f'test #{index}')}: true {esc(_class_name(splits, label))}, predicted "
+                       f"{esc(_class_name(splits, guess))} ({verdict})</li>")
+    return entries
+
+
 def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed: int = 0,
                  faithfulness: bool = True, indices: Optional[Sequence[int]] = None,
                  others: Optional[Dict[str, str]] = None, up: Optional[str] = None, choice: str = "best",
@@ -174,14 +187,7 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
     predicted = predictions(model, splits.test)
     if indices is None:
         indices = choose_examples(splits.test_labels, predicted, images, seed)
-    entries = []
-    for index in indices:
-        links = {label: f"{prefix}/{page_name(index)}" for label, prefix in (others or {}).items()}
-        name = write_example(out, model, splits, tiles, int(index), int(predicted[index]), nav, links)
-        label, guess = int(splits.test_labels[index]), int(predicted[index])
-        verdict = "misclassified" if label != guess else "correct"
-        entries.append(f"<li>{link(name, f'test #{index}')}: true {esc(_class_name(splits, label))}, predicted "
-                       f"{esc(_class_name(splits, guess))} ({verdict})</li>")
+    entries = _example_pages(out, model, splits, tiles, predicted, indices, nav, others)
     tree = tree_link(out, model, splits, tiles, nav)  # "" unless the head is a decision tree
     head = saved["model_config"]["head"]
     metrics = _read_json(run_dir / "metrics.json") or {}
