@@ -73,7 +73,8 @@ def test_per_class_larger_than_smallest_class(tmp_path):
 
 def test_single_class_batches_are_refused(tmp_path):
     result = run_cli("train", *TINY, "--batch-classes", "1", "--out", tmp_path / "r")
-    assert_one_line_error(result, "single class")
+    assert_one_line_error(result, "--batch-classes", "at least 2, got 1")  # before anything is written
+    assert not (tmp_path / "r").exists()
 
 
 def test_unwritable_output_directory(tmp_path):
