@@ -16,7 +16,9 @@ def test_t_quantiles_match_the_printed_table():
         assert t_quantile(df) == pytest.approx(T975[df - 1], abs=1e-3)
 
 
-def test_t_quantile_without_scipy_uses_the_table(monkeypatch):
+@pytest.fixture
+def without_scipy(monkeypatch):
+    """Call it to make every later ``import scipy...`` fail, as where scipy is not installed."""
     real_import = builtins.__import__
 
     def no_scipy(name, *args, **kwargs):
@@ -24,7 +26,14 @@ def test_t_quantile_without_scipy_uses_the_table(monkeypatch):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    def switch_off():
+        monkeypatch.setattr(builtins, "__import__", no_scipy)
+
+    return switch_off
+
+
+def test_t_quantile_without_scipy_uses_the_table(without_scipy):
+    without_scipy()
     assert t_quantile(2) == 4.303
     assert t_quantile(100) == 1.960
 
@@ -106,20 +115,13 @@ def test_holm_adjusted_p_values_by_hand():
     assert holm_adjusted([]) == []
 
 
-def test_t_p_value_matches_closed_forms_with_and_without_scipy(monkeypatch):
+def test_t_p_value_matches_closed_forms_with_and_without_scipy(without_scipy):
     # df = 2: P(|T| >= t) = 1 - t / sqrt(t^2 + 2); df = 1 (Cauchy): 1 - (2 / pi) atan(t).
     cases = [(3 * math.sqrt(3), 2, 1 - math.sqrt(27 / 29)), (3.0, 1, 1 - 2 / math.pi * math.atan(3.0)),
              (0.0, 4, 1.0)]
     for t, df, p in cases:
         assert t_two_sided_p(t, df) == pytest.approx(p, abs=1e-9)
-    real_import = builtins.__import__
-
-    def no_scipy(name, *args, **kwargs):
-        if name.startswith("scipy"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    without_scipy()
     for t, df, p in cases:
         assert t_two_sided_p(t, df) == pytest.approx(p, abs=1e-6)
     assert t_two_sided_p(-2.776, 4) == pytest.approx(0.05, abs=1e-4)  # t_{0.975, 4} of the table
