@@ -164,7 +164,7 @@ PINNED_DEFAULTS = {
         "cluster_variant": "full", "cluster_reduction": "mean", "cluster_weight": 0.1, "aux_weight": 1.0, "tau": 0.05,
         "reg": 0.05, "margin": 0.2, "beta": 1.2, "cost_space": "unit", "ks": [1, 3, 5, 10], "k": 5, "memory": "full",
         "lr": 0.001, "beta_lr": 0.0005, "proxy_lr_scale": 100.0, "plan_cost": "gap", "tau_soft": 0.5,
-        "straight_through": False, "frozen_prototypes": True, "prototype_lr": 0.001}},
+        "straight_through": False, "frozen_prototypes": True, "prototype_lr": 0.001, "push_every": 0}},
     "protopnet": {"revision": 3, "phases": "555d1130e4cf", "options": {
         "dim": 64, "num_prototypes": 0, "prototypes_per_class": 10, "cluster_weight": 0.8, "separation_weight": 0.08,
         "l1_weight": 0.0001, "warm_epochs": 5, "push_every": 10, "push_start": 10, "last_layer_epochs": 20,

@@ -146,3 +146,22 @@ def test_single_class_batch_is_a_clear_error(animals_small, monkeypatch):
     monkeypatch.setattr(train_module, "epoch_batches", lambda labels, config: [first_class])
     with pytest.raises(ProtoKNNError, match="single class"):
         trainer.fit()
+
+
+def test_protoknn_push_every_splits_training_into_projected_cycles():
+    head = create_head("protoknn", num_classes=4, backbone_channels=8, dim=8, num_prototypes=8, push_every=2)
+    phases = head.phases(5, pretrained_backbone=True)
+    # Pushes after epochs 2, 4 and 5; only the last rebuilds the kNN memory; Adam is not restarted.
+    assert [p.epochs for p in phases] == [2, 2, 1]
+    assert [p.after for p in phases] == [("project",), ("project",), ("project", "build_memory")]
+    assert {p.optimizer_key for p in phases} == {"train"}
+    # A cycle at least as long as the budget is the paper's single push at the end.
+    for every in (0, 5, 9):
+        head = create_head("protoknn", num_classes=4, backbone_channels=8, dim=8, num_prototypes=8, push_every=every)
+        assert [(p.epochs, p.after) for p in head.phases(5, pretrained_backbone=True)] == [(5, ("project", "build_memory"))]
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "two"])
+def test_protoknn_push_every_refuses_what_is_not_a_count(value):
+    with pytest.raises(ProtoKNNError, match="push_every must be a whole number"):
+        create_head("protoknn", num_classes=4, backbone_channels=8, dim=8, num_prototypes=8, push_every=value)

@@ -71,6 +71,7 @@ class ProtoKNNHead(Head):
         straight_through: bool = False,
         frozen_prototypes: bool = True,
         prototype_lr: float = 1e-3,
+        push_every: int = 0,
     ):
         super().__init__(num_classes, backbone_channels, dim, num_prototypes)
         self.options = dict(
@@ -81,7 +82,11 @@ class ProtoKNNHead(Head):
         frozen_prototypes = _flag("frozen_prototypes", frozen_prototypes)
         straight_through = _flag("straight_through", straight_through)
         self.options.update(plan_cost=plan_cost, tau_soft=tau_soft, straight_through=straight_through,
-                            frozen_prototypes=frozen_prototypes, prototype_lr=prototype_lr)
+                            frozen_prototypes=frozen_prototypes, prototype_lr=prototype_lr, push_every=push_every)
+        if not isinstance(push_every, int) or isinstance(push_every, bool) or push_every < 0:
+            raise ProtoKNNError(f"protoknn head option push_every must be a whole number >= 0 (0: project only at the "
+                                f"end), got {push_every!r}")
+        self.push_every = push_every
         self.frozen_prototypes, self.prototype_lr = frozen_prototypes, float(prototype_lr)
         self.cluster_weight, self.aux_weight = cluster_weight, aux_weight
         self.cost_space = cost_space
@@ -116,6 +121,8 @@ class ProtoKNNHead(Head):
                                                   "full-differentiable (both)",
             "frozen_prototypes": "true (the paper); false trains them from the same hyperspherical start "
                                  "at prototype_lr 1e-3 (own optimizer group `prototypes`)",
+            "push_every": "0: project once, at the end (the paper); N: also project after every N epochs, so "
+                          "that the later epochs train against prototypes that are training patches",
         }
 
     @classmethod
@@ -191,4 +198,12 @@ class ProtoKNNHead(Head):
                "proxies": self.lr * self.proxy_lr_scale}
         if not self.frozen_prototypes:  # absent from lrs = frozen (the paper)
             lrs["prototypes"] = self.prototype_lr
-        return [Phase("train", epochs, lrs, after=("project", "build_memory"))]
+        final = ("project", "build_memory")
+        if not self.push_every or self.push_every >= epochs:
+            return [Phase("train", epochs, lrs, after=final)]
+        # Intermediate pushes split the epochs into cycles that share one optimiser (Adam is not
+        # restarted by a push); the prototypes stay frozen at the projected patches in between.
+        points = list(range(self.push_every, epochs, self.push_every)) + [epochs]
+        starts = [0] + points[:-1]
+        return [Phase("train", end - start, lrs, after=final if end == epochs else ("project",), optimizer_key="train")
+                for start, end in zip(starts, points)]
