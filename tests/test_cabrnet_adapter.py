@@ -135,6 +135,9 @@ def test_prototree_milestones_are_the_paper_s_fractions_of_the_budget():
     # 100 epochs: the paper's milestones; 4 epochs: 2.4, 2.8, 3.2, 3.6, 4.0 rounded, repeats kept
     assert fitted_milestones(100, PROTOTREE_OPTIONS["milestones"]) == [60, 70, 80, 90, 100]
     assert fitted_milestones(4, PROTOTREE_OPTIONS["milestones"]) == [2, 3, 3, 4, 4]
+    assert fitted_milestones(4, None) == [] and fitted_milestones(10, 0.5) == [5]  # --head-opt none / one number
+    with pytest.raises(ProtoKNNError, match="milestones are fractions"):
+        fitted_milestones(4, ("soon",))
     scratch = prototree_schedule(4, PROTOTREE_OPTIONS, pretrained=False)
     assert scratch["warm_epochs"] == 0 and scratch["training"]["periods"] == {
         "joint": {"epoch_range": [0, 3], "optimizers": "main_optimizer"}}

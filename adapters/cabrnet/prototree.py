@@ -62,9 +62,15 @@ class TreeExtractor(nn.Module):
         return self.add_on(self.convnet(x))
 
 
-def fitted_milestones(epochs: int, fractions) -> list:
+def fitted_milestones(epochs: int, fractions: Any) -> list:
     """The epochs after which the rate drops: round(f * epochs) for each fraction, repeats kept
-    (MultiStepLR applies gamma once per repeat, as the paper's milestones would over those epochs)."""
+    (MultiStepLR applies gamma once per repeat, as the paper's milestones would over those epochs).
+    ``fractions`` may be one number, or None for a constant rate (the plugin head's schedule)."""
+    if fractions is None:
+        return []
+    fractions = fractions if isinstance(fractions, (list, tuple)) else (fractions,)
+    check(all(isinstance(f, (int, float)) and f > 0 for f in fractions),
+          f"{ROW} milestones are fractions of the epochs above 0, e.g. 0.6,0.7, or none; got {fractions!r}")
     return [max(1, round(f * epochs)) for f in fractions]
 
 
