@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import protoknn_plugin.adapters.cabrnet as adapter
@@ -447,6 +448,45 @@ def test_cabrnet_prototree_routes_like_the_plugin_tree(cabrnet):
     routes = torch.zeros(2 ** depth - 1, dtype=torch.long)
     ours = tree_output(leaf_probabilities(ours_similarity, routes), logits)  # leaves: left to right
     assert torch.allclose(theirs, ours, atol=1e-6)
+
+
+def test_cabrnet_prototree_updates_its_leaves_like_the_plugin_tree(cabrnet):
+    """Two batches of CaBRNet's ProtoTree epoch with nothing else learning (rate 0): its leaves
+    end where the plugin's derivative-free update takes them from the same forward passes."""
+    from cabrnet.archs.prototree.decision import ProtoTreeClassifier
+    from cabrnet.archs.prototree.model import ProtoTree
+
+    from protoknn_plugin.heads.prototree import derivative_free_update
+
+    torch.manual_seed(0)
+    classifier = ProtoTreeClassifier({"name": "ProtoTreeSimilarity"}, num_classes=3, depth=2, num_features=4)
+    model = ProtoTree(extractor=nn.Sequential(nn.Conv2d(2, 4, 1), nn.Sigmoid()), classifier=classifier)
+    leaves = list(classifier.tree.leaves)
+    with torch.no_grad():
+        for leaf in leaves:
+            leaf._relative_distribution.copy_(torch.rand(1, 3) * 2)
+    xs, ys = torch.rand(8, 2, 3, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=4)
+    start = torch.cat([leaf._relative_distribution.detach() for leaf in leaves])  # (L, C)
+
+    def set_leaves(logits):
+        with torch.no_grad():
+            for leaf, row in zip(leaves, logits):
+                leaf._relative_distribution.copy_(row[None])
+
+    expected = start.clone()
+    with torch.no_grad():
+        for batch_x, batch_y in loader:  # the second batch sees the leaves the first one left
+            y_hat, info = model(batch_x)
+            pi = torch.cat([info[leaf.node_id]["absolute_probability"] for leaf in leaves], dim=1)  # (B, L)
+            expected = derivative_free_update(expected, start, pi, y_hat, batch_y, steps_per_epoch=2)
+            set_leaves(expected)
+    set_leaves(start)
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
+    model._train_epoch({"train_set": loader}, frozen, device="cpu")
+    theirs = torch.cat([leaf._relative_distribution.detach() for leaf in leaves])
+    assert torch.allclose(theirs, expected, atol=1e-6)
+    assert not torch.allclose(theirs, start)  # the leaves did move
 
 
 def test_cabrnet_prototree_baseline_returns_a_benchmark_row(cabrnet, tmp_path):
