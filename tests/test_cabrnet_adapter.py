@@ -526,6 +526,24 @@ def test_cabrnet_prototree_baseline_returns_a_benchmark_row(cabrnet, tmp_path):
         assert torch.allclose(prototype, feature, atol=1e-5)
 
 
+def test_benchmark_cli_runs_prototree_beside_cabrnet_prototree_under_the_protocol(cabrnet, tmp_path):
+    from conftest import TINY, assert_one_line_error, run_cli
+
+    bad = run_cli("benchmark", "--heads", "prototree,cabrnet:prototree", *TINY,
+                  "--head-opt", "cabrnet:prototree.detph=3", "--out", tmp_path / "bad")
+    assert_one_line_error(bad, "cabrnet:prototree", "detph")
+    assert bad.returncode == 2 and not (tmp_path / "bad" / "runs").exists()  # refused before training
+    result = run_cli("benchmark", "--heads", "prototree,cabrnet:prototree", *TINY, "--seeds", "0", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    rows = {run["label"]: run for run in runs}
+    assert set(rows) == {"prototree", "cabrnet:prototree"}
+    for key in ("images_seen", "backbone_steps", "pushes"):  # the budget both rows were checked on
+        assert rows["prototree"][key] == rows["cabrnet:prototree"][key], key
+    assert rows["cabrnet:prototree"]["backbone_steps"] == 3  # 1 epoch of 3 steps
+    assert rows["cabrnet:prototree"]["test_images"] == rows["prototree"]["test_images"]
+
+
 def test_classifier_opt_sets_model_arch_params(cabrnet, tmp_path):
     import yaml
 
