@@ -18,7 +18,9 @@ epochs. The epilogue projects again (a no-op by then), without pruning.
 Entry points for the benchmark: ``run_cabrnet_head(name, settings, splits, out_dir, seed,
 label=..., options=...)`` with ``name`` the part after ``cabrnet:``, and ``cabrnet_budget``,
 which the protocol check compares with the other rows' budgets before anything trains (it
-needs no CaBRNet install).
+needs no CaBRNet install). Both dispatch to ``prototree.py`` for ``cabrnet:prototree``, which
+uses the steps every CaBRNet row shares (``start_run``, ``row_loaders``, ``train_epochs``,
+``row_metrics``, ``save_row``).
 """
 from __future__ import annotations
 
