@@ -96,7 +96,7 @@ def deformed_part_boxes(model, image: Tensor, prototypes: Sequence[int]) -> Dict
     was = model.training
     model.eval()
     try:
-        out = model(image[None].to(_device(model)))
+        out = model(image[None].to(model_device(model)))
     finally:
         model.train(was)
     map_size, size = tuple(out.feature_map.shape[2:]), tuple(image.shape[-2:])
@@ -265,17 +265,17 @@ def _training_image(train_dataset, index: int) -> Tuple[Tensor, int]:
 
 # --------------------------------------------------------------------------- maps
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
 @torch.no_grad()
-def _forward_maps(model, images: Tensor):
+def forward_maps(model, images: Tensor):
     """Eval-mode forward with similarity maps: images (B, C, H, W) -> (profiles (B, P), maps (B, P, h, w))."""
     was = model.training
     model.eval()
     try:
-        out = model(images.to(_device(model)), maps=True)
+        out = model(images.to(model_device(model)), maps=True)
     finally:
         model.train(was)
     return out.profile.cpu(), out.similarity_maps.cpu()
@@ -295,7 +295,7 @@ def source_boxes(model, train_dataset, prototypes: Sequence[int]) -> Dict[int, T
     for start in range(0, len(sources), MAP_BATCH):  # a chunk at a time: 512 ImageNet-size images are big
         chunk = sources[start:start + MAP_BATCH]
         images = torch.stack([_training_image(train_dataset, src)[0] for src in chunk])
-        _, maps = _forward_maps(model, images)
+        _, maps = forward_maps(model, images)
         size = tuple(images.shape[-2:])
         for row, src in enumerate(chunk):
             for i in users[src]:
@@ -323,14 +323,14 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
     top = check_top(top)
     num_classes = int(model.config.num_classes)
 
-    anchor_profile, _ = _forward_maps(model, image[None])
+    anchor_profile, _ = forward_maps(model, image[None])
     query = anchor_profile.float()
     dist, idx = knn.search(query, 1)
     positive_memory = int(idx[0, 0])
     predicted = int(knn.memory_labels[positive_memory])
 
     if negative_class is None:
-        negative_memory, search_an = _nearest_other_class(knn, query, predicted)
+        negative_memory, search_an = nearest_other_class(knn, query, predicted)
         check(negative_memory is not None,
               "every item in the kNN memory has the predicted class, so there is no other class to explain against")
     else:
@@ -353,7 +353,7 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
           "the kNN memory's labels do not match the training images; rebuild the dataset with the run's "
           "settings (same dataset, --data-dir and limit)")
 
-    profiles, maps = _forward_maps(model, torch.stack([image, positive, negative]))
+    profiles, maps = forward_maps(model, torch.stack([image, positive, negative]))
     s = profiles.double()
     s_a, s_p, s_n = s[0], s[1], s[2]
     c = contributions(s_a, s_p, s_n)
@@ -386,7 +386,7 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
     )
 
 
-def _nearest_other_class(knn, query: Tensor, predicted: int) -> Tuple[Optional[int], float]:
+def nearest_other_class(knn, query: Tensor, predicted: int) -> Tuple[Optional[int], float]:
     """Nearest memory item whose class is not ``predicted``: (memory position, squared distance)."""
     k = min(len(knn), 32)
     while True:
@@ -406,7 +406,7 @@ def _head_predictions(model, image: Tensor) -> Dict[str, int]:
     was = model.training
     model.eval()
     try:
-        preds = model.predict_all(image[None].to(_device(model)))
+        preds = model.predict_all(image[None].to(model_device(model)))
     finally:
         model.train(was)
     return {name: int(p[0]) for name, p in preds.items()}
@@ -433,7 +433,7 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
         raise UnknownNameError("ranking", ranking, RANKINGS)
     image = _check_image(model, image)
     top = check_top(top)
-    profiles, maps = _forward_maps(model, image[None])
+    profiles, maps = forward_maps(model, image[None])
     profile = profiles[0]
     weight = class_weights.detach().cpu().to(profile.dtype)  # (C, P)
     logits = weight @ profile
@@ -516,7 +516,7 @@ def decision_path(model, image: Tensor, train_dataset, label: Optional[int] = No
         raise ProtoKNNError(f"head {head.name!r} is no decision tree, so it has no decision path; "
                             "use a prototree run")
     image = _check_image(model, image)
-    profiles, maps = _forward_maps(model, image[None])
+    profiles, maps = forward_maps(model, image[None])
     nodes, rights, leaf = head.decision_path(profiles[0])
     sources = source_boxes(model, train_dataset, nodes)
     size = tuple(image.shape[-2:])

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from . import cli
-from .common import config_option, err_console, loading_options, model_choice, model_choice_options, run_cli
+from .common import (config_option, err_console, loading_options, model_choice, model_choice_options, run_cli,
+                     say_note)
 
 
 @cli.command()
@@ -35,12 +36,13 @@ def predict(run_dir, paths, output, neighbours, top_classes, top_prototypes, bat
     (projected) when the run has one. Cost: one forward pass per image plus one kNN search per batch."""
     from ..errors import ProtoKNNError
     from ..predict import collect_images, predict_files
+    from ..runs import load_finished_run
     from ..train import resolve_device
-    from .training import load_finished_run
 
     if batch_size < 1 or neighbours < 1 or top_classes < 1 or top_prototypes < 0:
         raise ProtoKNNError("--batch-size, --neighbours and --top-classes must be at least 1, --top-prototypes at least 0")
-    model, _, splits, _ = load_finished_run(run_dir, model_choice(last, unprojected), data_dir, image_size)
+    model, _, splits, _ = load_finished_run(run_dir, model_choice(last, unprojected), data_dir, image_size,
+                                         say_note)
     target = check_output_file(Path(output) if output else Path(run_dir) / "predictions.csv", output is None)
     files = collect_images(paths)
     dev = resolve_device(device)

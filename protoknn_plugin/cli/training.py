@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from ..errors import ProtoKNNError
 from . import cli
 from .common import (print_metrics, report_skipped, setup_threads, make_train_config, check_option_ranges,
                      config_option, console, err_console, frozen_backbone_options, loading_options, model_choice,
@@ -184,27 +183,6 @@ def push_line(push) -> str:
             f"{percent(push.get('val_accuracy_before'))} -> {percent(push.get('val_accuracy_after'))}")
 
 
-def load_finished_run(run_dir, choice, data_dir, image_size):
-    """``(model, saved, splits, file)`` of a run that finished training, for evaluate and predict.
-
-    The model is ``train.load_trained_model(run_dir, choice)``'s (best.pt when the run has one,
-    never an un-projected model unless ``choice`` is ``unprojected``; its note goes to stderr);
-    the data is the run's dataset as it was trained (folder, limit, crop, image size) unless overridden.
-    """
-    from ..checkpoint import checkpoint_path, load_checkpoint, require_run_parts
-    from ..data.catalog import rebuild_run_data
-    from ..train import load_trained_model
-
-    if not require_run_parts(load_checkpoint(run_dir), checkpoint_path(run_dir))["train_state"].get("complete"):
-        raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
-    loaded = load_trained_model(run_dir, choice)
-    if loaded.note:
-        say_note(loaded.note)
-    saved = loaded.saved
-    splits = rebuild_run_data(saved["dataset"], saved.get("data") or {}, data_dir, image_size, augment=True)
-    return loaded.model, saved, splits, loaded.file
-
-
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--data-dir", type=click.Path(), default=None, help="Override the dataset folder stored in the run.")
@@ -219,9 +197,11 @@ def evaluate(run_dir, data_dir, device, last, unprojected, workers, image_size):
     checkpoint.pt. Writes RUN_DIR/metrics.json (its `checkpoint` names the file scored) unless RUN_DIR
     is read-only. Cost: one pass over the test set."""
     from ..checkpoint import is_writable_dir
+    from ..runs import load_finished_run
     from ..train import evaluate as evaluate_model, resolve_device, write_json
 
-    model, saved, splits, file = load_finished_run(run_dir, model_choice(last, unprojected), data_dir, image_size)
+    model, saved, splits, file = load_finished_run(run_dir, model_choice(last, unprojected), data_dir, image_size,
+                                                   say_note)
     writable = is_writable_dir(run_dir)  # reading a run never needs write access
     dev = resolve_device(device)
     metrics = evaluate_model(model.to(dev), splits.test, device=dev, workers=workers)
