@@ -329,20 +329,7 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
     positive_memory = int(idx[0, 0])
     predicted = int(knn.memory_labels[positive_memory])
 
-    if negative_class is None:
-        negative_memory, search_an = nearest_other_class(knn, query, predicted)
-        check(negative_memory is not None,
-              "every item in the kNN memory has the predicted class, so there is no other class to explain against")
-    else:
-        check(isinstance(negative_class, (int, np.integer)) and not isinstance(negative_class, bool)
-              and 0 <= int(negative_class) < num_classes,
-              f"negative class {negative_class!r} is not a class index of this model (0..{num_classes - 1})")
-        negative_class = int(negative_class)
-        shown = repr(classes[predicted]) if classes is not None and predicted < len(classes) else str(predicted)
-        check(negative_class != predicted,
-              f"the negative class {shown} is the predicted class; choose another class to explain against")
-        an, pos = knn.nearest_of_class(query, negative_class)
-        negative_memory, search_an = int(pos[0]), float(an[0])
+    negative_memory, search_an = _negative_memory(knn, query, predicted, negative_class, num_classes, classes)
 
     positive_index = int(knn.memory_index[positive_memory])
     negative_index = int(knn.memory_index[negative_memory])
@@ -360,20 +347,7 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
     d_ap2 = float((s_a - s_p).square().sum())
     d_an2 = float((s_a - s_n).square().sum())
 
-    order = torch.argsort(c, descending=True)[:min(top, len(c))].tolist()
-    sources = source_boxes(model, train_dataset, order)
-    size = tuple(image.shape[-2:])
-    keys = ("anchor", "positive", "negative")
-    evidence = [
-        PrototypeEvidence(
-            index=i, score=float(c[i]),
-            similarity={k: float(s[r, i]) for r, k in enumerate(keys)},
-            boxes={k: activation_box(maps[r, i], size) for r, k in enumerate(keys)},
-            source_index=int(model.projection.image_index[i]), source_cell=sources[i][1], source_box=sources[i][0],
-            source_cell_box=sources[i][2],
-        )
-        for i in order
-    ]
+    evidence = _top_evidence(model, train_dataset, c, s, maps, top, tuple(image.shape[-2:]))
     return Counterfactual(
         anchor=image.cpu(), positive=positive.cpu(), negative=negative.cpu(),
         anchor_profile=s_a, positive_profile=s_p, negative_profile=s_n,
@@ -384,6 +358,44 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
         search_d_ap2=float(dist[0, 0]), search_d_an2=search_an,
         anchor_label=label, anchor_name=name, head_predictions=_head_predictions(model, image),
     )
+
+
+def _negative_memory(knn, query: Tensor, predicted: int, negative_class: Optional[int], num_classes: int,
+                     classes: Optional[Sequence[str]]) -> Tuple[int, float]:
+    """The counterfactual's negative: (memory position, squared distance) of the nearest memory item of
+    ``negative_class``, or of any class but ``predicted`` when it is None; a one-line error for a bad class."""
+    if negative_class is None:
+        negative_memory, distance = nearest_other_class(knn, query, predicted)
+        check(negative_memory is not None,
+              "every item in the kNN memory has the predicted class, so there is no other class to explain against")
+        return negative_memory, distance
+    check(isinstance(negative_class, (int, np.integer)) and not isinstance(negative_class, bool)
+          and 0 <= int(negative_class) < num_classes,
+          f"negative class {negative_class!r} is not a class index of this model (0..{num_classes - 1})")
+    shown = repr(classes[predicted]) if classes is not None and predicted < len(classes) else str(predicted)
+    check(int(negative_class) != predicted,
+          f"the negative class {shown} is the predicted class; choose another class to explain against")
+    distances, positions = knn.nearest_of_class(query, int(negative_class))
+    return int(positions[0]), float(distances[0])
+
+
+def _top_evidence(model, train_dataset, c: Tensor, s: Tensor, maps: Tensor, top: int,
+                  size: Tuple[int, int]) -> List[PrototypeEvidence]:
+    """The ``top`` prototypes by contribution c (P,), with the similarities s (3, P) and maps (3, P, h, w)
+    of anchor, positive and negative, their boxes on images of ``size`` and their source patches."""
+    order = torch.argsort(c, descending=True)[:min(top, len(c))].tolist()
+    sources = source_boxes(model, train_dataset, order)
+    keys = ("anchor", "positive", "negative")
+    return [
+        PrototypeEvidence(
+            index=i, score=float(c[i]),
+            similarity={k: float(s[r, i]) for r, k in enumerate(keys)},
+            boxes={k: activation_box(maps[r, i], size) for r, k in enumerate(keys)},
+            source_index=int(model.projection.image_index[i]), source_cell=sources[i][1], source_box=sources[i][0],
+            source_cell_box=sources[i][2],
+        )
+        for i in order
+    ]
 
 
 def nearest_other_class(knn, query: Tensor, predicted: int) -> Tuple[Optional[int], float]:

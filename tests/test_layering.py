@@ -42,7 +42,6 @@ LARGE_CLASSES: Set[str] = {
 LONG_FUNCTIONS: Set[str] = {
     "benchmark/comparison.py::run_comparison",
     "cli/training.py::train",
-    "explain.py::counterfactual",
     "transport.py::transport_plan",
 }
 
