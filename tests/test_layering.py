@@ -41,7 +41,6 @@ LARGE_CLASSES: Set[str] = {
 
 LONG_FUNCTIONS: Set[str] = {
     "benchmark/comparison.py::run_comparison",
-    "cli/training.py::train",
     "transport.py::transport_plan",
 }
 
