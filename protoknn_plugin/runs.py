@@ -4,7 +4,7 @@ A run directory holds ``checkpoint.pt`` (and ``best.pt``, ``best-unprojected.pt`
 validation split), ``config.yaml``, ``metrics.csv`` and ``metrics.json``. Training (the
 ``train`` command and the benchmark) builds its model and Trainer with ``build_run``;
 every reader of a finished run (explain, prototypes, report, faithfulness, evaluate, predict)
-loads it here, so all of them refuse an unfinished or unfit run with the same one-line error.
+loads it here, so that readers of the same kind refuse an unfinished or unfit run in the same words.
 
 This module sits above ``train``/``explain`` and below ``faithfulness``, ``benchmark``,
 ``report`` and ``cli``. Heavy imports happen inside the functions, so that importing it
@@ -16,8 +16,6 @@ import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
-
-import torch
 
 from .errors import ProtoKNNError
 
@@ -59,6 +57,8 @@ def load_model(run_dir, choice: str = "best", say: Say = None):
     """The run's model (``train.load_trained_model``: projected unless ``choice`` is
     ``unprojected``) in eval mode on the GPU if there is one; ``say`` gets its one-line note.
     ``model.checkpoint_file`` names the file it came from (kept with results measured on it)."""
+    import torch
+
     from .explain import check_explainable
     from .train import load_trained_model
 

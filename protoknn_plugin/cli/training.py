@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -12,6 +13,10 @@ from .common import (print_metrics, report_skipped, setup_threads, make_train_co
                      config_option, console, err_console, frozen_backbone_options, loading_options, model_choice,
                      model_choice_options, parse_options, precision_option, run_cli, say_note, training_options,
                      with_preset, workers_option, write_run_config)
+
+
+# The ProtoKNN head's own flags of `protoknn train`, in the order its head options are recorded.
+PROTOKNN_FLAGS = ("task_loss", "aux_loss", "cluster_variant", "cluster_reduction", "memory", "k")
 
 
 def protoknn_options(fn):
@@ -65,67 +70,70 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     With --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
     later runs), then epochs read the cache.
     """
-    options = dict(click.get_current_context().params, **locals())
+    options = SimpleNamespace(**dict(click.get_current_context().params, **locals()))
     from .. import distributed
 
     run, saved = _build_run(options)
     note = _resume_note(saved, run, out, epochs)
     if distributed.is_main():
-        _start_writing(out, overwrite, {k: options[k] for k in click.get_current_context().params}, note)
+        _start_writing(out, overwrite, {k: getattr(options, k) for k in click.get_current_context().params}, note)
     state, metrics = _fit_and_score(run, resume, out, workers)
     if distributed.is_main():  # under torchrun, rank 0 alone writes and reports
         _write_results(metrics, state, out, f"{head} on {dataset}")
     distributed.teardown()
 
 
-def _build_run(o):
-    """The run of the options ``o`` and the checkpoint it continues (None for a new run). Everything is
-    checked before anything is written: every refusal leaves the run directory as it was."""
+def _build_run(options):
+    """The run of the command's ``options`` and the checkpoint it continues (None for a new run).
+    Everything is checked before anything is written: every refusal leaves the run directory as it was."""
     from ..data import create_dataset
     from ..runs import build_run, open_run_dir
     from ..train.loading import check_batch_settings
 
-    check_option_ranges(o)
-    saved = open_run_dir(o["out"], o["resume"], o["overwrite"])
-    setup_threads(o["threads"])
-    splits = create_dataset(o["dataset"], o["data_dir"], limit=o["limit"], strict=o["strict"], crop=o["crop"],
-                            image_size=o["image_size"])
+    check_option_ranges(vars(options))
+    saved = open_run_dir(options.out, options.resume, options.overwrite)
+    setup_threads(options.threads)
+    splits = create_dataset(options.dataset, options.data_dir, limit=options.limit, strict=options.strict,
+                            crop=options.crop, image_size=options.image_size)
     report_skipped(splits)
-    train_config = make_train_config(o["epochs"], o["batch_classes"], o["per_class"], o["steps_per_epoch"], o["device"],
-                                     o["seed"], o["deterministic"], val_fraction=o["val_fraction"],
-                                     workers=o["workers"], precision=o["precision"], tensorboard=o["tensorboard"])
-    data_info = {"data_dir": o["data_dir"], "limit": o["limit"], "crop": o["crop"], "image_size": o["image_size"]}
-    run = build_run(splits, train_config, _model_options(o), dataset_name=o["dataset"], data_info=data_info,
-                    out_dir=o["out"], prepare=functools.partial(_before_trainer, o, saved, train_config, data_info))
+    train_config = make_train_config(options.epochs, options.batch_classes, options.per_class,
+                                     options.steps_per_epoch, options.device, options.seed, options.deterministic,
+                                     val_fraction=options.val_fraction, workers=options.workers,
+                                     precision=options.precision, tensorboard=options.tensorboard)
+    data_info = {"data_dir": options.data_dir, "limit": options.limit, "crop": options.crop,
+                 "image_size": options.image_size}
+    run = build_run(splits, train_config, _model_options(options), dataset_name=options.dataset,
+                    data_info=data_info, out_dir=options.out,
+                    prepare=functools.partial(_before_trainer, options, saved, train_config, data_info))
     check_batch_settings(run.trainer.splits.train_labels, train_config)  # after the validation hold-out
     return run, saved
 
 
-def _model_options(o):
+def _model_options(options):
     """ModelConfig's fields from the options: the ProtoKNN flags apply to the protoknn head; --head-opt wins."""
     from ..heads.options import assign_head_options
 
-    head = o["head"]
-    head_options = {name: o[name] for name in ("task_loss", "aux_loss", "cluster_variant", "cluster_reduction",
-                                               "memory", "k")} if head == "protoknn" else {}
-    head_options.update(assign_head_options([(head, head)], o["head_opts"])[head])
-    return dict(head=head, backbone=o["backbone"], num_prototypes=o["prototypes"], dim=o["dim"], weights=o["weights"],
-                head_options=head_options, backbone_options=parse_options(o["backbone_opts"]))
+    head = options.head
+    head_options = {name: getattr(options, name) for name in PROTOKNN_FLAGS} if head == "protoknn" else {}
+    head_options.update(assign_head_options([(head, head)], options.head_opts)[head])
+    return dict(head=head, backbone=options.backbone, num_prototypes=options.prototypes, dim=options.dim,
+                weights=options.weights, head_options=head_options,
+                backbone_options=parse_options(options.backbone_opts))
 
 
-def _before_trainer(o, saved, train_config, data_info, model, splits):
+def _before_trainer(options, saved, train_config, data_info, model, splits):
     """The checks that need the model, then --frozen-backbone's feature cache (or None)."""
     from ..runs import check_resume
     from ..train.loading import check_batch_settings
 
     if saved is not None:
-        check_resume(saved, o["out"], model, train_config, o["dataset"],
-                     dict(data_info, frozen_backbone=o["frozen_backbone"]), splits)
+        check_resume(saved, options.out, model, train_config, options.dataset,
+                     dict(data_info, frozen_backbone=options.frozen_backbone), splits)
     check_batch_settings(splits.train_labels, train_config)  # before a feature cache is built
-    if not o["frozen_backbone"]:
+    if not options.frozen_backbone:
         return None
-    return _feature_cache(model, splits, o["dataset"], o["data_dir"], o["limit"], o["crop"], o["cache_dir"],
-                          o["device"])
+    return _feature_cache(model, splits, options.dataset, options.data_dir, options.limit, options.crop,
+                          options.cache_dir, options.device)
 
 
 def _resume_note(saved, run, out, epochs):
