@@ -349,7 +349,7 @@ def chains(tmp_path_factory):
             f"{label}:explain": ["explain", run, "--image", "3", "--top", "3", "--out", root / f"{label}.png"],
             f"{label}:prototypes": ["prototypes", run, "--out", root / f"{label}-grid.png"],
             f"{label}:faithfulness": ["faithfulness", run, "--images", "20", "--m", "1,2"],
-            f"{label}:predict": ["predict", run, root / "imgs", "--workers", "0", "--output", root / f"{label}.csv"],
+            f"{label}:predict": ["predict", run, root / "imgs", "--workers", "0", "--out", root / f"{label}.csv"],
         })
     results = run_cli_parallel(cases)
     # The report reuses faithfulness.json, so it runs after faithfulness.

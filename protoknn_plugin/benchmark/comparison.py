@@ -212,7 +212,7 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
     from ..data import create_dataset
     from ..data.base import carve_validation
     from ..train.loading import check_batch_settings
-    from .figures import write_figures
+    from .charts import write_figures
     from .tables import rich_paired, rich_table, summarise, write_results
 
     if not specs:

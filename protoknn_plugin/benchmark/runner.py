@@ -19,9 +19,9 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..checkpoint import CHECKPOINT_NAME
-from ..model import ModelConfig, PrototypeModel
 from ..prototypes import prototype_spread
 from ..resources import PeakRAM
+from ..runs import build_run
 from ..train import TrainConfig, Trainer, evaluate, model_from_checkpoint, write_json
 from .projection import projection_fields
 from .protocol import budget, scale_lrs, with_schedule
@@ -52,17 +52,14 @@ def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: Benchmark
                   run_dir: Optional[Path], progress: bool = False, on_epoch=None, schedule: str = "own") -> Trainer:
     """The Trainer of one run, its phases' learning rates scaled by ``lr_scale``, under ``schedule``
     (``protocol.with_schedule``); ``on_epoch``: see Trainer."""
-    config = ModelConfig.for_data(
-        splits, head=spec.head, backbone=settings.backbone, num_prototypes=settings.prototypes, dim=settings.dim,
-        weights=settings.weights, backbone_options=dict(settings.backbone_options),
-        head_options=dict(spec.head_options), seed=seed,
-    )
     train_config = TrainConfig(**{**asdict(settings.train), "seed": seed, "workers": settings.workers})
-    trainer = Trainer(PrototypeModel(config), splits, train_config, out_dir=str(run_dir) if run_dir else None,
-                      progress=progress, dataset_name=settings.dataset, stage_eval=getattr(splits, "val", None),
-                      on_epoch=on_epoch,
-                      data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
-                                 "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone})
+    model_options = dict(head=spec.head, backbone=settings.backbone, num_prototypes=settings.prototypes,
+                         dim=settings.dim, weights=settings.weights, backbone_options=dict(settings.backbone_options),
+                         head_options=dict(spec.head_options))
+    trainer = build_run(splits, train_config, model_options, dataset_name=settings.dataset, out_dir=run_dir,
+                        data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
+                                   "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone},
+                        progress=progress, stage_eval=getattr(splits, "val", None), on_epoch=on_epoch).trainer
     trainer.phases = with_schedule(scale_lrs(trainer.phases, lr_scale), schedule)
     return trainer
 

@@ -90,11 +90,13 @@ def training_options(fn):
     return dataset_options(fn)
 
 
-def make_train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed=0, deterministic=False):
+def make_train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed=0, deterministic=False,
+                      **more):
+    """A TrainConfig from the shared options; ``more``: its other fields (val_fraction, workers, ...)."""
     from ..train import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_classes=batch_classes, per_class=per_class,
-                       steps_per_epoch=steps_per_epoch, device=device, seed=seed, deterministic=deterministic)
+                       steps_per_epoch=steps_per_epoch, device=device, seed=seed, deterministic=deterministic, **more)
 
 
 def with_preset(fn):
