@@ -202,7 +202,11 @@ def test_an_unprojected_epoch_that_validates_better_never_becomes_best_pt(animal
 
     from protoknn_plugin.train import load_trained_model
 
-    monkeypatch.setattr(Trainer, "_validation", lambda self: {"val_accuracy": 0.1 if self.state.projected else 0.9})
+    from protoknn_plugin.train.scoring import RunScoring
+
+    # ProtoKNN projects once, at the end: the model is projected from its push on.
+    monkeypatch.setattr(RunScoring, "validation",
+                        lambda self: {"val_accuracy": 0.1 if self.model.projection is not None else 0.9})
     trainer, state = _train_with_validation("protoknn", animals_small, tmp_path)
     assert state.best_val_accuracy == 0.1 and state.best_epoch["projected"] is True
     assert state.best_unprojected_val_accuracy == 0.9

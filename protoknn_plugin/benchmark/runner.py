@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -23,23 +22,11 @@ from ..model import ModelConfig, PrototypeModel
 from ..prototypes import prototype_spread
 from ..resources import PeakRAM
 from ..train import TrainConfig, Trainer, evaluate, model_from_checkpoint, write_json
+from ..train.actions import CACHED_PHASE, PUSH
+from ..train.trainer import head_phases
 from .projection import projection_fields
 from .protocol import budget, scale_lrs, with_schedule
 from .settings import BenchmarkSettings, RunSpec, machine_identity
-
-
-class _Timed:
-    """Wraps a callable and adds its wall time to ``seconds`` (push and last-layer cost)."""
-
-    def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - started
 
 
 def feeding(model, settings: BenchmarkSettings):
@@ -58,13 +45,14 @@ def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: Benchmark
         head_options=dict(spec.head_options), seed=seed,
     )
     train_config = TrainConfig(**{**asdict(settings.train), "seed": seed, "workers": settings.workers})
-    trainer = Trainer(PrototypeModel(config), splits, train_config, out_dir=str(run_dir) if run_dir else None,
-                      progress=progress, dataset_name=settings.dataset, stage_eval=getattr(splits, "val", None),
-                      on_epoch=on_epoch,
-                      data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
-                                 "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone})
-    trainer.phases = with_schedule(scale_lrs(trainer.phases, lr_scale), schedule)
-    return trainer
+    model = PrototypeModel(config)
+    phases = with_schedule(scale_lrs(head_phases(model, train_config.epochs, settings.frozen_backbone), lr_scale),
+                           schedule)
+    return Trainer(model, splits, train_config, out_dir=str(run_dir) if run_dir else None,
+                   progress=progress, dataset_name=settings.dataset, stage_eval=getattr(splits, "val", None),
+                   on_epoch=on_epoch, phases=phases,
+                   data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
+                              "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone})
 
 
 def _history(state) -> list:
@@ -92,10 +80,6 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
         return json.loads(record_path.read_text()), None
     trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress, on_epoch, schedule)
     model = trainer.model
-    push = model.project_prototypes = _Timed(model.project_prototypes)
-    last = None
-    if hasattr(trainer, "_run_cached_phase"):  # ProtoPNet's last layer on cached profiles
-        last = trainer._run_cached_phase = _Timed(trainer._run_cached_phase)
     resumed = (run_dir / CHECKPOINT_NAME).exists()
     with PeakRAM(trainer.device) as peak, feeding(model, settings):
         state = trainer.fit(resume=resumed)
@@ -112,8 +96,9 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
                  settings.frozen_backbone),
         **machine_identity(trainer.device), **projection_fields(state.pushes),
         "train_seconds": state.train_seconds, "step_ms": _step_ms(state, trainer.steps_per_epoch),
-        "push_seconds": push.seconds,
-        "last_layer_seconds": last.seconds if last else 0.0, "peak_memory_mb": peak.peak_mb,
+        # The projections themselves, and the phases on cached profiles (ProtoPNet's last layer).
+        "push_seconds": trainer.actions.seconds.get(PUSH, 0.0),
+        "last_layer_seconds": trainer.actions.seconds.get(CACHED_PHASE, 0.0), "peak_memory_mb": peak.peak_mb,
         "history": _history(state), "stages": state.stages,
     }
     if model.prototype_layer is not None:
