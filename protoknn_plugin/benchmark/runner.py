@@ -29,10 +29,10 @@ from .protocol import budget, scale_lrs, with_schedule
 from .settings import BenchmarkSettings, RunSpec, machine_identity
 
 
-def feeding(model, settings: BenchmarkSettings):
-    """The mode in which ``model`` reads the comparison's splits: cached backbone maps when the
-    backbone is frozen (``settings.frozen_backbone``), else images."""
-    return model.backbone_bypassed() if settings.frozen_backbone else contextlib.nullcontext()
+def frozen_backbone(model, settings: BenchmarkSettings):
+    """The mode in which ``model`` reads the comparison's splits: frozen-backbone mode (cached
+    backbone maps) under ``settings.frozen_backbone``, else none (images)."""
+    return model.frozen_backbone() if settings.frozen_backbone else contextlib.nullcontext()
 
 
 def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits,
@@ -81,7 +81,7 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
     trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress, on_epoch, schedule)
     model = trainer.model
     resumed = (run_dir / CHECKPOINT_NAME).exists()
-    with PeakRAM(trainer.device) as peak, feeding(model, settings):
+    with PeakRAM(trainer.device) as peak, frozen_backbone(model, settings):
         state = trainer.fit(resume=resumed)
         val = getattr(splits, "val", None)
         val_metrics = (evaluate(model, val, trainer.config.eval_batch_size, trainer.device, workers=settings.workers)
@@ -123,7 +123,7 @@ def score_test(record: Dict[str, Any], splits, settings: BenchmarkSettings, mode
     if model is None:
         model, _ = model_from_checkpoint(run_dir)
     device = next(model.parameters()).device
-    with feeding(model, settings):
+    with frozen_backbone(model, settings):
         metrics = evaluate(model, splits.test, settings.train.eval_batch_size, device, workers=settings.workers)
     result = {**record, **metrics, "accuracy": metrics[f"accuracy[{record['primary']}]"]}
     write_json(run_dir / "metrics.json", result)

@@ -93,7 +93,7 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
         note = f"the run already finished its {epochs} epoch(s): evaluating it again; a larger --epochs trains on"
     if distributed.is_main():
         _start_writing(out, overwrite, {k: params[k] for k in click.get_current_context().params}, note)
-    with frozen.bypassed() if frozen else contextlib.nullcontext():  # maps instead of images, backbone frozen
+    with frozen.frozen_backbone() if frozen else contextlib.nullcontext():  # maps instead of images, backbone frozen
         try:
             state = trainer.fit(resume=resume)
         except Interrupted as why:
