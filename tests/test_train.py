@@ -279,3 +279,20 @@ def test_the_given_phases_are_trained_and_each_action_is_timed_on_its_own(animal
     assert [h["phase"] for h in state.history] == ["first", "second"]  # a cached phase has no feature epochs
     assert trainer.actions.seconds == {"project": 2.0, "cached_phase": 1.0}
     assert len(state.pushes) == 2 and state.complete
+
+
+def test_a_non_finite_loss_is_caught_at_once_or_at_the_next_sync_point():
+    from protoknn_plugin.train.finite import FiniteLossCheck
+
+    def terms(task):
+        return {"task": torch.tensor(task), "total": torch.tensor(task)}
+
+    every_step = FiniteLossCheck(1, torch.device("cpu"))
+    every_step.note(terms(1.0), step=1)
+    with pytest.raises(ProtoKNNError, match="non-finite loss at step 2 \\(term 'task'\\)"):
+        every_step.note(terms(float("nan")), step=2)
+    batched = FiniteLossCheck(3, torch.device("cpu"))
+    batched.note(terms(float("inf")), step=1)  # remembered, not raised: reading it would wait for the device
+    batched.note(terms(1.0), step=2)
+    with pytest.raises(ProtoKNNError, match="non-finite loss by step 3 \\(term 'total'\\)"):
+        batched.check(terms(1.0), step=3)  # the bad step is past: its term is no longer known
