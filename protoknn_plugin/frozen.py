@@ -34,7 +34,7 @@ class FrozenBackbone:
     def frozen_backbone(self):
         return self.model.frozen_backbone()
 
-    bypassed = frozen_backbone  # the name code written for earlier versions calls
+    bypassed = frozen_backbone  # the earlier name, for callers that use it
 
 
 def _image_splits(splits) -> Dict[str, Dataset]:

@@ -112,7 +112,7 @@ class PrototypeModel(nn.Module):
         finally:
             self._frozen_backbone = previous
 
-    backbone_bypassed = frozen_backbone  # the name code written for earlier versions calls
+    backbone_bypassed = frozen_backbone  # the earlier name, for callers that use it
 
     def features(self, x: Tensor) -> Tensor:
         """Backbone maps (B, C, h, w): ``backbone(x)``, or ``x`` itself in frozen-backbone mode."""
