@@ -119,13 +119,14 @@ class NewRun:
     splits: Any
     frozen: Any = None
 
-    def feeding(self):
+    def frozen_backbone(self):
         """The mode the run trains and is scored in: backbone maps from the cache when frozen, else images."""
-        return self.frozen.bypassed() if self.frozen is not None else contextlib.nullcontext()
+        return self.frozen.frozen_backbone() if self.frozen is not None else contextlib.nullcontext()
 
 
 def build_run(splits, train_config, model_options: Dict[str, Any], *, dataset_name: str, data_info: Dict[str, Any],
-              out_dir=None, prepare: Optional[Callable[[Any, Any], Any]] = None, **trainer_options) -> NewRun:
+              out_dir=None, prepare: Optional[Callable[[Any, Any], Any]] = None,
+              phases: Optional[Callable[[Any], Any]] = None, **trainer_options) -> NewRun:
     """The model and Trainer of one run, as ``protoknn train`` and the benchmark build them.
 
     ``model_options``: ``ModelConfig`` fields (head, backbone, num_prototypes, dim, weights,
@@ -134,6 +135,8 @@ def build_run(splits, train_config, model_options: Dict[str, Any], *, dataset_na
     ``prepare(model, splits)``: the steps that need the model before its Trainer (checks, a feature
     cache); it returns a ``frozen.FrozenBackbone`` to train on its cached maps, or None.
     ``data_info``: how to rebuild the data later (``Trainer``), the cache's facts added when frozen.
+    ``phases(model)``: the phases to train (e.g. the benchmark's scaled rates and schedule); None:
+    the head's own.
     ``trainer_options``: the rest of ``Trainer``'s keywords (progress, stage_eval, on_epoch, ...).
     """
     from .model import ModelConfig, PrototypeModel
@@ -143,6 +146,8 @@ def build_run(splits, train_config, model_options: Dict[str, Any], *, dataset_na
     frozen = prepare(model, splits) if prepare is not None else None
     if frozen is not None:
         splits, data_info = frozen.splits, {**data_info, **frozen.info}
+    if phases is not None:
+        trainer_options["phases"] = phases(model)
     trainer = Trainer(model, splits, train_config, out_dir=str(out_dir) if out_dir else None,
                       dataset_name=dataset_name, data_info=data_info, **trainer_options)
     return NewRun(trainer, model, splits, frozen)

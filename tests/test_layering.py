@@ -36,11 +36,9 @@ STRING_TESTS = {"startswith", "endswith", "removeprefix", "partition", "rpartiti
 LARGE_CLASSES: Set[str] = {
     "cluster.py::ProtoKNNClusterLoss",
     "knn.py::KNNClassifier",
-    "train/trainer.py::Trainer",
 }
 
 LONG_FUNCTIONS: Set[str] = {
-    "benchmark/comparison.py::run_comparison",
     "transport.py::transport_plan",
 }
 

@@ -58,7 +58,7 @@ def test_a_feature_cache_from_prepare_feeds_the_trainer(animals_small):
     assert seen == [(run.model, animals_small)]  # prepare sees the new model and the image splits
     assert run.splits is cached and run.trainer.splits is cached
     assert run.trainer.data_info["feature_cache"] == "here" and run.trainer.data_info["limit"] == 100
-    with run.feeding():
+    with run.frozen_backbone():
         assert entered == [True]
 
 

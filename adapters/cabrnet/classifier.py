@@ -116,7 +116,7 @@ class ProtoKNNClassifier(CaBRNetClassifier):
         with _single_thread():
             self.prototype_layer = PrototypeLayer(
                 num_features, spec.num_prototypes, dim, similarity=spec.similarity, addon=spec.addon,
-                cost_space=spec.cost_space, init=spec.init, frozen=spec.frozen, seed=seed,
+                cost_space=spec.cost_space, init=spec.init, frozen=spec.frozen_prototypes, seed=seed,
             )
         self.build_similarity(_check_similarity(similarity_config))
 

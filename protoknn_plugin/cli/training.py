@@ -155,7 +155,7 @@ def _fit_and_score(run, resume, out, workers):
     130, its checkpoint written."""
     from ..train import Interrupted, evaluate
 
-    with run.feeding():  # maps instead of images when the backbone is frozen
+    with run.frozen_backbone():  # maps instead of images when the backbone is frozen
         try:
             state = run.trainer.fit(resume=resume)
         except Interrupted as why:

@@ -144,7 +144,7 @@ class ProtoKNNHead(Head):
 
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity="cosine", addon="linear",
-                             init="hypersphere", frozen=self.frozen_prototypes, cost_space=self.cost_space)
+                             init="hypersphere", frozen_prototypes=self.frozen_prototypes, cost_space=self.cost_space)
 
     def loss(self, out: PrototypeOutputs, labels: Tensor) -> Dict[str, Tensor]:
         task = self.task_loss(out.profile, labels)
@@ -200,7 +200,7 @@ class ProtoKNNHead(Head):
         backbone_lr = 1e-5 if pretrained_backbone else self.lr
         lrs = {"backbone": backbone_lr, "addon": self.lr, "head": self.lr, "beta": self.beta_lr,
                "proxies": self.lr * self.proxy_lr_scale}
-        if not self.frozen_prototypes:  # absent from lrs = frozen (the paper)
+        if not self.frozen_prototypes:  # else absent from lrs: untrained in every phase (the paper)
             lrs["prototypes"] = self.prototype_lr
         final = ("project", "build_memory")
         if not self.push_every or self.push_every >= epochs:
