@@ -43,7 +43,6 @@ LONG_FUNCTIONS: Set[str] = {
     "benchmark/comparison.py::run_comparison",
     "cli/training.py::train",
     "explain.py::counterfactual",
-    "transport.py::transport_plan",
 }
 
 PRIVATE_IMPORTS: Set[str] = {

@@ -9,6 +9,7 @@ import inspect
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..errors import ProtoKNNError
+from ..values import parse_value  # public here too: --head-opt values are read by it
 
 MODEL_ARGS = ("self", "num_classes", "backbone_channels", "dim", "num_prototypes")
 
@@ -17,26 +18,6 @@ def option_keys(head_class) -> List[str]:
     """Constructor arguments a user may set, in signature order."""
     params = inspect.signature(head_class.__init__).parameters.values()
     return [p.name for p in params if p.name not in MODEL_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
-def parse_value(text: str) -> Any:
-    """``5`` -> 5, ``1e-3`` -> 0.001, ``true``/``false`` -> bool, ``none`` -> None,
-    ``5,0.1`` or ``(5,0.1)`` -> (5, 0.1), anything else -> the text."""
-    text = text.strip()
-    inner = text[1:-1] if text[:1] in "([" and text[-1:] in ")]" else None
-    if inner is not None or "," in text:
-        return tuple(parse_value(part) for part in (inner if inner is not None else text).split(",") if part.strip())
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_head_option(item: str) -> Tuple[str, str, Any]:
