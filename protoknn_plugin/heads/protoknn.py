@@ -26,6 +26,7 @@ from .space import FloatRange
 
 
 def check_push_every(push_every) -> int:
+    """``push_every`` as given when it is a whole number >= 0, else a one-line error."""
     if not isinstance(push_every, int) or isinstance(push_every, bool) or push_every < 0:
         raise ProtoKNNError(f"protoknn head option push_every must be a whole number >= 0 (0: project only at the "
                             f"end), got {push_every!r}")
@@ -33,6 +34,7 @@ def check_push_every(push_every) -> int:
 
 
 def _option(name: str) -> str:
+    """How errors name one of this head's options."""
     return f"protoknn head option {name}"
 
 
