@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .backbones import create_backbone
 from .deformable import DeformablePrototypeLayer
 from .errors import ProtoKNNError
-from .heads import create_head
+from .heads import create_head, get_head_class
 from .heads.base import Head
 from .prototypes import PrototypeLayer, PrototypeOutputs, ProjectionRecord, project
 
@@ -53,6 +53,7 @@ class ModelConfig:
                                                                               "default_weights", None)
         if weights not in RANDOM_WEIGHTS:
             config.input_mean, config.input_std = tuple(splits.mean), tuple(splits.std)
+            config.head_options = {**get_head_class(config.head).pretrained_defaults, **config.head_options}
         return config
 
 

@@ -18,7 +18,9 @@
 #    then `cabrnet evaluate` on the saved `final` checkpoint, whose kNN accuracy must equal
 #    the one at the end of training (the memory bank travels in the checkpoint). One line
 #    per combination; the script fails if any combination failed;
-# 5. pytest tests/test_cabrnet_adapter.py inside that venv (no test may skip there).
+# 5. pytest tests/test_cabrnet_adapter.py inside that venv (no test may skip there), which also
+#    runs CaBRNet's own ProtoPNet and ProtoTree as benchmark rows, among them a tiny
+#    `protoknn benchmark --heads prototree,cabrnet:prototree` under the protocol.
 #
 # Environment: PROTOKNN_CABRNET_VENV (default <repo>/.venv-cabrnet),
 # PROTOKNN_CABRNET_WORK (default: a fresh temporary folder, removed at exit),

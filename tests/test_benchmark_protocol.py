@@ -130,7 +130,9 @@ def test_run_keys_of_unrevised_heads_are_stable_across_releases(monkeypatch):
     # (see settings._NOT_IN_KEY), or this pinned value changes on purpose.
     monkeypatch.setattr(settings_module, "machine_identity", lambda device: dict(PINNED_MACHINE))
     settings = BenchmarkSettings(train=TrainConfig(epochs=4, val_fraction=0.1))
-    assert run_key(RunSpec("protoknn", "protoknn"), settings, 1.0) == "df08eb58"
+    assert run_key(RunSpec("tesnet", "tesnet"), settings, 1.0) == "6da00cc3"
+    # ProtoKNN's revision 2 (a pretrained-backbone default) retrains its runs, as it must.
+    assert run_key(RunSpec("protoknn", "protoknn"), settings, 1.0) not in ("df08eb58", "6da00cc3")
     # The plain CNN's key changed on purpose with its revision 3 (the rate its validation sweep chose).
     assert run_key(RunSpec("cnn", "cnn"), settings, 1.0) == "dee698b0"
 
@@ -159,7 +161,8 @@ def test_the_run_key_holds_the_thread_count_and_the_device_kind(monkeypatch):
 PINNED_DEFAULTS = {
     "cnn": {"revision": 3, "phases": "73277d3bfbe7", "options": {
         "dim": 0, "num_prototypes": 0, "lr": 0.09, "warmup_epochs": 0.5, "schedule": "cosine", "weight_decay": 0.0}},
-    "protoknn": {"revision": 1, "phases": "a6bd256bf192", "options": {
+    "protoknn": {"revision": 2, "phases": "a6bd256bf192", "pretrained_defaults": {"cluster_variant": "linear-assignment"},
+                 "options": {
         "dim": 64, "num_prototypes": 100, "task_loss": "margin", "task_miner": "batch-hard", "aux_loss": "margin",
         "cluster_variant": "full", "cluster_reduction": "mean", "cluster_weight": 0.1, "aux_weight": 1.0, "tau": 0.05,
         "reg": 0.05, "margin": 0.2, "beta": 1.2, "cost_space": "unit", "ks": [1, 3, 5, 10], "k": 5, "memory": "full",
@@ -187,7 +190,10 @@ def head_defaults(name):
               for pretrained in (False, True) for frozen in (False, True)]
     spec = vars(head.prototype_spec()) if head.uses_prototypes else None
     digest = hashlib.sha256(json.dumps([shapes, spec], sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return {"revision": cls.revision, "options": json.loads(json.dumps(options, default=str)), "phases": digest}
+    pinned = {"revision": cls.revision, "options": json.loads(json.dumps(options, default=str)), "phases": digest}
+    if cls.pretrained_defaults:
+        pinned["pretrained_defaults"] = dict(cls.pretrained_defaults)
+    return pinned
 
 
 @pytest.mark.parametrize("name", sorted(PINNED_DEFAULTS))
@@ -256,11 +262,11 @@ def test_cosine_schedule_decays_every_phase_and_restarts_after_each_push():
 def test_the_head_s_own_schedule_keeps_its_run_key_and_cosine_gets_its_own(monkeypatch):
     monkeypatch.setattr(settings_module, "machine_identity", lambda device: dict(PINNED_MACHINE))
     settings = BenchmarkSettings(train=TrainConfig(epochs=4, val_fraction=0.1))
-    spec = RunSpec("protoknn", "protoknn")
-    assert run_key(spec, settings, 1.0, "own") == run_key(spec, settings, 1.0) == "df08eb58"  # the pinned key
+    spec = RunSpec("tesnet", "tesnet")
+    assert run_key(spec, settings, 1.0, "own") == run_key(spec, settings, 1.0) == "6da00cc3"  # the pinned key
     assert run_key(spec, settings, 1.0, "cosine") != run_key(spec, settings, 1.0)
     swept = BenchmarkSettings(train=TrainConfig(epochs=4, val_fraction=0.1), schedules=("own", "cosine"))
-    assert run_key(spec, swept, 1.0) == "df08eb58"  # what is swept does not name a run, what it chose does
+    assert run_key(spec, swept, 1.0) == "6da00cc3"  # what is swept does not name a run, what it chose does
 
 
 def test_the_prediction_is_chosen_on_validation_with_ties_to_the_head_s_own():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import protoknn_plugin.adapters.cabrnet as adapter
@@ -127,6 +128,63 @@ def test_the_protocol_check_gives_the_cabrnet_row_the_plugin_protopnet_budget():
     assert budgets["theirs"]["backbone_steps"] == 4 * (720 // 110)
     with pytest.raises(ProtoKNNError, match="valid: prototypes_per_class"):
         check_protocol([RunSpec("theirs", "cabrnet:protopnet", {"warm_epoch": 1})], settings, splits)
+
+
+def test_prototree_milestones_are_the_paper_s_fractions_of_the_budget():
+    from protoknn_plugin.adapters.cabrnet.prototree import PROTOTREE_OPTIONS, fitted_milestones, prototree_schedule
+
+    # 100 epochs: the paper's milestones; 4 epochs: 2.4, 2.8, 3.2, 3.6, 4.0 rounded, repeats kept
+    assert fitted_milestones(100, PROTOTREE_OPTIONS["milestones"]) == [60, 70, 80, 90, 100]
+    assert fitted_milestones(4, PROTOTREE_OPTIONS["milestones"]) == [2, 3, 3, 4, 4]
+    assert fitted_milestones(4, None) == [] and fitted_milestones(10, 0.5) == [5]  # --head-opt none / one number
+    with pytest.raises(ProtoKNNError, match="milestones are fractions"):
+        fitted_milestones(4, ("soon",))
+    scratch = prototree_schedule(4, PROTOTREE_OPTIONS, pretrained=False)
+    assert scratch["warm_epochs"] == 0 and scratch["training"]["periods"] == {
+        "joint": {"epoch_range": [0, 3], "optimizers": "main_optimizer"}}
+    groups = scratch["training"]["optimizers"]["main_optimizer"]["groups"]
+    assert groups["backbone"] == {"lr": 1e-3}  # the protocol's from-scratch rate
+    pretrained = prototree_schedule(10, PROTOTREE_OPTIONS, pretrained=True)
+    assert pretrained["warm_epochs"] == 3  # 30% of 10 epochs with the backbone frozen
+    assert pretrained["training"]["periods"]["warmup"] == {"epoch_range": [0, 2], "freeze": ["backbone"],
+                                                           "optimizers": "main_optimizer"}
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_cabrnet_prototree_budget_is_the_plugin_prototree_budget(pretrained):
+    from protoknn_plugin.adapters.cabrnet.baseline import cabrnet_budget
+    from protoknn_plugin.benchmark.protocol import budget
+    from protoknn_plugin.heads import create_head
+
+    epochs, steps, batch = 10, 65, 110
+    ours = create_head("prototree", num_classes=10, backbone_channels=8, dim=8).phases(epochs, pretrained)
+    expected = budget(ours, steps, batch, train_images=steps * batch)
+    assert cabrnet_budget("prototree", epochs, steps, batch, {}, pretrained) == expected
+    assert expected["backbone_steps"] == (7 if pretrained else 10) * steps and expected["pushes"] == 1
+
+
+def test_the_protocol_check_refuses_a_cabrnet_prototree_row_with_another_budget(monkeypatch):
+    from types import SimpleNamespace
+
+    from protoknn_plugin.adapters.cabrnet import baseline, prototree
+    from protoknn_plugin.benchmark import BenchmarkSettings, RunSpec
+    from protoknn_plugin.benchmark.comparison import check_protocol
+    from protoknn_plugin.train import TrainConfig
+
+    splits = SimpleNamespace(channels=1, classes=[str(c) for c in range(10)], train_labels=torch.arange(10).repeat(72))
+    settings = BenchmarkSettings(train=TrainConfig(epochs=4))
+    specs = [RunSpec("prototree", "prototree"), RunSpec("theirs", "cabrnet:prototree")]
+    budgets = check_protocol(specs, settings, splits)  # no CaBRNet install needed
+    assert budgets["theirs"] == {**budgets["prototree"], "last_layer_epochs": 0}
+    with pytest.raises(ProtoKNNError, match=r"unknown cabrnet:prototree option\(s\) detph; valid: depth"):
+        check_protocol([RunSpec("theirs", "cabrnet:prototree", {"detph": 4})], settings, splits)
+    # a row that froze the backbone for its warm epochs (the pretrained schedule) on a backbone
+    # trained from scratch takes fewer backbone steps: refused before anything trains
+    frozen = lambda epochs, steps, batch, options, pretrained: prototree.prototree_budget(  # noqa: E731
+        epochs, steps, batch, options, True)
+    monkeypatch.setitem(baseline.CABRNET_BUDGETS, "prototree", frozen)
+    with pytest.raises(ProtoKNNError, match=r"backbone_steps: prototree 24, theirs 18"):
+        check_protocol(specs, settings, splits)
 
 
 # ---------------------------------------------------------------- with CaBRNet
@@ -357,6 +415,133 @@ def test_cabrnet_protopnet_baseline_returns_a_benchmark_row(cabrnet, tmp_path):
     assert row["prototype_spread"] == pytest.approx(prototype_spread(saved[0].flatten(1)), abs=1e-6)
     assert json.loads((tmp_path / "metrics.json").read_text()) == row  # floats survive JSON exactly
     assert (tmp_path / "projection_info.csv").is_file()
+
+
+def test_cabrnet_prototree_routes_like_the_plugin_tree(cabrnet):
+    """The same similarities and leaf logits give the same soft prediction y^ in both trees
+    (CaBRNet numbers its nodes depth-first, the plugin breadth-first; right = "similar")."""
+    from cabrnet.archs.prototree.decision import ProtoTreeClassifier
+
+    from protoknn_plugin.heads.prototree import leaf_probabilities, tree_output
+
+    depth = 3
+    classifier = ProtoTreeClassifier({"name": "ProtoTreeSimilarity"}, num_classes=4, depth=depth, num_features=2)
+    generator = torch.Generator().manual_seed(0)
+    similarities = torch.rand(5, 2 ** depth - 1, generator=generator)  # CaBRNet's prototype order
+    logits = torch.randn(2 ** depth, 4, generator=generator)           # CaBRNet's leaf order
+    with torch.no_grad():
+        for leaf, row in zip(classifier.tree.leaves, logits):
+            leaf._relative_distribution.copy_(row[None])
+    theirs, _ = classifier.tree(similarities=similarities, parent_probs=torch.ones(1),
+                                conditional_probs=torch.ones(1), greedy_path=torch.ones(1, dtype=torch.bool))
+
+    def breadth_first(node, level=0, index=0, order=None):  # node -> (its prototype, breadth-first slot)
+        order = {} if order is None else order
+        if node.proto_idxs is not None:
+            order[2 ** level - 1 + index] = node.proto_idxs[0]
+            breadth_first(node.get_submodule(f"{node.node_id}_child_nsim"), level + 1, 2 * index, order)
+            breadth_first(node.get_submodule(f"{node.node_id}_child_sim"), level + 1, 2 * index + 1, order)
+        return order
+
+    order = breadth_first(classifier.tree)
+    ours_similarity = similarities[:, [order[n] for n in range(2 ** depth - 1)]]
+    routes = torch.zeros(2 ** depth - 1, dtype=torch.long)
+    ours = tree_output(leaf_probabilities(ours_similarity, routes), logits)  # leaves: left to right
+    assert torch.allclose(theirs, ours, atol=1e-6)
+
+
+def test_cabrnet_prototree_updates_its_leaves_like_the_plugin_tree(cabrnet):
+    """Two batches of CaBRNet's ProtoTree epoch with nothing else learning (rate 0): its leaves
+    end where the plugin's derivative-free update takes them from the same forward passes."""
+    from cabrnet.archs.prototree.decision import ProtoTreeClassifier
+    from cabrnet.archs.prototree.model import ProtoTree
+
+    from protoknn_plugin.heads.prototree import derivative_free_update
+
+    torch.manual_seed(0)
+    classifier = ProtoTreeClassifier({"name": "ProtoTreeSimilarity"}, num_classes=3, depth=2, num_features=4)
+    model = ProtoTree(extractor=nn.Sequential(nn.Conv2d(2, 4, 1), nn.Sigmoid()), classifier=classifier)
+    leaves = list(classifier.tree.leaves)
+    with torch.no_grad():
+        for leaf in leaves:
+            leaf._relative_distribution.copy_(torch.rand(1, 3) * 2)
+    xs, ys = torch.rand(8, 2, 3, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=4)
+    start = torch.cat([leaf._relative_distribution.detach() for leaf in leaves])  # (L, C)
+
+    def set_leaves(logits):
+        with torch.no_grad():
+            for leaf, row in zip(leaves, logits):
+                leaf._relative_distribution.copy_(row[None])
+
+    expected = start.clone()
+    with torch.no_grad():
+        for batch_x, batch_y in loader:  # the second batch sees the leaves the first one left
+            y_hat, info = model(batch_x)
+            pi = torch.cat([info[leaf.node_id]["absolute_probability"] for leaf in leaves], dim=1)  # (B, L)
+            expected = derivative_free_update(expected, start, pi, y_hat, batch_y, steps_per_epoch=2)
+            set_leaves(expected)
+    set_leaves(start)
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
+    model._train_epoch({"train_set": loader}, frozen, device="cpu")
+    theirs = torch.cat([leaf._relative_distribution.detach() for leaf in leaves])
+    assert torch.allclose(theirs, expected, atol=1e-6)
+    assert not torch.allclose(theirs, start)  # the leaves did move
+
+
+def test_cabrnet_prototree_baseline_returns_a_benchmark_row(cabrnet, tmp_path):
+    import csv
+
+    from protoknn_plugin.adapters.cabrnet.baseline import run_cabrnet_head
+    from protoknn_plugin.adapters.cabrnet.prototree import build_cabrnet_prototree, PROTOTREE_OPTIONS
+    from protoknn_plugin.benchmark import BenchmarkSettings
+    from protoknn_plugin.data import create_dataset
+    from protoknn_plugin.train import TrainConfig
+
+    settings = BenchmarkSettings(dim=8, limit=40,
+                                 train=TrainConfig(epochs=1, batch_classes=10, per_class=2, device="cpu"),
+                                 backbone_options={"width": 8})
+    splits = create_dataset("animals", limit=40)
+    with pytest.raises(ProtoKNNError, match="unknown cabrnet:prototree option"):
+        run_cabrnet_head("prototree", settings, splits, tmp_path, seed=0, options={"detph": 2})
+    row = run_cabrnet_head("prototree", settings, splits, tmp_path, seed=0, options={"depth": 2})
+    assert row["label"] == row["head"] == "cabrnet:prototree" and row["seed"] == 0
+    assert row["test_images"] == len(splits.test) == 40 and 0.0 <= row["accuracy[top1]"] <= 1.0
+    assert row["warm_epochs"] == 0  # the protocol: no frozen epochs on a backbone trained from scratch
+    # 10 classes: every leaf's max softmax is >= 0.1 > 0.01, so pruning keeps the whole tree
+    assert (row["tree_leaves"], row["tree_prototypes"]) == (4, 3)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == row
+    # The saved prototypes are projected: each is the add-on feature at the patch recorded for it.
+    model = build_cabrnet_prototree(settings, 10, splits.channels, seed=1, options={**PROTOTREE_OPTIONS, "depth": 2})
+    model.load_state_dict(torch.load(tmp_path / "model_state.pth", weights_only=True))
+    model.eval()
+    with open(tmp_path / "projection_info.csv") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 3
+    for record in records:
+        image, _ = splits.train_plain[int(record["img_idx"])]
+        with torch.no_grad():
+            feature = model.features(image[None])[0, :, int(record["h"]), int(record["w"])]
+        prototype = model.classifier.prototypes[int(record["proto_idx"])].flatten()
+        assert torch.allclose(prototype, feature, atol=1e-5)
+
+
+def test_benchmark_cli_runs_prototree_beside_cabrnet_prototree_under_the_protocol(cabrnet, tmp_path):
+    from conftest import TINY, assert_one_line_error, run_cli
+
+    bad = run_cli("benchmark", "--heads", "prototree,cabrnet:prototree", *TINY,
+                  "--head-opt", "cabrnet:prototree.detph=3", "--out", tmp_path / "bad")
+    assert_one_line_error(bad, "cabrnet:prototree", "detph")
+    assert bad.returncode == 2 and not (tmp_path / "bad" / "runs").exists()  # refused before training
+    result = run_cli("benchmark", "--heads", "prototree,cabrnet:prototree", *TINY, "--seeds", "0", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    rows = {run["label"]: run for run in runs}
+    assert set(rows) == {"prototree", "cabrnet:prototree"}
+    for key in ("images_seen", "backbone_steps", "pushes"):  # the budget both rows were checked on
+        assert rows["prototree"][key] == rows["cabrnet:prototree"][key], key
+    assert rows["cabrnet:prototree"]["backbone_steps"] == 3  # 1 epoch of 3 steps
+    assert rows["cabrnet:prototree"]["test_images"] == rows["prototree"]["test_images"]
 
 
 def test_classifier_opt_sets_model_arch_params(cabrnet, tmp_path):

@@ -188,3 +188,18 @@ def test_preset_fills_defaults_and_explicit_options_win(tmp_path):
 
 def test_unknown_preset(tmp_path):
     assert_one_line_error(run_cli("train", "--preset", "cub-ful", "--out", tmp_path), "unknown preset", "cub-full")
+
+
+def test_heads_all_names_every_registered_head_and_leaves_out_what_a_cache_cannot_train():
+    from protoknn_plugin.cli.comparing import expand_all
+    from protoknn_plugin.heads import get_head_class, list_heads
+
+    rows = expand_all("all", frozen_backbone=False).split(",")
+    assert sorted(rows) == sorted(list_heads()) and rows[0] == "protoknn" and rows[-1] == "cnn"
+    cannot = {n for n in list_heads() if not get_head_class(n).supports_frozen_backbone}
+    assert cannot, "some head (PIP-Net) needs two augmented views, which a feature cache lacks"
+    assert set(expand_all("all", frozen_backbone=True).split(",")) == set(list_heads()) - cannot
+    # Labelled rows given beside `all` stay, and a head named twice appears once.
+    both = expand_all("protopnet-cos=protopnet,all,protoknn", frozen_backbone=False).split(",")
+    assert both[0] == "protopnet-cos=protopnet" and both.count("protoknn") == 1
+    assert expand_all("protoknn,cnn", frozen_backbone=True) == "protoknn,cnn"

@@ -165,3 +165,17 @@ def test_protoknn_push_every_splits_training_into_projected_cycles():
 def test_protoknn_push_every_refuses_what_is_not_a_count(value):
     with pytest.raises(ProtoKNNError, match="push_every must be a whole number"):
         create_head("protoknn", num_classes=4, backbone_channels=8, dim=8, num_prototypes=8, push_every=value)
+
+
+def test_pretrained_defaults_apply_only_to_a_pretrained_backbone_and_yield_to_the_user():
+    from types import SimpleNamespace
+
+    splits = SimpleNamespace(classes=list(range(10)), channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    scratch = ModelConfig.for_data(splits, head="protoknn", backbone="small-cnn")
+    assert "cluster_variant" not in scratch.head_options  # the constructor's default (full) stays
+    pretrained = ModelConfig.for_data(splits, head="protoknn", backbone="efficientnet-lite0")
+    assert pretrained.head_options == {"cluster_variant": "linear-assignment"}
+    given = ModelConfig.for_data(splits, head="protoknn", backbone="efficientnet-lite0",
+                                 head_options={"cluster_variant": "full", "k": 3})
+    assert given.head_options == {"cluster_variant": "full", "k": 3}
+    assert ModelConfig.for_data(splits, head="protopnet", backbone="efficientnet-lite0").head_options == {}

@@ -2,8 +2,8 @@
 
 CaBRNet is heavy (about 1.4 GB), so it is imported lazily: importing this package
 costs nothing, and touching a CaBRNet-backed name without the extra raises a
-one-line error that names the extra. Its rows in ``protoknn benchmark`` (``cabrnet:protopnet``)
-come from the run backend in ``backend``.
+one-line error that names the extra. Its rows in ``protoknn benchmark``
+(``cabrnet:protopnet``, ``cabrnet:prototree``) come from the run backend in ``backend``.
 """
 from __future__ import annotations
 

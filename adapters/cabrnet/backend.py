@@ -1,5 +1,5 @@
 """CaBRNet's own architectures as benchmark rows: the run backend ``cabrnet``, whose rows are
-named ``cabrnet:ARCH`` (``cabrnet:protopnet``).
+named ``cabrnet:ARCH`` (``cabrnet:protopnet``, ``cabrnet:prototree``).
 
 Registered through the entry-point group ``protoknn_plugin.run_backends`` (pyproject.toml), so
 the benchmark finds it without naming it, and on import of this package. CaBRNet itself is
@@ -19,7 +19,8 @@ from .extra import require_cabrnet
 
 @register_backend("cabrnet")
 class CaBRNetBackend(RunBackend):
-    """CaBRNet builds its own schedule under the benchmark's rules (``baseline.protopnet_schedule``),
+    """CaBRNet builds its own schedule under the benchmark's rules (``baseline.protopnet_schedule``,
+    ``prototree.prototree_schedule``),
     so no learning-rate scale, schedule or tuning applies; its checkpoints are CaBRNet's, which
     ``protoknn faithfulness`` does not read."""
 
@@ -29,7 +30,7 @@ class CaBRNetBackend(RunBackend):
     reports_budget = False
 
     def architecture(self, row: str) -> str:
-        """``cabrnet:protopnet`` -> ``protopnet``."""
+        """``cabrnet:prototree`` -> ``prototree``."""
         return row[len(self.prefix):]
 
     def check(self, row: str) -> None:

@@ -18,13 +18,16 @@ epochs. The epilogue projects again (a no-op by then), without pruning.
 Entry points for the benchmark: ``run_cabrnet_head(name, settings, splits, out_dir, seed,
 label=..., options=...)`` with ``name`` the part after ``cabrnet:``, and ``cabrnet_budget``,
 which the protocol check compares with the other rows' budgets before anything trains (it
-needs no CaBRNet install).
+needs no CaBRNet install). Both dispatch to ``prototree.py`` for ``cabrnet:prototree``, which
+uses the steps every CaBRNet row shares (``start_run``, ``row_loaders``, ``train_epochs``,
+``row_metrics``, ``save_row``).
 """
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 import time
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -148,13 +151,15 @@ def protopnet_budget(epochs: int, steps_per_epoch: int, batch_size: int, options
     }
 
 
-def checked_options(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The defaults updated with ``options``; a one-line error naming the valid keys otherwise."""
-    unknown = sorted(set(options or {}) - set(DEFAULT_OPTIONS))
+def checked_options(options: Optional[Dict[str, Any]], defaults: Optional[Dict[str, Any]] = None,
+                    row: str = "cabrnet:protopnet") -> Dict[str, Any]:
+    """``defaults`` (ProtoPNet's unless given) updated with ``options``; a one-line error naming
+    ``row`` and the valid keys otherwise."""
+    defaults = DEFAULT_OPTIONS if defaults is None else defaults
+    unknown = sorted(set(options or {}) - set(defaults))
     if unknown:
-        raise ProtoKNNError(f"unknown cabrnet:protopnet option(s) {', '.join(unknown)}; "
-                            f"valid: {', '.join(DEFAULT_OPTIONS)}")
-    return {**DEFAULT_OPTIONS, **(options or {})}
+        raise ProtoKNNError(f"unknown {row} option(s) {', '.join(unknown)}; valid: {', '.join(defaults)}")
+    return {**defaults, **(options or {})}
 
 
 def build_cabrnet_protopnet(settings: Any, num_classes: int, in_channels: int, seed: int,
@@ -189,33 +194,73 @@ def run_cabrnet_protopnet(settings: Any, splits: Any, out_dir: Path | str, seed:
     model_state.pth (CaBRNet's state dict) and projection_info.csv into ``out_dir``.
     """
     require_cabrnet()
-    from cabrnet.core.utils.save import save_projection_info
+    opts = checked_options(options)
+    out, train_config, device = start_run(settings, splits, out_dir, seed)
+    with quiet_cabrnet(not progress):
+        model, schedule, projection_info, stats, timing, peak_mb = _train_and_evaluate(
+            settings, splits, train_config, device, seed, opts, str(out), progress)
+    result = row_metrics(label, "cabrnet:protopnet", seed, model, stats, timing, peak_mb, len(splits.test))
+    result["warm_epochs"] = schedule["warm_epochs"]
+    return save_row(result, model, projection_info, out)
 
+
+def start_run(settings: Any, splits: Any, out_dir: Path | str, seed: int) -> tuple:
+    """What every CaBRNet row does before it builds its model: (output folder, TrainConfig of
+    ``seed``, device), with the seeds and the thread count set as the plugin's rows set them."""
     from protoknn_plugin.checkpoint import ensure_writable_dir
-    from protoknn_plugin.prototypes import prototype_spread
     from protoknn_plugin.train import TrainConfig, resolve_device, seed_everything
 
-    opts = checked_options(options)
-    test_images = len(splits.test)
-    check(test_images > 0, "the evaluation set is empty; check the dataset path and --limit")
+    check(len(splits.test) > 0, "the evaluation set is empty; check the dataset path and --limit")
     out = ensure_writable_dir(str(out_dir))
-    train_config = TrainConfig(**{**_asdict(settings.train), "seed": seed})
+    train_config = TrainConfig(**{**asdict(settings.train), "seed": seed})
     device = resolve_device(train_config.device)
     seed_everything(seed)
     if train_config.threads:
         torch.set_num_threads(train_config.threads)
+    return out, train_config, device
 
-    with _quiet_cabrnet(not progress):
-        model, schedule, projection_info, stats, timing, peak_mb = _train_and_evaluate(
-            settings, splits, train_config, device, seed, opts, str(out), progress)
-    result: Dict[str, Any] = {
-        "label": label, "head": "cabrnet:protopnet", "seed": seed,
+
+def row_loaders(splits: Any, train_config: Any) -> Dict[str, DataLoader]:
+    """CaBRNet's dataloaders on the benchmark's splits: the class-balanced training batches of
+    ``train.epoch_batches``, the training images without augmentation (projection), the test set."""
+    eval_batch = train_config.eval_batch_size
+    return {
+        "train_set": DataLoader(splits.train, batch_sampler=BalancedBatches(splits.train_labels, train_config),
+                                num_workers=0, generator=torch.Generator()),
+        "projection_set": DataLoader(splits.train_plain, batch_size=eval_batch, shuffle=False, num_workers=0),
+        "test_set": DataLoader(splits.test, batch_size=eval_batch, shuffle=False, num_workers=0),
+    }
+
+
+def train_epochs(model: nn.Module, loaders: Dict[str, DataLoader], optimizer_mngr: Any, epochs: int,
+                 device: Any, progress: bool) -> None:
+    """CaBRNet's own epoch loop (``cabrnet train`` without its checkpoints): freeze, train, schedule."""
+    for epoch in range(epochs):
+        optimizer_mngr.freeze(epoch=epoch)
+        model.train_epoch(dataloaders=loaders, optimizer_mngr=optimizer_mngr, device=device,
+                          epoch_idx=epoch, verbose=progress)
+        optimizer_mngr.scheduler_step(epoch=epoch, metric=None)
+
+
+def row_metrics(label: str, head: str, seed: int, model: nn.Module, stats: Dict[str, float],
+                timing: Dict[str, float], peak_mb: float, test_images: int) -> Dict[str, Any]:
+    """The keys every benchmark row reports, from CaBRNet's test statistics and the timings."""
+    from protoknn_plugin.prototypes import prototype_spread
+
+    return {
+        "label": label, "head": head, "seed": seed,
         "accuracy[top1]": float(stats["test_set/accuracy"]),
         "images_per_second": test_images / max(timing["evaluate"], 1e-9), "test_images": test_images,
         "train_seconds": timing["train"], "peak_memory_mb": peak_mb,
         "prototype_spread": prototype_spread(model.classifier.prototypes.detach().flatten(1)),
-        "warm_epochs": schedule["warm_epochs"],
     }
+
+
+def save_row(result: Dict[str, Any], model: nn.Module, projection_info: List[Dict[str, Any]],
+             out: Path) -> Dict[str, Any]:
+    """Write model_state.pth (CaBRNet's state dict), projection_info.csv and metrics.json; return ``result``."""
+    from cabrnet.core.utils.save import save_projection_info
+
     torch.save(model.state_dict(), out / "model_state.pth")
     if projection_info:
         save_projection_info(projection_info, str(out / "projection_info.csv"))
@@ -234,21 +279,11 @@ def _train_and_evaluate(settings, splits, train_config, device, seed, opts, out,
     schedule = protopnet_schedule(train_config.epochs, opts, pretrained)
     model.projection_config.update(schedule["projection"])
     optimizer_mngr = OptimizerManager(config_dict=schedule["training"], module=model)
-    eval_batch = train_config.eval_batch_size
-    dataloaders = {
-        "train_set": DataLoader(splits.train, batch_sampler=BalancedBatches(splits.train_labels, train_config),
-                                num_workers=0, generator=torch.Generator()),
-        "projection_set": DataLoader(splits.train_plain, batch_size=eval_batch, shuffle=False, num_workers=0),
-        "test_set": DataLoader(splits.test, batch_size=eval_batch, shuffle=False, num_workers=0),
-    }
+    dataloaders = row_loaders(splits, train_config)
     timing = {}
     with PeakRAM(device) as peak:
         started = time.perf_counter()
-        for epoch in range(train_config.epochs):
-            optimizer_mngr.freeze(epoch=epoch)
-            model.train_epoch(dataloaders=dataloaders, optimizer_mngr=optimizer_mngr, device=device,
-                              epoch_idx=epoch, verbose=progress)
-            optimizer_mngr.scheduler_step(epoch=epoch, metric=None)
+        train_epochs(model, dataloaders, optimizer_mngr, train_config.epochs, device, progress)
         # no pruning (num_nearest_patches=0), as the plugin's ProtoPNet head
         projection_info = model.epilogue(dataloaders=dataloaders, optimizer_mngr=optimizer_mngr, output_dir=out,
                                          device=device, verbose=progress, num_nearest_patches=0)
@@ -259,8 +294,24 @@ def _train_and_evaluate(settings, splits, train_config, device, seed, opts, out,
     return model, schedule, projection_info, stats, timing, peak.peak_mb
 
 
-CABRNET_HEADS: Dict[str, Callable[..., Dict[str, Any]]] = {"protopnet": run_cabrnet_protopnet}
-CABRNET_BUDGETS: Dict[str, Callable[..., Dict[str, int]]] = {"protopnet": protopnet_budget}
+def run_cabrnet_prototree(*args: Any, **kwargs: Any) -> Dict[str, Any]:
+    """CaBRNet's ProtoTree row (``prototree.run_cabrnet_prototree``), imported when it runs."""
+    from .prototree import run_cabrnet_prototree as run
+
+    return run(*args, **kwargs)
+
+
+def prototree_budget(*args: Any, **kwargs: Any) -> Dict[str, int]:
+    """CaBRNet's ProtoTree budget (``prototree.prototree_budget``); needs no CaBRNet install."""
+    from .prototree import prototree_budget as budget
+
+    return budget(*args, **kwargs)
+
+
+CABRNET_HEADS: Dict[str, Callable[..., Dict[str, Any]]] = {"protopnet": run_cabrnet_protopnet,
+                                                          "prototree": run_cabrnet_prototree}
+CABRNET_BUDGETS: Dict[str, Callable[..., Dict[str, int]]] = {"protopnet": protopnet_budget,
+                                                            "prototree": prototree_budget}
 
 
 def cabrnet_budget(name: str, epochs: int, steps_per_epoch: int, batch_size: int,
@@ -282,7 +333,7 @@ def run_cabrnet_head(name: str, settings: Any, splits: Any, out_dir: Path | str,
 
 
 @contextmanager
-def _quiet_cabrnet(quiet: bool) -> Iterator[None]:
+def quiet_cabrnet(quiet: bool) -> Iterator[None]:
     """Silence CaBRNet's loguru output (DEBUG by default) inside the block, unless not ``quiet``."""
     from loguru import logger
 
@@ -294,8 +345,3 @@ def _quiet_cabrnet(quiet: bool) -> Iterator[None]:
         if quiet:
             logger.enable("cabrnet")
 
-
-def _asdict(config: Any) -> Dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(config)

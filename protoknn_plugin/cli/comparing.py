@@ -57,6 +57,26 @@ def _run_interruptibly(specs, settings, out, title, executor=None, **options):
         sys.exit(130)
 
 
+def expand_all(head_names: str, frozen_backbone: bool, console=None) -> str:
+    """``all`` in ``--heads`` -> every registered head, ProtoKNN first and the plain CNN last (the
+    reference row); under --frozen-backbone the heads that cannot train on a feature cache are left
+    out, and a line says which."""
+    from ..heads import get_head_class, list_heads
+
+    names = [n.strip() for n in head_names.split(",")]
+    if "all" not in names:
+        return head_names
+    registered = sorted(list_heads(), key=lambda n: (n != "protoknn", n == "cnn", n))
+    skipped = [n for n in registered if frozen_backbone and not get_head_class(n).supports_frozen_backbone]
+    if skipped and console is not None:
+        console.print(f"--heads all: {', '.join(skipped)} left out (cannot train on a --frozen-backbone feature cache)")
+    expanded = [n for n in registered if n not in skipped]
+    rows = []
+    for name in names:
+        rows.extend(expanded if name == "all" else [name])
+    return ",".join(dict.fromkeys(rows))  # a head named both by `all` and by hand appears once
+
+
 def _specs(rows, head_opts):
     from ..benchmark import RunSpec
     from ..heads.options import assign_head_options
@@ -96,8 +116,8 @@ and sweep seed."""
 @cli.command(help=BENCHMARK_HELP)
 @click.option("--heads", "head_names", default="protoknn,protopnet,cnn", show_default=True,
               help="Comma-separated rows, HEAD or LABEL=HEAD (the same head twice with different --head-opt); "
-                   "`cnn` is the plain CNN reference; cabrnet:protopnet runs CaBRNet's own ProtoPNet "
-                   "(extra protoknn-plugin[cabrnet]).")
+                   "`cnn` is the plain CNN reference; `all` is every registered head (`protoknn heads`); "
+                   "cabrnet:protopnet runs CaBRNet's own ProtoPNet (extra protoknn-plugin[cabrnet]).")
 @training_options
 @comparison_options
 @frozen_backbone_options
@@ -134,6 +154,7 @@ def benchmark(head_names, head_opts, threads, explanations, out, tune, executor,
     setup_threads(threads)
     if shared.get("seeds") is None:
         shared["seeds"] = FROZEN_SEEDS if shared.get("frozen_backbone") else DEFAULT_SEEDS
+    head_names = expand_all(head_names, bool(shared.get("frozen_backbone")), err_console)
     specs = _specs(parse_rows(head_names), head_opts)
     settings = comparison_settings(**shared)
     if tune:  # say now, not after loading the data, when the search library is missing

@@ -97,6 +97,10 @@ class Head(nn.Module):
     explanation: Optional[str] = None
     # False when training needs something a frozen-backbone feature cache cannot give.
     supports_frozen_backbone: bool = True
+    # Option defaults that replace the constructor's when the backbone is pretrained (chosen on
+    # validation with a pretrained backbone); options the user gives win. ModelConfig.for_data
+    # writes them into the run's head options, so a checkpoint records what was trained.
+    pretrained_defaults: Dict[str, object] = {}
 
     def __init__(self, num_classes: int, backbone_channels: int, dim: int, num_prototypes: int):
         super().__init__()

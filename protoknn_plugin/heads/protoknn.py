@@ -52,6 +52,8 @@ class ProtoKNNHead(Head):
     name = "protoknn"
     description = "ProtoKNN: kNN over prototype profiles; metric loss + Sinkhorn cluster loss + aux loss"
     uses_memory = True
+    revision = 2  # 2: cluster_variant linear-assignment with a pretrained backbone (validation study)
+    pretrained_defaults = {"cluster_variant": "linear-assignment"}
 
     def __init__(
         self,
@@ -144,6 +146,8 @@ class ProtoKNNHead(Head):
                                                   "full-differentiable (both)",
             "frozen_prototypes": "true (the paper); false trains them from the same hyperspherical start "
                                  "at prototype_lr 1e-3 (own optimizer group `prototypes`)",
+            "with a pretrained backbone": "cluster_variant linear-assignment (best on validation in the "
+                                          "projection study of docs/ablation.md)",
             "push_every": "0: project once, at the end (the paper); N: also project after every N epochs, so "
                           "that the later epochs train against prototypes that are training patches",
         }
