@@ -178,14 +178,13 @@ PINNED_DEFAULTS = {
 
 def head_defaults(name):
     import hashlib
-    import inspect
     import json
 
     from protoknn_plugin.heads import get_head_class
+    from protoknn_plugin.heads.options import option_defaults
 
     cls = get_head_class(name)
-    options = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-               if p.default is not inspect.Parameter.empty}
+    options = option_defaults(cls)
     head = create_head(name, num_classes=10, backbone_channels=8, dim=8, num_prototypes=100)
     shapes = [[vars(p) for p in head.phases(30, pretrained, frozen_backbone=frozen)]
               for pretrained in (False, True) for frozen in (False, True)]

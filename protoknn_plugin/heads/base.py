@@ -122,6 +122,14 @@ class Head(nn.Module):
         self.dim = dim
         self.requested_prototypes = num_prototypes
 
+    @classmethod
+    def from_options(cls, **options) -> "Head":
+        """The head from flat options: the model's four arguments (num_classes, backbone_channels,
+        dim, num_prototypes) plus the user's (``--head-opt``, config files). The registry builds
+        every head this way; a head whose constructor takes parts (losses, a kNN) overrides it to
+        build them, and its signature then lists the options."""
+        return cls(**options)
+
     # ---- what the head needs -------------------------------------------------
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes)

@@ -1,7 +1,8 @@
-"""Head options from text: ``--head-opt HEAD.KEY=VALUE`` reaches any constructor argument.
+"""Head options from text: ``--head-opt HEAD.KEY=VALUE`` reaches any flat option of a head.
 
-The valid keys of a head are the parameters of its class's ``__init__`` except the four
-the model passes itself (num_classes, backbone_channels, dim, num_prototypes).
+The valid keys of a head are the parameters of its ``from_options`` (or, for a head that does not
+override it, of its ``__init__``) except the four the model passes itself (num_classes,
+backbone_channels, dim, num_prototypes).
 """
 from __future__ import annotations
 
@@ -9,34 +10,32 @@ import inspect
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..errors import ProtoKNNError
+from ..values import parse_value  # public here too: --head-opt values are read by it
 
 MODEL_ARGS = ("self", "num_classes", "backbone_channels", "dim", "num_prototypes")
 
 
+def option_parameters(head_class) -> List[inspect.Parameter]:
+    """The parameters of a head's flat options, in signature order: those of its ``from_options``
+    when it names them (a head built from parts), else those of its constructor."""
+    builder = getattr(head_class, "from_options", None)
+    if builder is not None:
+        named = [p for p in inspect.signature(builder).parameters.values()
+                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if named:
+            return named
+    return [p for p in inspect.signature(head_class.__init__).parameters.values() if p.name != "self"]
+
+
 def option_keys(head_class) -> List[str]:
-    """Constructor arguments a user may set, in signature order."""
-    params = inspect.signature(head_class.__init__).parameters.values()
-    return [p.name for p in params if p.name not in MODEL_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    """Options a user may set, in signature order."""
+    return [p.name for p in option_parameters(head_class)
+            if p.name not in MODEL_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def parse_value(text: str) -> Any:
-    """``5`` -> 5, ``1e-3`` -> 0.001, ``true``/``false`` -> bool, ``none`` -> None,
-    ``5,0.1`` or ``(5,0.1)`` -> (5, 0.1), anything else -> the text."""
-    text = text.strip()
-    inner = text[1:-1] if text[:1] in "([" and text[-1:] in ")]" else None
-    if inner is not None or "," in text:
-        return tuple(parse_value(part) for part in (inner if inner is not None else text).split(",") if part.strip())
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+def option_defaults(head_class) -> Dict[str, Any]:
+    """Every flat option with a default (dim and num_prototypes included) -> that default."""
+    return {p.name: p.default for p in option_parameters(head_class) if p.default is not p.empty}
 
 
 def parse_head_option(item: str) -> Tuple[str, str, Any]:
