@@ -310,7 +310,8 @@ def test_deformable_phases_hold_the_offsets_back_then_push_once():
 
 def test_heads_all_names_every_registered_head():
     rows = parse_rows("all")
-    assert [head for _, head in rows] == list_heads() and {"tesnet", "protopnet", "protoknn"} <= set(list_heads())
+    assert sorted(head for _, head in rows) == sorted(list_heads()) and {"tesnet", "protopnet", "protoknn"} <= set(list_heads())
+    assert [label for label, _ in rows] == [head for _, head in rows]  # each row named after its head
 
 
 # --------------------------------------------------------------------------- the CLI chain per head

@@ -39,9 +39,7 @@ LONG_FUNCTIONS: Set[str] = set()
 
 PRIVATE_IMPORTS: Set[str] = set()
 
-CABRNET_OUTSIDE_ADAPTERS: Set[str] = {
-    'heads/options.py::assign_head_options tests "cabrnet:"',
-}
+CABRNET_OUTSIDE_ADAPTERS: Set[str] = set()
 
 
 # ---- reading the source -------------------------------------------------------------------------

@@ -45,14 +45,14 @@ def test_a_feature_cache_from_prepare_feeds_the_trainer(animals_small):
     cached = dataclasses.replace(animals_small)  # another splits object, the same data
 
     @contextlib.contextmanager
-    def bypassed():
+    def frozen_backbone():
         entered.append(True)
         yield
 
     def prepare(model, splits):
         seen.append((model, splits))
         return SimpleNamespace(splits=cached, info={"frozen_backbone": True, "feature_cache": "here"},
-                               bypassed=bypassed)
+                               frozen_backbone=frozen_backbone)
 
     run = _build(animals_small, "protoknn", 0, prepare=prepare)
     assert seen == [(run.model, animals_small)]  # prepare sees the new model and the image splits

@@ -63,6 +63,9 @@ def assign_head_options(rows: Sequence[Tuple[str, str]], items: Sequence[str]) -
     ``rows``: (label, head name). HEAD in ``HEAD.KEY=VALUE`` is a row label (that row only)
     or a head name (every row of that head); a label's options win over its head's.
     """
+    from . import list_heads
+
+    registered = set(list_heads())
     labels = {label for label, _ in rows}
     heads = {head for _, head in rows}
     by_head: Dict[str, Dict[str, Any]] = {}
@@ -79,7 +82,7 @@ def assign_head_options(rows: Sequence[Tuple[str, str]], items: Sequence[str]) -
     out = {}
     for label, head in rows:
         options = {**by_head.get(head, {}), **by_label.get(label, {})}
-        if not head.startswith("cabrnet:"):  # the CaBRNet adapter checks its own options
+        if head in registered:  # a row of another run backend (an adapter's) checks its own options
             check_keys(head, options)
         out[label] = options
     return out
@@ -88,15 +91,13 @@ def assign_head_options(rows: Sequence[Tuple[str, str]], items: Sequence[str]) -
 def parse_rows(text: str, option: str = "--heads", example: str = "pk-sum=protoknn") -> List[Tuple[str, str]]:
     """``'pk=protoknn,pk-sum=protoknn,cnn'`` -> ``[('pk', 'protoknn'), ('pk-sum', 'protoknn'), ('cnn', 'cnn')]``.
 
-    ``all`` alone (``--heads all``) is one row per registered head, named after it.
+    ``all`` among ``--heads`` rows is one row per registered head, named after it (``expand_all``).
 
     ``option`` and ``example`` name the command-line option in the errors (``--heads`` rows
     are LABEL=HEAD, ``ablate --variants`` rows LABEL=VARIANT).
     """
-    if option == "--heads" and text.strip() == "all":
-        from . import list_heads
-
-        return [(name, name) for name in list_heads()]
+    if option == "--heads":
+        text = expand_all(text)
     rows = []
     for item in (v.strip() for v in text.split(",")):
         if not item:
@@ -113,3 +114,23 @@ def parse_rows(text: str, option: str = "--heads", example: str = "pk-sum=protok
         raise ProtoKNNError(f"{option} names the row {duplicates[0]!r} twice; give each row its own label, "
                             f"e.g. {example}")
     return rows
+
+
+def expand_all(head_names: str, frozen_backbone: bool = False, say=None) -> str:
+    """``all`` in ``--heads`` -> every registered head, ProtoKNN first and the plain CNN last (the
+    reference row); with ``frozen_backbone`` the heads that cannot train on a feature cache are left
+    out, and ``say`` (a print function) is told which."""
+    from . import get_head_class, list_heads
+
+    names = [n.strip() for n in head_names.split(",")]
+    if "all" not in names:
+        return head_names
+    registered = sorted(list_heads(), key=lambda n: (n != "protoknn", n == "cnn", n))
+    skipped = [n for n in registered if frozen_backbone and not get_head_class(n).supports_frozen_backbone]
+    if skipped and say is not None:
+        say(f"--heads all: {', '.join(skipped)} left out (cannot train on a --frozen-backbone feature cache)")
+    expanded = [n for n in registered if n not in skipped]
+    rows = []
+    for name in names:
+        rows.extend(expanded if name == "all" else [name])
+    return ",".join(dict.fromkeys(rows))  # a head named both by `all` and by hand appears once
