@@ -95,7 +95,7 @@ def main() -> None:
             trainer = Trainer(head_model, heads_frozen.splits, TrainConfig(epochs=1, device="cpu"), progress=False,
                               on_step=lambda step: stamps.append(time.perf_counter()))
             phases = [f"{p.name}:{p.epochs}" for p in trainer.phases]
-            with heads_frozen.bypassed():
+            with heads_frozen.frozen_backbone():
                 started, cpu_started = time.perf_counter(), time.process_time()
                 trainer.fit()
                 total_s, total_cpu = time.perf_counter() - started, time.process_time() - cpu_started

@@ -49,8 +49,8 @@ def step_ms(head: str, precision: str, args, device: torch.device) -> float:
     trainer = Trainer(model, splits, TrainConfig(epochs=args.epochs, batch_classes=classes, per_class=per_class,
                                                  device=str(device), precision=precision), progress=False)
     phase = next(p for p in trainer.phases if not p.cached_profiles and "backbone" in p.lrs)
-    trainer._build_optimizer(phase)
-    trainer._step_schedule = False
+    trainer.optimizers.build(phase)
+    trainer.optimizers.per_step_schedule = False
     model.train()
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(len(labels), 3, args.image_size, args.image_size, generator=generator).to(device)

@@ -2,7 +2,7 @@
 
 Every head (``protoknn``, ``protopnet`` and the plain ``cnn`` reference) is built as
 ``PrototypeModel(ModelConfig(head=...))`` with one seed, so all start from the same backbone
-weights, and is given the trainer's own optimiser (``Trainer._build_optimizer``) for its first
+weights, and is given the trainer's own optimiser (``Trainer.optimizers.build``) for its first
 phase that trains the backbone (ProtoKNN ``train``, ProtoPNet ``joint``, cnn ``train``). One
 fixed random batch (B, C, H, W) with class-balanced labels (``--batch-classes`` x ``--per-class``)
 feeds every step.
@@ -306,7 +306,7 @@ def build_head(label: str, name: str, options: Dict[str, object], args, device: 
                                    classes=[str(c) for c in range(args.num_classes)])
     trainer = Trainer(model, splits, train, progress=False)
     phase = pick_phase(trainer.phases)
-    trainer._build_optimizer(phase)  # the trainer's own Adam groups and learning rates
+    trainer.optimizers.build(phase)  # the trainer's own Adam groups and learning rates
     model.train()
     bench = HeadBench(label, name, model, trainer, phase)
     layer = model.prototype_layer
@@ -341,7 +341,7 @@ def split_step(bench: HeadBench, images: torch.Tensor, labels: torch.Tensor, clo
     terms = clock.time(HEAD_LOSS, lambda: head.loss(out, labels))
 
     def backward_and_step():
-        bench.trainer._check_finite(terms, bench.trainer.state.global_step)
+        bench.trainer.finite.check(terms, bench.trainer.state.global_step)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()

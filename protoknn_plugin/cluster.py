@@ -20,22 +20,22 @@ Shapes: B samples, P prototypes, Y classes present in the batch.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import inspect
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .errors import ProtoKNNError, UnknownNameError
+from .registry import Registry
 from .sampling import relaxed_counts, sample_counts  # noqa: F401  (sample_counts: public here)
 from .transport import (  # noqa: F401  (transport_plan, SOLVERS, stack_by_class: public here too)
     SOLVERS, check_labels, check_matrix, class_index, stack_by_class, transport_from_index, transport_plan,
 )
 
+# The paper's Table 6 ablation in its order, then ours (appendix B); each is a registered ClusterPlan.
 CLUSTER_VARIANTS = ("most-similar", "sampling", "debias", "linear-assignment", "full",
                     "full-relaxed", "full-implicit", "full-differentiable")
-# Beyond the paper (its appendix B): a relaxed sampler and/or a differentiable plan.
-RELAXED_VARIANTS = ("full-relaxed", "full-differentiable")
-IMPLICIT_VARIANTS = ("full-implicit", "full-differentiable")
 # The cost the `full` family solves its plan on: the gap cost C^ (eq. 11) or C (eq. 8).
 PLAN_COSTS = ("gap", "cost")
 REDUCTIONS = ("mean", "sum")
@@ -80,7 +80,194 @@ def affiliation(counts: Tensor, labels: Tensor, debias: bool = True) -> Tuple[Te
 
 # --------------------------------------------------------------------------- step 3: transport.py
 
+# --------------------------------------------------------------------------- the plans T*
+CLUSTER_PLANS: Registry = Registry("cluster-loss variant")
+register_cluster_plan = CLUSTER_PLANS.register
+
+
+def create_cluster_plan(name: str, **settings) -> "ClusterPlan":
+    """Build a plan by variant name, e.g. ``create_cluster_plan("full", reg=0.1)``."""
+    return CLUSTER_PLANS.create(name, **settings)
+
+
+def list_cluster_plans() -> List[str]:
+    return CLUSTER_PLANS.names()
+
+
+class ClusterPlan:
+    """How one variant picks T* (B, P) for a batch; every row of T* sums to 1.
+
+    Class attributes say what the variant needs: ``uses_gap_cost`` (the loss weights C^, eq. 11,
+    instead of C, eq. 9), ``uses_profiles`` (it samples from the profiles), ``relaxed``
+    (Gumbel-softmax counts, ``tau_soft`` and ``straight_through`` apply) and ``implicit`` (T* carries
+    a gradient). Subclasses implement ``build``; ``plan`` gives it the cost in float32 or float64.
+    """
+
+    name = "base"
+    uses_gap_cost = False
+    uses_profiles = True
+    relaxed = False
+    implicit = False
+
+    def __init__(self, tau: float = 0.05, reg: float = 0.05, solver: str = "torch", max_iter: int = 1000,
+                 tol: float = 1e-6, plan_cost: str = "gap", tau_soft: float = 0.5, straight_through: bool = False):
+        if solver not in SOLVERS:
+            raise UnknownNameError("transport solver", solver, SOLVERS)
+        if plan_cost not in PLAN_COSTS:
+            raise UnknownNameError("plan cost", plan_cost, PLAN_COSTS)
+        if not tau > 0 or not reg > 0 or not tau_soft > 0:
+            raise ProtoKNNError(
+                f"cluster loss: tau, reg and tau_soft must be > 0, got tau={tau}, reg={reg}, "
+                f"tau_soft={tau_soft}; use the paper's 0.05 for tau and reg."
+            )
+        if max_iter < 1:
+            raise ProtoKNNError(f"cluster loss: max_iter must be >= 1, got {max_iter}.")
+        if self.implicit and solver != "torch":
+            raise ProtoKNNError(
+                f"cluster loss: variant {self.name!r} differentiates our own Sinkhorn solve; "
+                f"use solver='torch', not {solver!r}."
+            )
+        self.tau, self.reg, self.solver = float(tau), float(reg), solver
+        self.max_iter, self.tol = int(max_iter), float(tol)
+        self.plan_cost, self.tau_soft, self.straight_through = plan_cost, float(tau_soft), bool(straight_through)
+
+    @property
+    def solves_on_cost(self) -> bool:
+        """True when the plan is solved on C (eq. 8) rather than on the weighted cost."""
+        return False
+
+    def plan(self, profiles: Optional[Tensor], solved: Tensor, labels: Tensor,
+             generator: Optional[torch.Generator], grad: bool) -> Tensor:
+        """T* (B, P) from ``solved`` (B, P), the cost the plan is solved on; with ``grad`` (implicit
+        variants) it carries a gradient to ``solved`` and, for ``full-differentiable``, to ``profiles``."""
+        dtype = solved.dtype if solved.dtype in (torch.float32, torch.float64) else torch.float32
+        solved = solved.to(dtype)
+        if not grad:
+            solved = solved.detach()
+        return self.build(profiles, solved, labels, generator, grad)
+
+    def build(self, profiles, solved: Tensor, labels: Tensor, generator, grad: bool) -> Tensor:
+        raise NotImplementedError
+
+    def counts(self, profiles: Tensor, generator, grad: bool) -> Tensor:
+        """E (B, P): how often each sample's pairs drew each prototype (eqs. 2-3)."""
+        if not self.relaxed:
+            return sample_counts(profiles, self.tau, generator)
+        source = profiles if grad else profiles.detach()
+        return relaxed_counts(source, self.tau, self.tau_soft, self.straight_through, generator)
+
+    def extra_repr(self) -> str:
+        extra = f", plan_cost={self.plan_cost!r}" if self.uses_gap_cost else ""
+        if self.relaxed:
+            extra += f", tau_soft={self.tau_soft}, straight_through={self.straight_through}"
+        return extra
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(tau={self.tau}, reg={self.reg}, solver={self.solver!r}"
+                f"{self.extra_repr()})")
+
+
+@register_cluster_plan("most-similar")
+class MostSimilarPlan(ClusterPlan):
+    """T*_a one-hot on argmin_i C_{a,i}; no sampling."""
+
+    name = "most-similar"
+    uses_profiles = False
+
+    def build(self, profiles, solved, labels, generator, grad):
+        nearest = solved.argmin(dim=1, keepdim=True)
+        return torch.zeros_like(solved).scatter_(1, nearest, 1.0)
+
+
+@register_cluster_plan("sampling")
+class SamplingPlan(ClusterPlan):
+    """T*_a = Ebar(y_a, .) normalised to sum 1 (eq. 4, no de-biasing)."""
+
+    name = "sampling"
+    debias = False
+
+    def build(self, profiles, solved, labels, generator, grad):
+        counts = self.counts(profiles, generator, grad and self.relaxed)
+        _, index, sizes = class_index(labels)
+        affil = _affiliation_from_index(counts, index, sizes, debias=self.debias)
+        return affil[index].to(solved.dtype)  # rows of P(y, .) already sum to 1
+
+
+@register_cluster_plan("debias")
+class DebiasPlan(SamplingPlan):
+    """T*_a = Ehat(y_a, .) normalised to sum 1 (eqs. 5-6)."""
+
+    name = "debias"
+    debias = True
+
+
+@register_cluster_plan("linear-assignment")
+class LinearAssignmentPlan(ClusterPlan):
+    """Per-class Sinkhorn plan (eq. 10) on C; the loss weights C (eq. 9)."""
+
+    name = "linear-assignment"
+
+    @property
+    def solves_on_cost(self) -> bool:
+        return True
+
+    def build(self, profiles, solved, labels, generator, grad):
+        counts = self.counts(profiles, generator, grad and self.relaxed)
+        _, index, sizes = class_index(labels)
+        affil = _affiliation_from_index(counts, index, sizes, debias=True)
+        return transport_from_index(solved, index, sizes, affil, self.reg, self.max_iter, self.tol, self.solver,
+                                    differentiable=grad)
+
+
+@register_cluster_plan("full")
+class FullPlan(LinearAssignmentPlan):
+    """Per-class Sinkhorn plan (eq. 10) on C^ (``plan_cost="gap"``) or C; the loss weights C^ (eq. 11)."""
+
+    name = "full"
+    uses_gap_cost = True
+
+    @property
+    def solves_on_cost(self) -> bool:
+        return self.plan_cost == "cost"
+
+
+@register_cluster_plan("full-relaxed")
+class FullRelaxedPlan(FullPlan):
+    """``full`` with Gumbel-softmax counts (the plan stays a constant)."""
+
+    name = "full-relaxed"
+    relaxed = True
+
+
+@register_cluster_plan("full-implicit")
+class FullImplicitPlan(FullPlan):
+    """``full`` with T* differentiable by the implicit function theorem."""
+
+    name = "full-implicit"
+    implicit = True
+
+
+@register_cluster_plan("full-differentiable")
+class FullDifferentiablePlan(FullPlan):
+    """Both: the gradient reaches the cost through T* and the profiles through the affiliation."""
+
+    name = "full-differentiable"
+    relaxed = True
+    implicit = True
+
+
+# The plan settings a loss passes on, and their defaults (a loss given a built plan leaves them be).
+PLAN_DEFAULTS = {key: param.default for key, param in inspect.signature(ClusterPlan.__init__).parameters.items()
+                 if key != "self"}
+RELAXED_VARIANTS = tuple(name for name in CLUSTER_VARIANTS if CLUSTER_PLANS.get(name).relaxed)
+IMPLICIT_VARIANTS = tuple(name for name in CLUSTER_VARIANTS if CLUSTER_PLANS.get(name).implicit)
+
+
 # --------------------------------------------------------------------------- step 4
+def _plan_setting(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self.planner, name), doc=doc)
+
+
 class ProtoKNNClusterLoss(nn.Module):
     """L_clst = sum_{a,i} T*_{a,i} cost_{a,i} (eqs. 9/11).
 
@@ -98,6 +285,10 @@ class ProtoKNNClusterLoss(nn.Module):
     ``full-implicit``         ``full``, T* differentiable (implicit)      C^
     ``full-differentiable``   both: gradient via T* and the affiliation   C^
     ========================  ==========================================  ===========
+
+    Each variant is a registered ``ClusterPlan`` (``create_cluster_plan``, ``list_cluster_plans``);
+    ``variant`` is its name, with the plan's settings passed here, or a built plan (then its own
+    settings apply and the loss takes only ``reduction``).
 
     Our reading: the paper's appendix says only ``full`` changes the loss from eq. 9
     to eq. 11 and that ``full`` uses the same T* definition as ``linear-assignment``;
@@ -122,7 +313,7 @@ class ProtoKNNClusterLoss(nn.Module):
 
     def __init__(
         self,
-        variant: str = "full",
+        variant: Union[str, ClusterPlan] = "full",
         tau: float = 0.05,
         reg: float = 0.05,
         reduction: str = "mean",
@@ -134,60 +325,39 @@ class ProtoKNNClusterLoss(nn.Module):
         straight_through: bool = False,
     ):
         super().__init__()
-        if variant not in CLUSTER_VARIANTS:
-            raise UnknownNameError("cluster-loss variant", variant, CLUSTER_VARIANTS)
+        settings = dict(tau=tau, reg=reg, solver=solver, max_iter=max_iter, tol=tol, plan_cost=plan_cost,
+                        tau_soft=tau_soft, straight_through=straight_through)
+        plan_class = None if isinstance(variant, ClusterPlan) else CLUSTER_PLANS.get(variant)
         if reduction not in REDUCTIONS:
             raise UnknownNameError("cluster-loss reduction", reduction, REDUCTIONS)
-        if solver not in SOLVERS:
-            raise UnknownNameError("transport solver", solver, SOLVERS)
-        if plan_cost not in PLAN_COSTS:
-            raise UnknownNameError("plan cost", plan_cost, PLAN_COSTS)
-        if not tau > 0 or not reg > 0 or not tau_soft > 0:
-            raise ProtoKNNError(
-                f"cluster loss: tau, reg and tau_soft must be > 0, got tau={tau}, reg={reg}, "
-                f"tau_soft={tau_soft}; use the paper's 0.05 for tau and reg."
-            )
-        if max_iter < 1:
-            raise ProtoKNNError(f"cluster loss: max_iter must be >= 1, got {max_iter}.")
-        if variant in IMPLICIT_VARIANTS and solver != "torch":
-            raise ProtoKNNError(
-                f"cluster loss: variant {variant!r} differentiates our own Sinkhorn solve; "
-                f"use solver='torch', not {solver!r}."
-            )
-        self.variant, self.tau, self.reg = variant, float(tau), float(reg)
-        self.reduction, self.solver = reduction, solver
-        self.max_iter, self.tol = int(max_iter), float(tol)
-        self.plan_cost, self.tau_soft, self.straight_through = plan_cost, float(tau_soft), bool(straight_through)
+        if plan_class is None:
+            changed = sorted(key for key, value in settings.items() if value != PLAN_DEFAULTS[key])
+            if changed:
+                raise ProtoKNNError(f"cluster loss: {', '.join(changed)} set on the loss and on the plan it was "
+                                    f"given; pass them to create_cluster_plan({variant.name!r}, ...) only.")
+        self.planner: ClusterPlan = variant if plan_class is None else plan_class(**settings)
+        self.reduction = reduction
+
+    variant = _plan_setting("name", "The variant's name.")
+    tau = _plan_setting("tau", "Gumbel-max temperature of the sampling (eqs. 2-3).")
+    reg = _plan_setting("reg", "Sinkhorn entropy weight (eq. 10).")
+    solver = _plan_setting("solver", "Transport solver: torch, pot or pot-loop.")
+    max_iter = _plan_setting("max_iter", "Sinkhorn iteration limit.")
+    tol = _plan_setting("tol", "Sinkhorn row-marginal tolerance.")
+    plan_cost = _plan_setting("plan_cost", "gap or cost: what the full family solves its plan on.")
+    tau_soft = _plan_setting("tau_soft", "Gumbel-softmax temperature of the relaxed variants.")
+    straight_through = _plan_setting("straight_through", "Hard forward counts in the relaxed variants.")
+    uses_gap_cost = _plan_setting("uses_gap_cost", "The loss weights C^ (eq. 11) rather than C (eq. 9).")
+    uses_profiles = _plan_setting("uses_profiles", "The plan samples from the profiles.")
+    relaxed = _plan_setting("relaxed", "Gumbel-softmax counts.")
+    implicit = _plan_setting("implicit", "T* carries a gradient.")
+    solves_on_cost = _plan_setting("solves_on_cost", "The plan is solved on C (eq. 8), not the weighted cost.")
 
     def extra_repr(self) -> str:
-        extra = f", plan_cost={self.plan_cost!r}" if self.uses_gap_cost else ""
-        if self.relaxed:
-            extra += f", tau_soft={self.tau_soft}, straight_through={self.straight_through}"
         return (
             f"variant={self.variant!r}, tau={self.tau}, reg={self.reg}, "
-            f"reduction={self.reduction!r}, solver={self.solver!r}{extra}"
+            f"reduction={self.reduction!r}, solver={self.solver!r}{self.planner.extra_repr()}"
         )
-
-    @property
-    def uses_gap_cost(self) -> bool:
-        return self.variant.startswith("full")
-
-    @property
-    def uses_profiles(self) -> bool:
-        return self.variant != "most-similar"
-
-    @property
-    def relaxed(self) -> bool:
-        return self.variant in RELAXED_VARIANTS
-
-    @property
-    def implicit(self) -> bool:
-        return self.variant in IMPLICIT_VARIANTS
-
-    @property
-    def solves_on_cost(self) -> bool:
-        """True when the plan is solved on C (eq. 8) rather than on the weighted cost."""
-        return self.variant == "linear-assignment" or (self.uses_gap_cost and self.plan_cost == "cost")
 
     def _inputs(self, profiles, cost, gap_cost, labels) -> Tuple[Tensor, Tensor, Tensor]:
         """Validate the inputs (one host sync for the finiteness check); return the
@@ -256,33 +426,7 @@ class ProtoKNNClusterLoss(nn.Module):
     ) -> Tensor:
         """The plan T* (B, P) of this variant, detached; every row sums to 1."""
         _, solved, labels = self._inputs(profiles, cost, gap_cost, labels)
-        return self._plan(profiles, solved, labels, generator, grad=False)
-
-    def _counts(self, profiles: Tensor, generator, grad: bool) -> Tensor:
-        if not self.relaxed:
-            return sample_counts(profiles, self.tau, generator)
-        source = profiles if grad else profiles.detach()
-        return relaxed_counts(source, self.tau, self.tau_soft, self.straight_through, generator)
-
-    def _plan(self, profiles, solved, labels, generator, grad: bool) -> Tensor:
-        """T* (B, P); with ``grad`` (implicit variants) it carries a gradient to
-        ``solved`` and, for ``full-differentiable``, to ``profiles``."""
-        dtype = solved.dtype if solved.dtype in (torch.float32, torch.float64) else torch.float32
-        solved = solved.to(dtype)
-        if not grad:
-            solved = solved.detach()
-        if self.variant == "most-similar":
-            nearest = solved.argmin(dim=1, keepdim=True)
-            return torch.zeros_like(solved).scatter_(1, nearest, 1.0)
-        counts = self._counts(profiles, generator, grad and self.relaxed)
-        _, index, sizes = class_index(labels)
-        affil = _affiliation_from_index(counts, index, sizes, debias=self.variant != "sampling")
-        if self.variant in ("sampling", "debias"):
-            return affil[index].to(dtype)  # rows of P(y, .) already sum to 1
-        return transport_from_index(
-            solved, index, sizes, affil, self.reg, self.max_iter, self.tol, self.solver,
-            differentiable=grad,
-        )
+        return self.planner.plan(profiles, solved, labels, generator, grad=False)
 
     def forward(
         self,
@@ -294,10 +438,10 @@ class ProtoKNNClusterLoss(nn.Module):
     ) -> Tensor:
         weighted, solved, labels = self._inputs(profiles, cost, gap_cost, labels)
         if self.implicit:
-            t = self._plan(profiles, solved, labels, generator, grad=True)
+            t = self.planner.plan(profiles, solved, labels, generator, grad=True)
         else:
             with torch.no_grad():
-                t = self._plan(profiles, solved, labels, generator, grad=False)
+                t = self.planner.plan(profiles, solved, labels, generator, grad=False)
         value = (t.to(weighted.dtype) * weighted).sum()
         if self.reduction == "mean":
             value = value / weighted.shape[0]

@@ -147,3 +147,10 @@ def all_reduce_sum(values: Tensor) -> Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics, a kNN memory) on every rank; nothing without torchrun."""
+    if is_active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)

@@ -96,7 +96,7 @@ def deformed_part_boxes(model, image: Tensor, prototypes: Sequence[int]) -> Dict
     was = model.training
     model.eval()
     try:
-        out = model(image[None].to(_device(model)))
+        out = model(image[None].to(model_device(model)))
     finally:
         model.train(was)
     map_size, size = tuple(out.feature_map.shape[2:]), tuple(image.shape[-2:])
@@ -265,17 +265,17 @@ def _training_image(train_dataset, index: int) -> Tuple[Tensor, int]:
 
 # --------------------------------------------------------------------------- maps
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
 @torch.no_grad()
-def _forward_maps(model, images: Tensor):
+def forward_maps(model, images: Tensor):
     """Eval-mode forward with similarity maps: images (B, C, H, W) -> (profiles (B, P), maps (B, P, h, w))."""
     was = model.training
     model.eval()
     try:
-        out = model(images.to(_device(model)), maps=True)
+        out = model(images.to(model_device(model)), maps=True)
     finally:
         model.train(was)
     return out.profile.cpu(), out.similarity_maps.cpu()
@@ -295,7 +295,7 @@ def source_boxes(model, train_dataset, prototypes: Sequence[int]) -> Dict[int, T
     for start in range(0, len(sources), MAP_BATCH):  # a chunk at a time: 512 ImageNet-size images are big
         chunk = sources[start:start + MAP_BATCH]
         images = torch.stack([_training_image(train_dataset, src)[0] for src in chunk])
-        _, maps = _forward_maps(model, images)
+        _, maps = forward_maps(model, images)
         size = tuple(images.shape[-2:])
         for row, src in enumerate(chunk):
             for i in users[src]:
@@ -323,26 +323,13 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
     top = check_top(top)
     num_classes = int(model.config.num_classes)
 
-    anchor_profile, _ = _forward_maps(model, image[None])
+    anchor_profile, _ = forward_maps(model, image[None])
     query = anchor_profile.float()
     dist, idx = knn.search(query, 1)
     positive_memory = int(idx[0, 0])
     predicted = int(knn.memory_labels[positive_memory])
 
-    if negative_class is None:
-        negative_memory, search_an = _nearest_other_class(knn, query, predicted)
-        check(negative_memory is not None,
-              "every item in the kNN memory has the predicted class, so there is no other class to explain against")
-    else:
-        check(isinstance(negative_class, (int, np.integer)) and not isinstance(negative_class, bool)
-              and 0 <= int(negative_class) < num_classes,
-              f"negative class {negative_class!r} is not a class index of this model (0..{num_classes - 1})")
-        negative_class = int(negative_class)
-        shown = repr(classes[predicted]) if classes is not None and predicted < len(classes) else str(predicted)
-        check(negative_class != predicted,
-              f"the negative class {shown} is the predicted class; choose another class to explain against")
-        an, pos = knn.nearest_of_class(query, negative_class)
-        negative_memory, search_an = int(pos[0]), float(an[0])
+    negative_memory, search_an = _negative_memory(knn, query, predicted, negative_class, num_classes, classes)
 
     positive_index = int(knn.memory_index[positive_memory])
     negative_index = int(knn.memory_index[negative_memory])
@@ -353,27 +340,14 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
           "the kNN memory's labels do not match the training images; rebuild the dataset with the run's "
           "settings (same dataset, --data-dir and limit)")
 
-    profiles, maps = _forward_maps(model, torch.stack([image, positive, negative]))
+    profiles, maps = forward_maps(model, torch.stack([image, positive, negative]))
     s = profiles.double()
     s_a, s_p, s_n = s[0], s[1], s[2]
     c = contributions(s_a, s_p, s_n)
     d_ap2 = float((s_a - s_p).square().sum())
     d_an2 = float((s_a - s_n).square().sum())
 
-    order = torch.argsort(c, descending=True)[:min(top, len(c))].tolist()
-    sources = source_boxes(model, train_dataset, order)
-    size = tuple(image.shape[-2:])
-    keys = ("anchor", "positive", "negative")
-    evidence = [
-        PrototypeEvidence(
-            index=i, score=float(c[i]),
-            similarity={k: float(s[r, i]) for r, k in enumerate(keys)},
-            boxes={k: activation_box(maps[r, i], size) for r, k in enumerate(keys)},
-            source_index=int(model.projection.image_index[i]), source_cell=sources[i][1], source_box=sources[i][0],
-            source_cell_box=sources[i][2],
-        )
-        for i in order
-    ]
+    evidence = _top_evidence(model, train_dataset, c, s, maps, top, tuple(image.shape[-2:]))
     return Counterfactual(
         anchor=image.cpu(), positive=positive.cpu(), negative=negative.cpu(),
         anchor_profile=s_a, positive_profile=s_p, negative_profile=s_n,
@@ -386,7 +360,45 @@ def counterfactual(model, image: Tensor, train_dataset, negative_class: Optional
     )
 
 
-def _nearest_other_class(knn, query: Tensor, predicted: int) -> Tuple[Optional[int], float]:
+def _negative_memory(knn, query: Tensor, predicted: int, negative_class: Optional[int], num_classes: int,
+                     classes: Optional[Sequence[str]]) -> Tuple[int, float]:
+    """The counterfactual's negative: (memory position, squared distance) of the nearest memory item of
+    ``negative_class``, or of any class but ``predicted`` when it is None; a one-line error for a bad class."""
+    if negative_class is None:
+        negative_memory, distance = nearest_other_class(knn, query, predicted)
+        check(negative_memory is not None,
+              "every item in the kNN memory has the predicted class, so there is no other class to explain against")
+        return negative_memory, distance
+    check(isinstance(negative_class, (int, np.integer)) and not isinstance(negative_class, bool)
+          and 0 <= int(negative_class) < num_classes,
+          f"negative class {negative_class!r} is not a class index of this model (0..{num_classes - 1})")
+    shown = repr(classes[predicted]) if classes is not None and predicted < len(classes) else str(predicted)
+    check(int(negative_class) != predicted,
+          f"the negative class {shown} is the predicted class; choose another class to explain against")
+    distances, positions = knn.nearest_of_class(query, int(negative_class))
+    return int(positions[0]), float(distances[0])
+
+
+def _top_evidence(model, train_dataset, c: Tensor, s: Tensor, maps: Tensor, top: int,
+                  size: Tuple[int, int]) -> List[PrototypeEvidence]:
+    """The ``top`` prototypes by contribution c (P,), with the similarities s (3, P) and maps (3, P, h, w)
+    of anchor, positive and negative, their boxes on images of ``size`` and their source patches."""
+    order = torch.argsort(c, descending=True)[:min(top, len(c))].tolist()
+    sources = source_boxes(model, train_dataset, order)
+    keys = ("anchor", "positive", "negative")
+    return [
+        PrototypeEvidence(
+            index=i, score=float(c[i]),
+            similarity={k: float(s[r, i]) for r, k in enumerate(keys)},
+            boxes={k: activation_box(maps[r, i], size) for r, k in enumerate(keys)},
+            source_index=int(model.projection.image_index[i]), source_cell=sources[i][1], source_box=sources[i][0],
+            source_cell_box=sources[i][2],
+        )
+        for i in order
+    ]
+
+
+def nearest_other_class(knn, query: Tensor, predicted: int) -> Tuple[Optional[int], float]:
     """Nearest memory item whose class is not ``predicted``: (memory position, squared distance)."""
     k = min(len(knn), 32)
     while True:
@@ -406,7 +418,7 @@ def _head_predictions(model, image: Tensor) -> Dict[str, int]:
     was = model.training
     model.eval()
     try:
-        preds = model.predict_all(image[None].to(_device(model)))
+        preds = model.predict_all(image[None].to(model_device(model)))
     finally:
         model.train(was)
     return {name: int(p[0]) for name, p in preds.items()}
@@ -433,7 +445,7 @@ def this_looks_like_that(model, image: Tensor, train_dataset, top: int = 10, ran
         raise UnknownNameError("ranking", ranking, RANKINGS)
     image = _check_image(model, image)
     top = check_top(top)
-    profiles, maps = _forward_maps(model, image[None])
+    profiles, maps = forward_maps(model, image[None])
     profile = profiles[0]
     weight = class_weights.detach().cpu().to(profile.dtype)  # (C, P)
     logits = weight @ profile
@@ -516,7 +528,7 @@ def decision_path(model, image: Tensor, train_dataset, label: Optional[int] = No
         raise ProtoKNNError(f"head {head.name!r} is no decision tree, so it has no decision path; "
                             "use a prototree run")
     image = _check_image(model, image)
-    profiles, maps = _forward_maps(model, image[None])
+    profiles, maps = forward_maps(model, image[None])
     nodes, rights, leaf = head.decision_path(profiles[0])
     sources = source_boxes(model, train_dataset, nodes)
     size = tuple(image.shape[-2:])

@@ -4,7 +4,7 @@ With a frozen backbone every epoch would run the same images through the same we
 ``FeatureCache`` runs them once (eval mode, no augmentation, batched) and stores the maps
 (N, C, h, w) as a memory-mapped ``.npy`` (float16 by default, float32 on request) with the
 labels and a JSON manifest. Training then reads maps instead of images, inside
-``model.backbone_bypassed()``, for every head alike (``protoknn_plugin.frozen`` wires it up).
+``model.frozen_backbone()``, for every head alike (``protoknn_plugin.frozen`` wires it up).
 
 A split's cache lives in ``<cache dir>/<dataset>-<split>-<key>/``; the key hashes what the
 maps depend on: dataset name, data folder, limit, crop, image size, split, its labels,

@@ -1,9 +1,11 @@
-"""Explanation figures (matplotlib, Agg) and the `protoknn explain` / `protoknn prototypes` commands.
+"""Explanation figures (matplotlib, Agg), drawn by the `protoknn explain` / `protoknn prototypes` commands
+(``cli/explaining.py``).
 
 * ``counterfactual_figure``: the paper's Fig. 3 for ProtoKNN runs: anchor, positive and
   negative, d_ap^2, d_an^2 and their difference, then one row per top prototype with its
   source patch, its contribution c_i and the blue box where it activates on each image.
 * ``looks_like_figure``: ProtoPNet's "this looks like that" for ProtoPNet runs.
+* ``decision_path_figure``: a ProtoTree's path from the root to the leaf that decides.
 * ``prototype_grid_figure``: every projected prototype on its source image.
 
 Figures are drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,9 +26,9 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from .checkpoint import is_writable_dir
-from .errors import ProtoKNNError, check
-from .explain import (Box, Counterfactual, DecisionPath, LooksLike, check_explainable, check_top, counterfactual,
-                      decision_path, resolve_class, source_boxes, this_looks_like_that)
+from .errors import ProtoKNNError
+from .explain import Box, Counterfactual, DecisionPath, LooksLike, check_explainable, source_boxes
+from .formatting import class_name, format_number
 
 BOX_COLOR = "#0050ff"  # the paper's blue boxes
 CELL_COLOR = "#ff9900"  # the projected patch cell, dashed
@@ -86,22 +88,7 @@ def _text_panel(ax, text: str, fontsize: float = 10, **kwargs) -> None:
             family="monospace", parse_math=False, **kwargs)
 
 
-def _num(value: float, sign: bool = False) -> str:
-    """Four significant digits; fixed notation where it stays short."""
-    if value == 0 or 1e-3 <= abs(value) < 1e5:
-        digits = max(0, 3 - int(math.floor(math.log10(abs(value))))) if value else 3
-        return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-    return f"{value:+.3e}" if sign else f"{value:.3e}"
-
-
-def _class_name(splits, index: Optional[int]) -> str:
-    if index is None:
-        return "?"
-    classes = list(getattr(splits, "classes", []))
-    return str(classes[index]) if 0 <= index < len(classes) else f"class {index}"
-
-
-def _new_figure(width: float, height: float, rows: int, cols: int, title: str, title_size: float = 13, **space):
+def new_figure(width: float, height: float, rows: int, cols: int, title: str, title_size: float = 13, **space):
     """Figure (``height`` inches for the panels, plus room for the title) with an Agg canvas,
     its title, and a (rows, cols) grid right under the title."""
     space_above = TITLE_SPACE + TITLE_LINE * title.count("\n")
@@ -147,25 +134,25 @@ def save_figure(fig: Figure, out_path, tight: bool = True) -> Path:
 def counterfactual_figure(cf: Counterfactual, splits, out_path) -> Path:
     """The paper's Fig. 3 for one ``Counterfactual``; returns the written path."""
     rows, cols = 1 + len(cf.top), 6
-    pred, neg = _class_name(splits, cf.predicted_class), _class_name(splits, cf.negative_class)
-    fig, grid = _new_figure(cols * CELL, rows * CELL * 1.15, rows, cols,
+    pred, neg = class_name(splits, cf.predicted_class), class_name(splits, cf.negative_class)
+    fig, grid = new_figure(cols * CELL, rows * CELL * 1.15, rows, cols,
                             f"Why '{pred}' rather than '{neg}'?  (ProtoKNN, k = 1)", hspace=0.45, wspace=0.12)
 
     num_prototypes = len(cf.contributions)
     summary = "\n".join([
-        f"d_ap² (anchor–positive)  = {_num(cf.d_ap2)}",
-        f"d_an² (anchor–negative)  = {_num(cf.d_an2)}",
-        f"Difference d_an² − d_ap² = {_num(cf.difference, sign=True)}",
+        f"d_ap² (anchor–positive)  = {format_number(cf.d_ap2)}",
+        f"d_an² (anchor–negative)  = {format_number(cf.d_an2)}",
+        f"Difference d_an² − d_ap² = {format_number(cf.difference, sign=True)}",
         "",
-        f"sum of all {num_prototypes} contributions = {_num(float(cf.contributions.sum()), sign=True)}",
-        f"sum of the top {len(cf.top)} shown      = {_num(cf.top_sum, sign=True)}",
+        f"sum of all {num_prototypes} contributions = {format_number(float(cf.contributions.sum()), sign=True)}",
+        f"sum of the top {len(cf.top)} shown      = {format_number(cf.top_sum, sign=True)}",
         "",
         "c_i = (s_a,i − s_n,i)² − (s_a,i − s_p,i)²",
         "blue box: where prototype i activates most",
         "orange (dashed box or +): the patch it was projected onto",
     ])
     _text_panel(fig.add_subplot(grid[0, 0:3]), summary, fontsize=9.5)
-    truth = f"\ntrue: {_class_name(splits, cf.anchor_label)}" if cf.anchor_label is not None else ""
+    truth = f"\ntrue: {class_name(splits, cf.anchor_label)}" if cf.anchor_label is not None else ""
     _show(fig.add_subplot(grid[0, 3]), splits, cf.anchor, title=f"anchor: {cf.anchor_name}{truth}", fontsize=9)
     _show(fig.add_subplot(grid[0, 4]), splits, cf.positive,
           title=f"positive: {pred}\n(train #{cf.positive_index})", fontsize=9)
@@ -176,38 +163,38 @@ def counterfactual_figure(cf: Counterfactual, splits, out_path) -> Path:
     images = {"anchor": cf.anchor, "positive": cf.positive, "negative": cf.negative}
     for row, proto in enumerate(cf.top, start=1):
         source = splits.train_plain[proto.source_index][0]
-        source_class = _class_name(splits, int(splits.train_labels[proto.source_index]))
+        source_class = class_name(splits, int(splits.train_labels[proto.source_index]))
         first = row == 1
         _show(fig.add_subplot(grid[row, 0]), splits, _crop(source, proto.source_box),
               title=(headers[0] + "\n" if first else "") + f"prototype {proto.index}")
         _show(fig.add_subplot(grid[row, 1]), splits, source, proto.source_box,
               title=(headers[1] + "\n" if first else "") + f"train #{proto.source_index} ({source_class})",
               cell=proto.source_cell_box)
-        _text_panel(fig.add_subplot(grid[row, 2]), f"c_{proto.index} = {_num(proto.score, sign=True)}",
+        _text_panel(fig.add_subplot(grid[row, 2]), f"c_{proto.index} = {format_number(proto.score, sign=True)}",
                     fontsize=10.5, fontweight="bold")
         if first:
             fig.axes[-1].set_title(headers[2], fontsize=9, parse_math=False)
         for col, key in enumerate(("anchor", "positive", "negative"), start=3):
             ax = fig.add_subplot(grid[row, col])
             _show(ax, splits, images[key], proto.boxes[key],
-                  title=(headers[col] + "\n" if first else "") + f"s = {_num(proto.similarity[key])}")
+                  title=(headers[col] + "\n" if first else "") + f"s = {format_number(proto.similarity[key])}")
     return save_figure(fig, out_path)
 
 
 def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
     """ProtoPNet's "this looks like that": per top prototype, its box on the image, its patch and numbers."""
     rows, cols = 1 + len(result.top), 4
-    pred = _class_name(splits, result.predicted_class)
-    fig, grid = _new_figure(cols * CELL * 1.15, rows * CELL * 1.15, rows, cols,
+    pred = class_name(splits, result.predicted_class)
+    fig, grid = new_figure(cols * CELL * 1.15, rows * CELL * 1.15, rows, cols,
                             f"This looks like that: predicted '{pred}'  (ProtoPNet)", hspace=0.45, wspace=0.15)
-    truth = f"\ntrue: {_class_name(splits, result.anchor_label)}" if result.anchor_label is not None else ""
+    truth = f"\ntrue: {class_name(splits, result.anchor_label)}" if result.anchor_label is not None else ""
     _show(fig.add_subplot(grid[0, 0]), splits, result.image, title=f"{result.anchor_name}{truth}")
     ranked = "s_i × w_i (points to the logit)" if result.ranking == "contribution" else "similarity s_i"
     top_points = sum(p.similarity["anchor"] * p.weight for p in result.top)
     summary = "\n".join([
-        f"predicted: {pred}   logit = {_num(result.predicted_logit)}",
+        f"predicted: {pred}   logit = {format_number(result.predicted_logit)}",
         f"top {len(result.top)} prototypes ranked by {ranked}",
-        f"points of the top {len(result.top)} = {_num(top_points, sign=True)}",
+        f"points of the top {len(result.top)} = {format_number(top_points, sign=True)}",
         "logit = sum over all prototypes of s_i × w_i",
         "w_i: last-layer weight to the predicted class",
         "blue box: where the prototype activates most",
@@ -225,13 +212,13 @@ def looks_like_figure(result: LooksLike, splits, out_path) -> Path:
         for box in proto.part_boxes:  # deformable prototypes: each part where it moved
             _rectangle(this, box, edgecolor=PART_COLOR, linewidth=1.4, linestyle=(0, (1, 1)))
         _show(fig.add_subplot(grid[row, 1]), splits, _crop(source, proto.source_box),
-              title=("looks like that\n" if first else "") + f"class {_class_name(splits, proto.prototype_class)}")
+              title=("looks like that\n" if first else "") + f"class {class_name(splits, proto.prototype_class)}")
         _show(fig.add_subplot(grid[row, 2]), splits, source, proto.source_box,
               title=("source image\n" if first else "") + f"train #{proto.source_index}", cell=proto.source_cell_box)
         text = "\n".join([
-            f"similarity s = {_num(proto.similarity['anchor'])}",
-            f"weight w     = {_num(proto.weight, sign=True)}",
-            f"points s×w   = {_num(proto.similarity['anchor'] * proto.weight, sign=True)}",
+            f"similarity s = {format_number(proto.similarity['anchor'])}",
+            f"weight w     = {format_number(proto.weight, sign=True)}",
+            f"points s×w   = {format_number(proto.similarity['anchor'] * proto.weight, sign=True)}",
         ])
         _text_panel(fig.add_subplot(grid[row, 3]), text, fontsize=9.5)
     return save_figure(fig, out_path)
@@ -241,16 +228,16 @@ def decision_path_figure(result: DecisionPath, splits, out_path) -> Path:
     """A tree's decision path: per node, where its prototype activates on the image, its source patch,
     s_n and present/absent; the leaf's distribution in the summary."""
     rows, cols = 1 + max(1, len(result.steps)), 4
-    pred = _class_name(splits, result.predicted_class)
-    fig, grid = _new_figure(cols * CELL * 1.15, rows * CELL * 1.15, rows, cols,
+    pred = class_name(splits, result.predicted_class)
+    fig, grid = new_figure(cols * CELL * 1.15, rows * CELL * 1.15, rows, cols,
                             f"Decision path to leaf {result.leaf}: '{pred}'  (ProtoTree)", hspace=0.45, wspace=0.15)
-    truth = f"\ntrue: {_class_name(splits, result.anchor_label)}" if result.anchor_label is not None else ""
+    truth = f"\ntrue: {class_name(splits, result.anchor_label)}" if result.anchor_label is not None else ""
     _show(fig.add_subplot(grid[0, 0]), splits, result.image, title=f"{result.anchor_name}{truth}")
     order = torch.argsort(result.leaf_distribution, descending=True)[:3].tolist()
     summary = "\n".join([
-        f"leaf {result.leaf}: " + ", ".join(f"{_class_name(splits, c)} {_num(float(result.leaf_distribution[c]))}"
-                                           for c in order),
-        "head: " + ", ".join(f"{k} {_class_name(splits, v)}" for k, v in result.head_predictions.items()),
+        f"leaf {result.leaf}: " + ", ".join(
+            f"{class_name(splits, c)} {format_number(float(result.leaf_distribution[c]))}" for c in order),
+        "head: " + ", ".join(f"{k} {class_name(splits, v)}" for k, v in result.head_predictions.items()),
         "tree: " + ", ".join(f"{k.replace('tree_', '')} {int(v)}" for k, v in result.tree.items()),
         "right (present) iff s = exp(-distance) > 0.5",
         "blue box: where the node's prototype activates",
@@ -267,7 +254,7 @@ def decision_path_figure(result: DecisionPath, splits, out_path) -> Path:
         _show(fig.add_subplot(grid[row, 2]), splits, source, step.source_box,
               title=("source image\n" if first else "") + f"train #{step.source_index}", cell=step.source_cell_box)
         verdict = "present -> right" if step.present else "absent -> left"
-        _text_panel(fig.add_subplot(grid[row, 3]), f"s = {_num(step.similarity)}\n{verdict}", fontsize=9.5)
+        _text_panel(fig.add_subplot(grid[row, 3]), f"s = {format_number(step.similarity)}\n{verdict}", fontsize=9.5)
     if not result.steps:
         _text_panel(fig.add_subplot(grid[1, 0:4]), "the pruned tree routes this image without a decision", fontsize=9.5)
     return save_figure(fig, out_path)
@@ -319,8 +306,8 @@ def prototype_grid_figure(model, splits, out_path) -> Path:
         if max(cell_region[2] - cell_region[0], cell_region[3] - cell_region[1]) < side / 12:
             small_cells.append(((2 * x + cell_region[0] + cell_region[2] - 1) / 2,
                                 (2 * y + cell_region[1] + cell_region[3] - 1) / 2))
-        owner = _class_name(splits, int(proto_class[i])) if proto_class is not None else \
-            "from " + _class_name(splits, int(splits.train_labels[src]))
+        owner = class_name(splits, int(proto_class[i])) if proto_class is not None else \
+            "from " + class_name(splits, int(splits.train_labels[src]))
         ax.text(x + side / 2, y - band * 0.08, f"p{i} · {owner}\ntrain #{src}", ha="center", va="bottom",
                 fontsize=7.5, parse_math=False)
     if small_cells:
@@ -339,199 +326,3 @@ def _rgb(splits, image: Tensor) -> np.ndarray:
     shown = splits.denormalize(image.detach().cpu().float())
     return shown.expand(3, *shown.shape[1:]).permute(1, 2, 0).numpy() if shown.shape[0] == 1 \
         else shown.permute(1, 2, 0).numpy()
-
-
-# --------------------------------------------------------------------------- commands
-
-def _check_run(run_dir):
-    """The checkpoint of a finished run whose head has prototypes, or a one-line error.
-
-    Only reads the checkpoint: bad requests fail before the (slow) model is built.
-    """
-    from .checkpoint import checkpoint_path, load_checkpoint, require_run_parts
-    from .heads import get_head_class
-
-    saved = require_run_parts(load_checkpoint(run_dir), checkpoint_path(run_dir))
-    head = str((saved.get("model_config") or {}).get("head"))
-    if not get_head_class(head).uses_prototypes:
-        raise ProtoKNNError(f"run {str(run_dir)!r} uses head {head!r}, which has no prototypes, so it cannot be "
-                            "explained; train a protoknn or protopnet head to get explanations")
-    if not (saved.get("train_state") or {}).get("complete"):
-        raise ProtoKNNError(f"run {str(run_dir)!r} has not finished training; continue it with "
-                            "`protoknn train ... --resume`")
-    return saved
-
-
-def _load_model(run_dir, choice: str = "best", say: Optional[Callable[[str], None]] = None):
-    """The run's model (``train.load_trained_model``: projected unless ``choice`` is
-    ``unprojected``) in eval mode on the GPU if there is one; ``say`` gets its one-line note.
-    ``model.checkpoint_file`` names the file it came from (kept with results measured on it)."""
-    from .train import load_trained_model
-
-    loaded = load_trained_model(run_dir, choice)
-    if loaded.note and say is not None:
-        say(loaded.note)
-    check_explainable(loaded.model)
-    loaded.model.checkpoint_file = loaded.file
-    return loaded.model.eval().to(_device())
-
-
-def _run_splits(saved, data_dir):
-    from .data.catalog import rebuild_run_data
-
-    return rebuild_run_data(saved["dataset"], saved.get("data") or {}, data_dir)
-
-
-def _query_image(splits, image: str) -> Tuple[Tensor, Optional[int], str]:
-    """A test-set INDEX or an image PATH -> (image (C, H, W), true label or None, display name)."""
-    text = str(image).strip()
-    if text.lstrip("+-").isdigit():
-        index, count = int(text), len(splits.test)
-        check(0 <= index < count, f"image index {index} is out of range: the test set has {count} images "
-                                  f"(0..{count - 1}); pass an index in range or an image path")
-        x, y = splits.test[index]
-        return x, int(y), f"test #{index}"
-    path = Path(text)
-    return splits.load_image(path), None, path.name
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def explain_command(run_dir, image, negative_class, top, data_dir, out, console, choice: str = "best",
-                    say: Optional[Callable[[str], None]] = None) -> Path:
-    """`protoknn explain`: the counterfactual (kNN heads) or "this looks like that" (ProtoPNet) figure + table."""
-    from rich.markup import escape
-
-    from .heads import get_head_class
-
-    top = check_top(top)
-    check_figure_path(out)  # fail before the slow part
-    saved = _check_run(run_dir)
-    head_class = get_head_class(saved["model_config"]["head"])
-    is_knn = bool(head_class.uses_memory)
-    splits = _run_splits(saved, data_dir)
-    x, label, name = _query_image(splits, image)
-    negative = None
-    if is_knn and negative_class is not None:
-        negative = resolve_class(negative_class, splits.classes)
-    model = _load_model(run_dir, choice, say)
-    if head_class.explanation == "decision-path":
-        result = decision_path(model, x, splits.train_plain, label=label, name=name)
-        path = decision_path_figure(result, splits, out)
-        _print_decision_path(result, splits, console, escape)
-        console.print(f"figure written to {path}", markup=False, highlight=False)
-        return path
-    if not is_knn and model.head.class_weights() is None:
-        raise ProtoKNNError(f"head {model.head.name!r} has neither a kNN memory nor a linear last layer; "
-                            "explain supports protoknn and protopnet runs")
-    if is_knn:
-        cf = counterfactual(model, x, splits.train_plain, negative, top=top, label=label, name=name,
-                            classes=splits.classes)
-        path = counterfactual_figure(cf, splits, out)
-        _print_counterfactual(cf, splits, console, escape)
-    else:
-        if negative_class is not None:
-            console.print("note: --negative-class applies to kNN heads only; a ProtoPNet run is explained "
-                          "by its top prototypes", markup=False)
-        result = this_looks_like_that(model, x, splits.train_plain, top=top, label=label, name=name)
-        path = looks_like_figure(result, splits, out)
-        _print_looks_like(result, splits, console, escape)
-    console.print(f"figure written to {path}", markup=False, highlight=False)
-    return path
-
-
-def _print_counterfactual(cf: Counterfactual, splits, console, escape) -> None:
-    from rich.table import Table
-
-    pred, neg = _class_name(splits, cf.predicted_class), _class_name(splits, cf.negative_class)
-    summary = Table(title=escape(f"{cf.anchor_name}: why '{pred}' rather than '{neg}' (k = 1)"))
-    summary.add_column("quantity")
-    summary.add_column("value", justify="right")
-    if cf.anchor_label is not None:
-        summary.add_row("true class", escape(_class_name(splits, cf.anchor_label)))
-    for key, value in cf.head_predictions.items():
-        summary.add_row(escape(f"head prediction [{key}]"), escape(_class_name(splits, value)))
-    summary.add_row("positive (nearest training image)", escape(f"train #{cf.positive_index} ({pred})"))
-    summary.add_row("negative (nearest of the other class)", escape(f"train #{cf.negative_index} ({neg})"))
-    summary.add_row("d_ap^2", _num(cf.d_ap2))
-    summary.add_row("d_an^2", _num(cf.d_an2))
-    summary.add_row("difference d_an^2 - d_ap^2", _num(cf.difference, sign=True))
-    summary.add_row(f"sum of all {len(cf.contributions)} contributions", _num(float(cf.contributions.sum()), sign=True))
-    summary.add_row(f"sum of the top {len(cf.top)}", _num(cf.top_sum, sign=True))
-    console.print(summary)
-    table = Table(title="top prototypes by contribution c_i = (s_a - s_n)^2 - (s_a - s_p)^2")
-    for col in ("#", "proto", "c_i", "% diff", "s_a", "s_p", "s_n", "source"):
-        table.add_column(col, justify="left" if col == "source" else "right")
-    for rank, proto in enumerate(cf.top, start=1):
-        share = f"{100 * proto.score / cf.difference:.0f}" if cf.difference else "-"
-        source_class = _class_name(splits, int(splits.train_labels[proto.source_index]))
-        table.add_row(str(rank), str(proto.index), _num(proto.score, sign=True), share,
-                      *(_num(proto.similarity[k]) for k in ("anchor", "positive", "negative")),
-                      escape(f"#{proto.source_index} {source_class}"))
-    console.print(table)
-    console.print("% diff: c_i as a share of d_an^2 - d_ap^2 (other prototypes can pull the other way); "
-                  "source: training image the prototype was projected onto", markup=False, highlight=False)
-
-
-def _print_decision_path(result: DecisionPath, splits, console, escape) -> None:
-    from rich.table import Table
-
-    truth = f", true '{_class_name(splits, result.anchor_label)}'" if result.anchor_label is not None else ""
-    title = f"{result.anchor_name}: leaf {result.leaf} predicts '{_class_name(splits, result.predicted_class)}'{truth}"
-    table = Table(title=escape(title))
-    for col in ("depth", "node", "s = exp(-d)", "decision", "source"):
-        table.add_column(col, justify="left" if col in ("decision", "source") else "right")
-    for depth, step in enumerate(result.steps):
-        table.add_row(str(depth), str(step.node), _num(step.similarity),
-                      "present -> right" if step.present else "absent -> left", f"train #{step.source_index}")
-    console.print(table)
-    predictions = ", ".join(f"{k} '{_class_name(splits, v)}'" for k, v in result.head_predictions.items())
-    size = ", ".join(f"{k.replace('tree_', '').replace('_', ' ')} {int(v)}" for k, v in result.tree.items())
-    console.print(escape(f"head predictions: {predictions}; pruned tree: {size}"), highlight=False)
-
-
-def _print_looks_like(result: LooksLike, splits, console, escape) -> None:
-    from rich.table import Table
-
-    pred = _class_name(splits, result.predicted_class)
-    truth = f", true '{_class_name(splits, result.anchor_label)}'" if result.anchor_label is not None else ""
-    title = f"{result.anchor_name}: predicted '{pred}' (logit {_num(result.predicted_logit)}){truth}"
-    table = Table(title=escape(f"{title}; ranked by {result.ranking}"))
-    for col in ("rank", "prototype", "class", "similarity", "weight", "points s*w", "source"):
-        table.add_column(col, justify="left" if col in ("class", "source") else "right")
-    for rank, proto in enumerate(result.top, start=1):
-        s = proto.similarity["anchor"]
-        owners = ", ".join(_class_name(splits, c) for c in proto.shared_by) or _class_name(splits, proto.prototype_class)
-        table.add_row(str(rank), str(proto.index), escape(owners), _num(s),
-                      _num(proto.weight, sign=True), _num(s * proto.weight, sign=True),
-                      f"train #{proto.source_index}")
-    console.print(table)
-    if result.class_prototypes:
-        console.print(f"'{pred}' uses the pool prototypes {', '.join(map(str, result.class_prototypes))}; "
-                      "class: the classes that use each prototype", markup=False, highlight=False)
-
-
-def prototypes_command(run_dir, data_dir, out, console) -> Path:
-    """`protoknn prototypes`: the grid of every projected prototype, and a short summary."""
-    from rich.table import Table
-
-    check_figure_path(out)  # fail before the slow part
-    saved = _check_run(run_dir)
-    splits = _run_splits(saved, data_dir)
-    model = _load_model(run_dir)
-    path = prototype_grid_figure(model, splits, out)
-    sources = model.projection.image_index
-    source_classes = splits.train_labels[sources]
-    table = Table(title=f"prototypes of {model.head.name} on {saved['dataset']}")
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
-    table.add_row("prototypes", str(len(sources)))
-    table.add_row("distinct source images", str(len(torch.unique(sources))))
-    patches = {(int(image), int(where)) for image, where in zip(sources, model.projection.location)}
-    table.add_row("distinct source patches", str(len(patches)))
-    table.add_row("classes of the source images", f"{len(torch.unique(source_classes))} of {len(splits.classes)}")
-    console.print(table)
-    console.print(f"figure written to {path}", markup=False, highlight=False)
-    return path

@@ -1,8 +1,8 @@
 """Frozen-backbone mode for a whole run: every split's backbone maps cached, the model fed maps.
 
 ``prepare_feature_cache(model, splits, ...)`` is what a caller (the ``train`` command, the
-benchmark) uses; ``features.FeatureCache`` does the caching, ``PrototypeModel.backbone_bypassed()``
-the feeding. Every head trains its add-on, prototypes and head on the same cache.
+benchmark) uses; ``features.FeatureCache`` does the caching, ``PrototypeModel.frozen_backbone()``
+feeds the model maps. Every head trains its add-on, prototypes and head on the same cache.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class FrozenBackbone:
 
     ``splits``: the original ``DatasetSplits`` with every split replaced by its cached maps
     (same labels, classes and order). ``info``: add it to the run's data info.
-    ``bypassed()``: the context in which the model takes maps (``model.backbone_bypassed()``).
+    ``frozen_backbone()``: the context in which the model takes maps (``model.frozen_backbone()``).
     """
 
     model: Any
@@ -31,8 +31,10 @@ class FrozenBackbone:
     info: Dict[str, Any]
     cache: FeatureCache
 
-    def bypassed(self):
-        return self.model.backbone_bypassed()
+    def frozen_backbone(self):
+        return self.model.frozen_backbone()
+
+    bypassed = frozen_backbone  # the earlier name, for callers that use it
 
 
 def _image_splits(splits) -> Dict[str, Dataset]:

@@ -85,15 +85,15 @@ class PrototypeModel(nn.Module):
             self.prototype_layer = self._deformable_layer(spec, for_loading) if spec.parts else PrototypeLayer(
                 self.backbone.out_channels, spec.num_prototypes, dim, similarity=spec.similarity,
                 addon=spec.addon, cost_space=spec.cost_space, init="random" if for_loading else spec.init,
-                frozen=spec.frozen, seed=config.seed,
+                frozen=spec.frozen_prototypes, seed=config.seed,
             )
         self.projection: Optional[ProjectionRecord] = None
-        self._backbone_bypassed = False  # see backbone_bypassed(); not saved: a run-time mode
+        self._frozen_backbone = False  # see frozen_backbone(); not saved: a run-time mode
 
     def _deformable_layer(self, spec, for_loading: bool) -> PrototypeLayer:
         return DeformablePrototypeLayer(self.backbone.out_channels, spec.num_prototypes, self.config.dim,
                                         parts=spec.parts, dilation=spec.dilation, addon=spec.addon,
-                                        init="random" if for_loading else spec.init, frozen=spec.frozen,
+                                        init="random" if for_loading else spec.init, frozen=spec.frozen_prototypes,
                                         seed=self.config.seed)
 
     @property
@@ -101,32 +101,34 @@ class PrototypeModel(nn.Module):
         return getattr(self.backbone, "weights", None) not in (None, "none", "None", "random")
 
     @contextmanager
-    def backbone_bypassed(self) -> Iterator["PrototypeModel"]:
+    def frozen_backbone(self) -> Iterator["PrototypeModel"]:
         """Frozen-backbone mode: inside, ``forward``, ``loss``, ``predict_all`` and
         ``project_prototypes`` take precomputed backbone maps (B, C, h, w) instead of images,
         and ``components()`` gives the backbone no parameters, so it never trains. The
         backbone stays a submodule: state dicts and checkpoints are unchanged, and outside
         the context the model reads images again (see ``protoknn_plugin.features``)."""
-        previous, self._backbone_bypassed = self._backbone_bypassed, True
+        previous, self._frozen_backbone = self._frozen_backbone, True
         try:
             yield self
         finally:
-            self._backbone_bypassed = previous
+            self._frozen_backbone = previous
+
+    backbone_bypassed = frozen_backbone  # the earlier name, for callers that use it
 
     def features(self, x: Tensor) -> Tensor:
-        """Backbone maps (B, C, h, w): ``backbone(x)``, or ``x`` itself when the backbone is bypassed."""
-        if not self._backbone_bypassed:
+        """Backbone maps (B, C, h, w): ``backbone(x)``, or ``x`` itself in frozen-backbone mode."""
+        if not self._frozen_backbone:
             return self.backbone(x)
         channels = self.backbone.out_channels
         if not (isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == channels):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ProtoKNNError(f"the backbone is bypassed (frozen, cached), so the model takes its maps "
+            raise ProtoKNNError(f"the backbone is frozen (cached), so the model takes its maps "
                                 f"(B, {channels}, h, w), got {shape}; feed the feature cache's splits, or "
-                                "leave backbone_bypassed() to feed images")
+                                "leave frozen_backbone() to feed images")
         return x
 
     def forward(self, images: Tensor, maps: bool = False) -> PrototypeOutputs:
-        """images (B, C_in, H, W), or backbone maps (B, C, h, w) inside ``backbone_bypassed()``."""
+        """images (B, C_in, H, W), or backbone maps (B, C, h, w) inside ``frozen_backbone()``."""
         features = self.features(images)
         if self.prototype_layer is None:
             return PrototypeOutputs(None, None, None, None, None, features)
@@ -141,7 +143,7 @@ class PrototypeModel(nn.Module):
 
     def components(self) -> Dict[str, list]:
         """Parameters by component name (see heads.base.COMPONENTS)."""
-        groups = {"backbone": [] if self._backbone_bypassed else list(self.backbone.parameters())}
+        groups = {"backbone": [] if self._frozen_backbone else list(self.backbone.parameters())}
         if self.prototype_layer is not None:
             groups.update(self.prototype_layer.component_parameters())
         for name, params in self.head.param_groups().items():

@@ -43,7 +43,7 @@ class WarmupCosine:
 
 
 def parameter_groups(phase, components: Dict[str, List[torch.nn.Parameter]]) -> List[dict]:
-    """One Adam group per component the phase trains; every other parameter is frozen.
+    """One Adam group per component the phase trains; every other parameter is untrained in this phase.
 
     Returns groups with ``params``, ``lr``, ``weight_decay`` and ``name``.
     """

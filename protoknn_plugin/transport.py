@@ -161,6 +161,31 @@ def transport_from_index(
     return torch.zeros(n, p, dtype=dtype, device=plan.device).scatter_(1, cols[index], plan)
 
 
+def _check_plan_inputs(cost: Tensor, labels: Tensor, classes: Tensor, affiliation: Tensor,
+                       reg: float, max_iter: int, solver: str) -> None:
+    """One-line errors for ``transport_plan``'s arguments (shapes as there)."""
+    check_matrix(cost, "cost")
+    if not bool(torch.isfinite(cost).all()):
+        raise ProtoKNNError(
+            "non-finite values (NaN or inf) in the transport cost; check the feature maps and "
+            "prototypes upstream, or lower the learning rate"
+        )
+    check_labels(labels, cost.shape[0])
+    check_matrix(affiliation, "affiliation", "(Y, P)")
+    if solver not in SOLVERS:
+        raise UnknownNameError("transport solver", solver, SOLVERS)
+    if not reg > 0:
+        raise ProtoKNNError(f"cluster loss: reg must be > 0, got {reg}; use the paper's 0.05.")
+    if max_iter < 1:
+        raise ProtoKNNError(f"cluster loss: max_iter must be >= 1, got {max_iter}.")
+    if classes.dim() != 1 or affiliation.shape != (classes.shape[0], cost.shape[1]):
+        raise ProtoKNNError(
+            f"cluster loss: affiliation {tuple(affiliation.shape)} does not match "
+            f"{classes.shape[0]} classes x {cost.shape[1]} prototypes; pass the "
+            f"(classes, P) pair returned by affiliation(counts, labels)."
+        )
+
+
 @torch.no_grad()
 def transport_plan(
     cost: Tensor,
@@ -189,26 +214,7 @@ def transport_plan(
     ``compact`` solves only the prototypes that some class of the batch drew (the
     others get T = 0 anyway); it changes the speed, not the plan.
     """
-    check_matrix(cost, "cost")
-    if not bool(torch.isfinite(cost).all()):
-        raise ProtoKNNError(
-            "non-finite values (NaN or inf) in the transport cost; check the feature maps and "
-            "prototypes upstream, or lower the learning rate"
-        )
-    check_labels(labels, cost.shape[0])
-    check_matrix(affiliation, "affiliation", "(Y, P)")
-    if solver not in SOLVERS:
-        raise UnknownNameError("transport solver", solver, SOLVERS)
-    if not reg > 0:
-        raise ProtoKNNError(f"cluster loss: reg must be > 0, got {reg}; use the paper's 0.05.")
-    if max_iter < 1:
-        raise ProtoKNNError(f"cluster loss: max_iter must be >= 1, got {max_iter}.")
-    if classes.dim() != 1 or affiliation.shape != (classes.shape[0], cost.shape[1]):
-        raise ProtoKNNError(
-            f"cluster loss: affiliation {tuple(affiliation.shape)} does not match "
-            f"{classes.shape[0]} classes x {cost.shape[1]} prototypes; pass the "
-            f"(classes, P) pair returned by affiliation(counts, labels)."
-        )
+    _check_plan_inputs(cost, labels, classes, affiliation, reg, max_iter, solver)
     cost = cost.detach()
     if cost.dtype not in (torch.float32, torch.float64):
         cost = cost.float()

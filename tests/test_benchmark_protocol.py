@@ -161,14 +161,14 @@ def test_the_run_key_holds_the_thread_count_and_the_device_kind(monkeypatch):
 PINNED_DEFAULTS = {
     "cnn": {"revision": 3, "phases": "73277d3bfbe7", "options": {
         "dim": 0, "num_prototypes": 0, "lr": 0.09, "warmup_epochs": 0.5, "schedule": "cosine", "weight_decay": 0.0}},
-    "protoknn": {"revision": 2, "phases": "a6bd256bf192", "pretrained_defaults": {"cluster_variant": "linear-assignment"},
+    "protoknn": {"revision": 2, "phases": "7f657b6667ac", "pretrained_defaults": {"cluster_variant": "linear-assignment"},
                  "options": {
         "dim": 64, "num_prototypes": 100, "task_loss": "margin", "task_miner": "batch-hard", "aux_loss": "margin",
         "cluster_variant": "full", "cluster_reduction": "mean", "cluster_weight": 0.1, "aux_weight": 1.0, "tau": 0.05,
         "reg": 0.05, "margin": 0.2, "beta": 1.2, "cost_space": "unit", "ks": [1, 3, 5, 10], "k": 5, "memory": "full",
         "lr": 0.001, "beta_lr": 0.0005, "proxy_lr_scale": 100.0, "plan_cost": "gap", "tau_soft": 0.5,
         "straight_through": False, "frozen_prototypes": True, "prototype_lr": 0.001, "push_every": 0}},
-    "protopnet": {"revision": 3, "phases": "555d1130e4cf", "options": {
+    "protopnet": {"revision": 3, "phases": "ecf8efefc275", "options": {
         "dim": 64, "num_prototypes": 0, "prototypes_per_class": 10, "cluster_weight": 0.8, "separation_weight": 0.08,
         "l1_weight": 0.0001, "warm_epochs": 5, "push_every": 10, "push_start": 10, "last_layer_epochs": 20,
         "joint_step": [5, 0.1], "warm_lr": 0.003, "joint_backbone_lr": 0.0001, "scratch_backbone_lr": 0.001,
@@ -178,14 +178,13 @@ PINNED_DEFAULTS = {
 
 def head_defaults(name):
     import hashlib
-    import inspect
     import json
 
     from protoknn_plugin.heads import get_head_class
+    from protoknn_plugin.heads.options import option_defaults
 
     cls = get_head_class(name)
-    options = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-               if p.default is not inspect.Parameter.empty}
+    options = option_defaults(cls)
     head = create_head(name, num_classes=10, backbone_channels=8, dim=8, num_prototypes=100)
     shapes = [[vars(p) for p in head.phases(30, pretrained, frozen_backbone=frozen)]
               for pretrained in (False, True) for frozen in (False, True)]

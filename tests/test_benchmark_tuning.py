@@ -3,7 +3,6 @@ tuning resumes without training a finished trial again (and chooses what an unin
 chooses), the test split is read only after the choice is written, and the search spaces
 are the heads' own options around their defaults."""
 import importlib.util
-import inspect
 import json
 import os
 import sqlite3
@@ -136,12 +135,12 @@ def test_the_test_split_is_read_only_after_the_choice_is_written(tmp_path):
 
 def test_every_search_range_holds_the_heads_default_and_names_an_option():
     from protoknn_plugin.heads import get_head_class, list_heads
-    from protoknn_plugin.heads.options import option_keys
+    from protoknn_plugin.heads.options import option_defaults, option_keys
     from protoknn_plugin.heads.space import Choice
 
     for name in list_heads():
         cls = get_head_class(name)
-        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+        defaults = option_defaults(cls)
         for pretrained in (False, True):
             for key, rng in cls.search_space(pretrained).items():
                 assert key in option_keys(cls), (name, key)

@@ -191,7 +191,7 @@ def test_unknown_preset(tmp_path):
 
 
 def test_heads_all_names_every_registered_head_and_leaves_out_what_a_cache_cannot_train():
-    from protoknn_plugin.cli.comparing import expand_all
+    from protoknn_plugin.heads.options import expand_all
     from protoknn_plugin.heads import get_head_class, list_heads
 
     rows = expand_all("all", frozen_backbone=False).split(",")

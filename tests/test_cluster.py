@@ -466,3 +466,34 @@ def test_implicit_plan_on_c_sends_the_plan_gradient_to_c_and_t_over_b_to_the_gap
     plan = loss.plan(s, cost, gap, labels, generator=gen(4))
     assert torch.allclose(g.grad, plan / labels.shape[0], atol=1e-12)  # T* does not depend on C^
     assert c.grad is not None and float(c.grad.abs().max()) > 1e-4 and bool(torch.isfinite(c.grad).all())
+
+
+# ---------------------------------------------------------------- plans as registered parts
+def test_every_variant_is_a_registered_plan_and_a_built_plan_gives_the_same_loss():
+    assert set(cluster.list_cluster_plans()) == set(CLUSTER_VARIANTS)
+    s, cost, gap, labels = realistic_batch()
+    built = ProtoKNNClusterLoss(cluster.create_cluster_plan("full", reg=0.2), reduction="sum")
+    named = ProtoKNNClusterLoss("full", reg=0.2, reduction="sum")
+    assert built.variant == "full" and built.reg == 0.2
+    assert torch.equal(built(s, cost, gap, labels, generator=gen(1)), named(s, cost, gap, labels, generator=gen(1)))
+    with pytest.raises(ProtoKNNError, match="reg set on the loss and on the plan"):
+        ProtoKNNClusterLoss(cluster.create_cluster_plan("full"), reg=0.2)
+    with pytest.raises(UnknownNameError, match="cluster-loss variant"):
+        cluster.create_cluster_plan("fulll")
+
+
+def test_a_plan_registered_outside_is_used_by_the_loss(monkeypatch):
+    # T = 1/P everywhere: the summed loss is sum(cost) / P, the mean one that over B.
+    monkeypatch.setattr(cluster, "CLUSTER_PLANS", cluster.Registry("cluster-loss variant"))
+
+    @cluster.CLUSTER_PLANS.register("uniform")
+    class UniformPlan(cluster.ClusterPlan):
+        name, uses_profiles = "uniform", False
+
+        def build(self, profiles, solved, labels, generator, grad):
+            return torch.full_like(solved, 1.0 / solved.shape[1])
+
+    cost = torch.tensor([[1.0, 3.0], [2.0, 6.0]])
+    labels = torch.tensor([0, 1])
+    assert float(ProtoKNNClusterLoss("uniform", reduction="sum")(None, cost, None, labels)) == 6.0
+    assert float(ProtoKNNClusterLoss(UniformPlan())(None, cost, None, labels)) == 3.0

@@ -4,12 +4,12 @@ import os
 import pytest
 import torch
 
+from protoknn_plugin.cli.explaining import explain_command
 from protoknn_plugin.data import create_dataset
 from protoknn_plugin.errors import ProtoKNNError, UnknownNameError
 from protoknn_plugin.explain import (activation_box, cell_box, contributions, counterfactual, resolve_class,
                                      this_looks_like_that)
-from protoknn_plugin.figures import (counterfactual_figure, explain_command, looks_like_figure, prototype_grid_figure,
-                                     save_figure)
+from protoknn_plugin.figures import counterfactual_figure, looks_like_figure, prototype_grid_figure, save_figure
 from protoknn_plugin.model import ModelConfig, PrototypeModel
 from protoknn_plugin.train import TrainConfig, Trainer
 

@@ -59,7 +59,7 @@ def loss_on_batch(model, frozen, splits, indices):
     model.backbone.eval()  # a frozen backbone: BatchNorm uses its running statistics
     torch.manual_seed(0)  # the cluster loss samples (Gumbel-max): same draws on both paths
     from_images = model.loss(images, labels)
-    with frozen.bypassed():
+    with frozen.frozen_backbone():
         torch.manual_seed(0)
         from_maps = model.loss(maps, labels)
     return from_images, from_maps
@@ -203,14 +203,14 @@ def test_a_damaged_cache_is_rebuilt_not_read(splits, tmp_path):
     assert counter.calls > 0
 
 
-def test_bypass_freezes_the_backbone_and_keeps_the_state_dict(splits, tmp_path):
+def test_frozen_backbone_mode_freezes_the_backbone_and_keeps_the_state_dict(splits, tmp_path):
     model = tiny_model()
     keys = list(model.state_dict())
-    with model.backbone_bypassed():
+    with model.frozen_backbone():
         assert model.components()["backbone"] == []
         assert list(model.state_dict()) == keys
         images, _ = images_and_labels(splits.test, range(4))
-        with pytest.raises(ProtoKNNError, match="backbone is bypassed"):
+        with pytest.raises(ProtoKNNError, match="backbone is frozen"):
             model(images)  # images where maps are expected: a clear error, not a conv shape error
     assert len(model.components()["backbone"]) > 0
     assert model(images).profile.shape == (4, 20)  # images again outside the context
@@ -223,7 +223,7 @@ def test_every_head_trains_on_the_cache_and_its_backbone_does_not_change(splits,
     frozen = prepare(model, splits, tmp_path, dtype="float32", channels_last=False)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     trainer = Trainer(model, frozen.splits, TrainConfig(epochs=1, steps_per_epoch=2, per_class=5, device="cpu"), progress=False)
-    with frozen.bypassed():
+    with frozen.frozen_backbone():
         trainer.fit()
         on_cache = evaluate(model, frozen.splits.test)
     after = model.backbone.state_dict()

@@ -108,9 +108,9 @@ def test_one_training_step_on_embedded_data_only_head_changes(head, animals_smal
                          backbone_options={"width": 8})
     model = PrototypeModel(config)
     trainer = Trainer(model, animals_small, TrainConfig(epochs=1, batch_classes=5, per_class=2), progress=False)
-    trainer._build_optimizer(trainer.phases[0])
+    trainer.optimizers.build(trainer.phases[0])
     # fit() sets this per phase; ProtoPNet from scratch now starts with its (StepLR) joint phase
-    trainer._step_schedule = False
+    trainer.optimizers.per_step_schedule = False
     batch = epoch_batches(animals_small.train_labels, trainer.config)[0]
     images = torch.stack([animals_small.train[i][0] for i in batch])
     labels = torch.tensor([animals_small.train[i][1] for i in batch])

@@ -310,7 +310,8 @@ def test_deformable_phases_hold_the_offsets_back_then_push_once():
 
 def test_heads_all_names_every_registered_head():
     rows = parse_rows("all")
-    assert [head for _, head in rows] == list_heads() and {"tesnet", "protopnet", "protoknn"} <= set(list_heads())
+    assert sorted(head for _, head in rows) == sorted(list_heads()) and {"tesnet", "protopnet", "protoknn"} <= set(list_heads())
+    assert [label for label, _ in rows] == [head for _, head in rows]  # each row named after its head
 
 
 # --------------------------------------------------------------------------- the CLI chain per head
@@ -349,7 +350,7 @@ def chains(tmp_path_factory):
             f"{label}:explain": ["explain", run, "--image", "3", "--top", "3", "--out", root / f"{label}.png"],
             f"{label}:prototypes": ["prototypes", run, "--out", root / f"{label}-grid.png"],
             f"{label}:faithfulness": ["faithfulness", run, "--images", "20", "--m", "1,2"],
-            f"{label}:predict": ["predict", run, root / "imgs", "--workers", "0", "--output", root / f"{label}.csv"],
+            f"{label}:predict": ["predict", run, root / "imgs", "--workers", "0", "--out", root / f"{label}.csv"],
         })
     results = run_cli_parallel(cases)
     # The report reuses faithfulness.json, so it runs after faithfulness.

@@ -144,7 +144,7 @@ def _chain(tmp_path, head, *extra):
     reported = run_cli("report", run, "--out", tmp_path / "site", "--images", "2")
     assert reported.returncode == 0, reported.stderr
     explain_png = tmp_path / "explain.png"
-    predicted = run_cli("predict", run, explain_png, "--workers", "0", "--output", tmp_path / "p.csv")
+    predicted = run_cli("predict", run, explain_png, "--workers", "0", "--out", tmp_path / "p.csv")
     assert predicted.returncode == 0, predicted.stderr
     (row,) = csv.DictReader((tmp_path / "p.csv").open())
     return evaluated.stdout, explained.stdout, faithful.stdout, (tmp_path / "site"), row

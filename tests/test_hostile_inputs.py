@@ -121,8 +121,8 @@ REFUSED = {
         lambda run, tmp: edit_checkpoint(run, lambda s: s.update(model_config=[1, 2])) or ["evaluate", run],
         ["corrupt or incompatible", "model_config"]),
     "predict into a folder that does not exist": (
-        lambda run, tmp: ["predict", run, an_image(tmp), "--output", tmp / "absent" / "p.csv"],
-        ["does not exist", "--output"]),
+        lambda run, tmp: ["predict", run, an_image(tmp), "--out", tmp / "absent" / "p.csv"],
+        ["does not exist", "--out FILE"]),
     "resume with another dim": (
         lambda run, tmp: ["train", *tiny(dim=32), "--out", run, "--resume"], ["dim=16", "dim=32", "--dim"]),
     "overwrite with a batch the data cannot fill": (
@@ -181,7 +181,7 @@ def test_predict_into_a_read_only_run_is_refused_before_predicting(run, tmp_path
     with unwritable(run):
         result = run_cli("predict", run, image)
     assert result.returncode == 2, result.stderr
-    assert_one_line_error(result, "not writable", "--output")
+    assert_one_line_error(result, "not writable", "--out FILE")
     assert digest(run) == before
 
 

@@ -29,7 +29,7 @@ def test_learnable_prototypes_start_on_the_same_hypersphere_and_move():
     splits = create_dataset("animals", limit=100)
     for model, moves in ((learnable, True), (frozen, False)):
         trainer = Trainer(model, splits, TrainConfig(epochs=1, batch_classes=5, per_class=2), progress=False)
-        trainer._build_optimizer(trainer.phases[0])
+        trainer.optimizers.build(trainer.phases[0])
         groups = {g["name"]: g for g in trainer.optimizer.param_groups}
         assert ("prototypes" in groups) == moves
         batch = epoch_batches(splits.train_labels, trainer.config)[0]
@@ -55,7 +55,7 @@ def one_step(variant, batch):
     torch.manual_seed(0)
     model = model_with(cluster_variant=variant)
     trainer = Trainer(model, splits, TrainConfig(epochs=1, batch_classes=5, per_class=2), progress=False)
-    trainer._build_optimizer(trainer.phases[0])
+    trainer.optimizers.build(trainer.phases[0])
     torch.manual_seed(1)
     terms = trainer._train_step(images, labels)
     return terms, [p.detach().clone() for p in model.parameters()]

@@ -31,7 +31,7 @@ def test_predict_knn_rows_name_the_image_itself_as_nearest_and_skip_unreadable(t
     splits = _images(tmp_path / "imgs", [0, 7, 42])
     (tmp_path / "imgs" / "sub").mkdir()
     (tmp_path / "imgs" / "sub" / "broken.jpg").write_bytes(b"not a jpeg")
-    result = run_cli("predict", run, tmp_path / "imgs", "--workers", "0", "--output", tmp_path / "p.csv")
+    result = run_cli("predict", run, tmp_path / "imgs", "--workers", "0", "--out", tmp_path / "p.csv")
     assert result.returncode == 0, result.stderr
     assert "broken.jpg" in result.stderr and "1 unreadable" in result.stdout
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
@@ -51,6 +51,7 @@ def test_predict_knn_rows_name_the_image_itself_as_nearest_and_skip_unreadable(t
 def test_predict_linear_head_gives_class_probabilities(tmp_path_factory, tmp_path):
     run = _train(tmp_path_factory, "protopnet")
     _images(tmp_path / "imgs", [3])
+    # --output, the old name of --out, still names the file
     result = run_cli("predict", run, tmp_path / "imgs" / "train3.png", "--workers", "0", "--output", tmp_path / "p.csv")
     assert result.returncode == 0, result.stderr
     (row,) = csv.DictReader((tmp_path / "p.csv").open())
@@ -63,6 +64,12 @@ def test_predict_linear_head_gives_class_probabilities(tmp_path_factory, tmp_pat
 def test_predict_missing_path_is_one_line_error(tmp_path_factory, tmp_path):
     result = run_cli("predict", tmp_path, tmp_path / "nothing.png")
     assert_one_line_error(result)
+
+
+def test_predict_refuses_out_and_its_old_name_together(tmp_path):
+    result = run_cli("predict", tmp_path, tmp_path / "x.png", "--out", tmp_path / "a.csv", "--output", tmp_path / "b.csv")
+    assert_one_line_error(result, "--out", "--output", "pass only --out")
+    assert "--output" not in run_cli("predict", "--help").stdout  # the old name works but is not advertised
 
 
 def _jpeg(path, size=64):

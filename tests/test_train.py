@@ -202,7 +202,11 @@ def test_an_unprojected_epoch_that_validates_better_never_becomes_best_pt(animal
 
     from protoknn_plugin.train import load_trained_model
 
-    monkeypatch.setattr(Trainer, "_validation", lambda self: {"val_accuracy": 0.1 if self.state.projected else 0.9})
+    from protoknn_plugin.train.scoring import RunScoring
+
+    # ProtoKNN projects once, at the end: the model is projected from its push on.
+    monkeypatch.setattr(RunScoring, "validation",
+                        lambda self: {"val_accuracy": 0.1 if self.model.projection is not None else 0.9})
     trainer, state = _train_with_validation("protoknn", animals_small, tmp_path)
     assert state.best_val_accuracy == 0.1 and state.best_epoch["projected"] is True
     assert state.best_unprojected_val_accuracy == 0.9
@@ -243,3 +247,52 @@ def test_a_run_on_a_frozen_backbone_has_no_warm_phase(animals_small, monkeypatch
                      data_info={"frozen_backbone": True})
     assert [(p.name, p.epochs) for p in trains.phases][:2] == [("warm", 2), ("joint", 6)]
     assert [(p.name, p.epochs) for p in frozen.phases] == [("joint", 8), ("last-layer", 20)]
+
+
+def test_the_given_phases_are_trained_and_each_action_is_timed_on_its_own(animals_small, monkeypatch):
+    """A clock that moves 1 s per reading and 100 s per validation: every timed action adds exactly
+    1 s under its own name, so the validations before and after a push are not push time."""
+    import types
+
+    import protoknn_plugin.train.actions as actions
+    from protoknn_plugin.heads.base import Phase
+    from protoknn_plugin.train.scoring import RunScoring
+
+    clock = {"now": 0.0}
+
+    def perf_counter():
+        clock["now"] += 1.0
+        return clock["now"]
+
+    def slow_validation(self, validation=RunScoring.validation):
+        clock["now"] += 100.0
+        return validation(self)
+
+    monkeypatch.setattr(actions, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(RunScoring, "validation", slow_validation)
+    joint = {"backbone": 1e-3, "addon": 3e-3, "prototypes": 3e-3}
+    phases = [Phase("first", 1, joint, after=("project",)), Phase("last", 2, {"last_layer": 1e-4}, cached_profiles=True),
+              Phase("second", 1, joint, after=("project",))]
+    trainer = Trainer(tiny_model("protopnet"), animals_small, TrainConfig(epochs=9, steps_per_epoch=1, val_fraction=0.2),
+                      progress=False, phases=phases)
+    state = trainer.fit()
+    assert [h["phase"] for h in state.history] == ["first", "second"]  # a cached phase has no feature epochs
+    assert trainer.actions.seconds == {"project": 2.0, "cached_phase": 1.0}
+    assert len(state.pushes) == 2 and state.complete
+
+
+def test_a_non_finite_loss_is_caught_at_once_or_at_the_next_sync_point():
+    from protoknn_plugin.train.finite import FiniteLossCheck
+
+    def terms(task):
+        return {"task": torch.tensor(task), "total": torch.tensor(task)}
+
+    every_step = FiniteLossCheck(1, torch.device("cpu"))
+    every_step.note(terms(1.0), step=1)
+    with pytest.raises(ProtoKNNError, match="non-finite loss at step 2 \\(term 'task'\\)"):
+        every_step.note(terms(float("nan")), step=2)
+    batched = FiniteLossCheck(3, torch.device("cpu"))
+    batched.note(terms(float("inf")), step=1)  # remembered, not raised: reading it would wait for the device
+    batched.note(terms(1.0), step=2)
+    with pytest.raises(ProtoKNNError, match="non-finite loss by step 3 \\(term 'total'\\)"):
+        batched.check(terms(1.0), step=3)  # the bad step is past: its term is no longer known

@@ -25,7 +25,6 @@ Accuracy in ``loss`` stats (CaBRNet averages them per epoch and ``--save-best`` 
 """
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from typing import Any, Dict, Optional, Tuple
 
@@ -36,6 +35,7 @@ from torch import Tensor
 from cabrnet.archs.generic.decision import CaBRNetClassifier
 
 from protoknn_plugin.errors import ProtoKNNError, check
+from protoknn_plugin.heads.options import option_keys
 from protoknn_plugin.heads.protoknn import ProtoKNNHead
 from protoknn_plugin.prototypes import PrototypeLayer, PrototypeOutputs
 
@@ -116,7 +116,7 @@ class ProtoKNNClassifier(CaBRNetClassifier):
         with _single_thread():
             self.prototype_layer = PrototypeLayer(
                 num_features, spec.num_prototypes, dim, similarity=spec.similarity, addon=spec.addon,
-                cost_space=spec.cost_space, init=spec.init, frozen=spec.frozen, seed=seed,
+                cost_space=spec.cost_space, init=spec.init, frozen=spec.frozen_prototypes, seed=seed,
             )
         self.build_similarity(_check_similarity(similarity_config))
 
@@ -206,8 +206,7 @@ def _check_similarity(config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _make_head(num_classes: int, channels: int, dim: int, num_prototypes: int, options: Dict[str, Any]) -> ProtoKNNHead:
-    allowed = [p for p in inspect.signature(ProtoKNNHead.__init__).parameters
-               if p not in ("self", "num_classes", "backbone_channels", "dim", "num_prototypes")]
+    allowed = option_keys(ProtoKNNHead)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ProtoKNNError(
@@ -215,5 +214,5 @@ def _make_head(num_classes: int, channels: int, dim: int, num_prototypes: int, o
             f"valid: num_prototypes, dim, seed, {', '.join(allowed)}")
     if "ks" in options and isinstance(options["ks"], list):
         options = {**options, "ks": tuple(options["ks"])}
-    return ProtoKNNHead(num_classes=num_classes, backbone_channels=channels, dim=dim,
-                        num_prototypes=num_prototypes, **options)
+    return ProtoKNNHead.from_options(num_classes=num_classes, backbone_channels=channels, dim=dim,
+                                     num_prototypes=num_prototypes, **options)

@@ -3,7 +3,7 @@ same data, backbone initialisation and budget, over several seeds.
 
 Modules: ``settings`` (rows and shared settings, run-directory names), ``protocol`` (the
 budget and its checks), ``runner`` (one resumable run), ``comparison`` (sweep, seeds,
-results), ``stats`` (t-intervals, paired differences), ``tables`` and ``figures``;
+results), ``stats`` (t-intervals, paired differences), ``tables`` and ``charts`` (results.png, curves.png);
 ``tuning`` (``--tune``: an equal-budget Optuna search per row), ``plugin_backend`` (the
 package's trainer as the default run backend, see ``run_backends``), ``executors`` (runs in this
 process or as Ray tasks) and ``locking`` (one trainer per run directory).

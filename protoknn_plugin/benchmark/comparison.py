@@ -209,11 +209,8 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
 
     Raises ``train.Interrupted`` (checkpoint written) on SIGINT/SIGTERM; rerunning resumes.
     """
-    from ..data import create_dataset
-    from ..data.base import carve_validation
     from ..train.loading import check_batch_settings
-    from .figures import write_figures
-    from .tables import rich_paired, rich_table, summarise, write_results
+    from .tables import summarise
 
     if not specs:
         raise ProtoKNNError("nothing to compare: pass at least one head or variant")
@@ -221,23 +218,14 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
         raise ProtoKNNError("two rows have the same label; name them with --heads LABEL=HEAD")
     out_dir = ensure_writable_dir(out)
     runs_dir = out_dir / "runs"
-    if splits is None:
-        splits = create_dataset(settings.dataset, settings.data_dir, limit=settings.limit, strict=settings.strict,
-                                crop=settings.crop, image_size=settings.image_size)
-    if settings.train.val_fraction and getattr(splits, "val", None) is None:
-        splits = carve_validation(splits, settings.train.val_fraction)
-    budgets = check_protocol(specs, settings, splits)
-    check_batch_settings(splits.train_labels, settings.train)  # before the feature cache is built
-    image_splits = splits
-    swept = [s for s in specs if backend_for(s.head).lr_scales or backend_for(s.head).schedules]
-    tunable = [s for s in specs if backend_for(s.head).tuning]
-    pretrained = len(settings.schedules) > 1 and _pretrained(settings, splits.channels)
-    schedules = {s.label: swept_schedules(s, settings, splits, pretrained) for s in swept
-                 if backend_for(s.head).schedules}
-    if settings.frozen_backbone:
-        splits = cached_splits(specs, settings, splits, console)
+    image_splits = comparison_splits(settings, splits)
+    budgets = check_protocol(specs, settings, image_splits)
+    check_batch_settings(image_splits.train_labels, settings.train)  # before the feature cache is built
+    swept, schedules = swept_rows(specs, settings, image_splits)
+    splits = cached_splits(specs, settings, image_splits, console) if settings.frozen_backbone else image_splits
     executor = executor or InProcessExecutor(lambda text: _say(console, text), progress)
     if tune:
+        tunable = [s for s in specs if backend_for(s.head).tuning]
         specs, chosen = tune_then_fix(specs, tunable, settings, splits, out_dir, runs_dir, executor, tune,
                                       _pretrained(settings, image_splits.channels), console)
     else:
@@ -249,11 +237,42 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
     if explanations:
         explain_runs(runs, image_splits, out_dir, settings, console, images=explanation_images)
     summary = summarise(runs)
-    meta = {"dataset": settings.dataset, "backbone": settings.backbone, "weights": settings.weights,
+    meta = comparison_meta(settings, splits, runs, chosen, budgets, title, paired_keys)
+    write_outputs(out_dir, runs, summary, meta, chosen, settings, tune, console)
+    return summary
+
+
+def comparison_splits(settings: BenchmarkSettings, splits=None):
+    """The comparison's image splits (``settings``' dataset unless given), with the validation share held out."""
+    from ..data import create_dataset
+    from ..data.base import carve_validation
+
+    if splits is None:
+        splits = create_dataset(settings.dataset, settings.data_dir, limit=settings.limit, strict=settings.strict,
+                                crop=settings.crop, image_size=settings.image_size)
+    if settings.train.val_fraction and getattr(splits, "val", None) is None:
+        splits = carve_validation(splits, settings.train.val_fraction)
+    return splits
+
+
+def swept_rows(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits) -> Tuple[List[RunSpec], Dict[str, List[str]]]:
+    """The rows whose rate or schedule the sweep chooses, and label -> the schedules each tries."""
+    swept = [s for s in specs if backend_for(s.head).lr_scales or backend_for(s.head).schedules]
+    pretrained = len(settings.schedules) > 1 and _pretrained(settings, splits.channels)
+    schedules = {s.label: swept_schedules(s, settings, splits, pretrained) for s in swept
+                 if backend_for(s.head).schedules}
+    return swept, schedules
+
+
+def comparison_meta(settings: BenchmarkSettings, splits, runs: List[Dict[str, Any]], chosen, budgets, title: str,
+                    paired_keys: Sequence[str]) -> Dict[str, Any]:
+    """The settings, data sizes and choices that results.json records next to the runs."""
+    return {"dataset": settings.dataset, "backbone": settings.backbone, "weights": settings.weights,
             "seeds": list(settings.seeds), "epochs": settings.train.epochs, "prototypes": settings.prototypes,
             "dim": settings.dim, "batch": f"{settings.train.batch_classes} x {settings.train.per_class}",
             "limit": settings.limit, "val_fraction": settings.train.val_fraction,
-            "train_images": len(splits.train_labels), "val_images": len(splits.val) if getattr(splits, "val", None) is not None else 0,
+            "train_images": len(splits.train_labels),
+            "val_images": len(splits.val) if getattr(splits, "val", None) is not None else 0,
             "test_images": len(splits.test), "lr_scales": list(settings.lr_scales),
             "schedules": list(settings.schedules),
             "sweep_seeds": settings.sweep_seed_list(), "chosen": chosen, "budgets": budgets,
@@ -261,6 +280,14 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
             "threads": sorted({r["threads"] for r in runs if r.get("threads") is not None}),
             "device_kinds": sorted({r["device_kind"] for r in runs if r.get("device_kind")}),
             "title": title, "paired_keys": list(paired_keys)}
+
+
+def write_outputs(out_dir: Path, runs, summary, meta: Dict[str, Any], chosen, settings: BenchmarkSettings,
+                  tune: int, console=None) -> None:
+    """results.{json,csv,md} (with the tuning section under --tune), the figures, and the tables on the console."""
+    from .charts import write_figures
+    from .tables import rich_paired, rich_table, write_results
+
     write_results(out_dir, runs, summary, meta)
     if tune:
         from .tuning import write_tuning_section
@@ -269,10 +296,9 @@ def run_comparison(specs: Sequence[RunSpec], settings: BenchmarkSettings, out: s
                              settings.sweep_seed_list()[0], append=True)
     written = write_figures(out_dir, runs, summary)
     if console is not None:
-        console.print(rich_table(summary, title, runs))
+        console.print(rich_table(summary, meta["title"], runs))
         paired = rich_paired(runs)
         if paired is not None:
             console.print(paired)
         console.print(f"wrote {out_dir / 'results.json'}, results.csv, results.md" +
                       "".join(f", {p.name}" for p in written))
-    return summary

@@ -2,7 +2,7 @@
 declares, and the checks that every row of a comparison gets the same one.
 
 Budget = images seen by the feature phases and optimiser steps that update the backbone.
-Warm epochs (backbone frozen) count inside it: they see images but do not step the
+Warm epochs (backbone untrained in that phase) count inside it: they see images but do not step the
 backbone; a frozen, cached backbone takes no step at all. Phases on cached profiles
 (ProtoPNet's last layer) and the pushes are declared with the budget (a row that changes
 them from its paper's values is marked in the table) but not equalised across rows: they
@@ -83,7 +83,7 @@ def with_schedule(phases: Sequence[Phase], schedule: str) -> List[Phase]:
 
 def check_same_budget(budgets: Dict[str, Dict[str, int]], pretrained: bool) -> None:
     """Every row sees the same number of images; from scratch, every row also takes the same
-    number of backbone steps (a pretrained backbone may be frozen for warm epochs, which count
+    number of backbone steps (a pretrained backbone may be untrained in warm epochs, which count
     inside the budget)."""
     keys = ["images_seen"] + ([] if pretrained else ["backbone_steps"])
     for key in keys:

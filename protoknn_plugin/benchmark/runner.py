@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -19,52 +18,41 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..checkpoint import CHECKPOINT_NAME
-from ..model import ModelConfig, PrototypeModel
 from ..prototypes import prototype_spread
 from ..resources import PeakRAM
+from ..runs import build_run
 from ..train import TrainConfig, Trainer, evaluate, model_from_checkpoint, write_json
+from ..train.actions import CACHED_PHASE, PUSH
+from ..train.trainer import head_phases
 from .projection import projection_fields
 from .protocol import budget, scale_lrs, with_schedule
 from .settings import BenchmarkSettings, RunSpec, machine_identity
 
 
-class _Timed:
-    """Wraps a callable and adds its wall time to ``seconds`` (push and last-layer cost)."""
-
-    def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - started
-
-
-def feeding(model, settings: BenchmarkSettings):
-    """The mode in which ``model`` reads the comparison's splits: cached backbone maps when the
-    backbone is frozen (``settings.frozen_backbone``), else images."""
-    return model.backbone_bypassed() if settings.frozen_backbone else contextlib.nullcontext()
+def frozen_backbone(model, settings: BenchmarkSettings):
+    """The mode in which ``model`` reads the comparison's splits: frozen-backbone mode (cached
+    backbone maps) under ``settings.frozen_backbone``, else none (images)."""
+    return model.frozen_backbone() if settings.frozen_backbone else contextlib.nullcontext()
 
 
 def build_trainer(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSettings, splits,
                   run_dir: Optional[Path], progress: bool = False, on_epoch=None, schedule: str = "own") -> Trainer:
     """The Trainer of one run, its phases' learning rates scaled by ``lr_scale``, under ``schedule``
     (``protocol.with_schedule``); ``on_epoch``: see Trainer."""
-    config = ModelConfig.for_data(
-        splits, head=spec.head, backbone=settings.backbone, num_prototypes=settings.prototypes, dim=settings.dim,
-        weights=settings.weights, backbone_options=dict(settings.backbone_options),
-        head_options=dict(spec.head_options), seed=seed,
-    )
     train_config = TrainConfig(**{**asdict(settings.train), "seed": seed, "workers": settings.workers})
-    trainer = Trainer(PrototypeModel(config), splits, train_config, out_dir=str(run_dir) if run_dir else None,
-                      progress=progress, dataset_name=settings.dataset, stage_eval=getattr(splits, "val", None),
-                      on_epoch=on_epoch,
-                      data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
-                                 "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone})
-    trainer.phases = with_schedule(scale_lrs(trainer.phases, lr_scale), schedule)
-    return trainer
+    model_options = dict(head=spec.head, backbone=settings.backbone, num_prototypes=settings.prototypes,
+                         dim=settings.dim, weights=settings.weights, backbone_options=dict(settings.backbone_options),
+                         head_options=dict(spec.head_options))
+
+    def phases(model):
+        own = head_phases(model, train_config.epochs, settings.frozen_backbone)
+        return with_schedule(scale_lrs(own, lr_scale), schedule)
+
+    return build_run(splits, train_config, model_options, dataset_name=settings.dataset, out_dir=run_dir,
+                     data_info={"data_dir": settings.data_dir, "limit": settings.limit, "crop": settings.crop,
+                                "image_size": settings.image_size, "frozen_backbone": settings.frozen_backbone},
+                     progress=progress, stage_eval=getattr(splits, "val", None), on_epoch=on_epoch,
+                     phases=phases).trainer
 
 
 def _history(state) -> list:
@@ -92,12 +80,8 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
         return json.loads(record_path.read_text()), None
     trainer = build_trainer(spec, seed, lr_scale, settings, splits, run_dir, progress, on_epoch, schedule)
     model = trainer.model
-    push = model.project_prototypes = _Timed(model.project_prototypes)
-    last = None
-    if hasattr(trainer, "_run_cached_phase"):  # ProtoPNet's last layer on cached profiles
-        last = trainer._run_cached_phase = _Timed(trainer._run_cached_phase)
     resumed = (run_dir / CHECKPOINT_NAME).exists()
-    with PeakRAM(trainer.device) as peak, feeding(model, settings):
+    with PeakRAM(trainer.device) as peak, frozen_backbone(model, settings):
         state = trainer.fit(resume=resumed)
         val = getattr(splits, "val", None)
         val_metrics = (evaluate(model, val, trainer.config.eval_batch_size, trainer.device, workers=settings.workers)
@@ -112,8 +96,9 @@ def train_run(spec: RunSpec, seed: int, lr_scale: float, settings: BenchmarkSett
                  settings.frozen_backbone),
         **machine_identity(trainer.device), **projection_fields(state.pushes),
         "train_seconds": state.train_seconds, "step_ms": _step_ms(state, trainer.steps_per_epoch),
-        "push_seconds": push.seconds,
-        "last_layer_seconds": last.seconds if last else 0.0, "peak_memory_mb": peak.peak_mb,
+        # The projections themselves, and the phases on cached profiles (ProtoPNet's last layer).
+        "push_seconds": trainer.actions.seconds.get(PUSH, 0.0),
+        "last_layer_seconds": trainer.actions.seconds.get(CACHED_PHASE, 0.0), "peak_memory_mb": peak.peak_mb,
         "history": _history(state), "stages": state.stages,
     }
     if model.prototype_layer is not None:
@@ -138,7 +123,7 @@ def score_test(record: Dict[str, Any], splits, settings: BenchmarkSettings, mode
     if model is None:
         model, _ = model_from_checkpoint(run_dir)
     device = next(model.parameters()).device
-    with feeding(model, settings):
+    with frozen_backbone(model, settings):
         metrics = evaluate(model, splits.test, settings.train.eval_batch_size, device, workers=settings.workers)
     result = {**record, **metrics, "accuracy": metrics[f"accuracy[{record['primary']}]"]}
     write_json(run_dir / "metrics.json", result)

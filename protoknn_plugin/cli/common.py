@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ProtoKNNError
+from ..values import parse_pairs
 
 # Job logs and CI are not terminals: rich would assume 80 columns and squeeze the results
 # tables into unreadable stubs, so give them room (COLUMNS still wins when set).
@@ -90,11 +91,13 @@ def training_options(fn):
     return dataset_options(fn)
 
 
-def make_train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed=0, deterministic=False):
+def make_train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed=0, deterministic=False,
+                      **more):
+    """A TrainConfig from the shared options; ``more``: its other fields (val_fraction, workers, ...)."""
     from ..train import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_classes=batch_classes, per_class=per_class,
-                       steps_per_epoch=steps_per_epoch, device=device, seed=seed, deterministic=deterministic)
+                       steps_per_epoch=steps_per_epoch, device=device, seed=seed, deterministic=deterministic, **more)
 
 
 def with_preset(fn):
@@ -135,19 +138,7 @@ def _preset_wins(ctx: click.Context, params: dict) -> dict:
 
 def parse_options(pairs) -> dict:
     """('width=16', 'depth=3') -> {'width': 16, 'depth': 3}; values are read as int, float or text."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ProtoKNNError(f"cannot read option {pair!r}; write KEY=VALUE, e.g. width=16")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        options[key.strip()] = value
-    return options
+    return parse_pairs(pairs)
 
 
 def setup_threads(threads: Optional[int]) -> None:

@@ -57,26 +57,6 @@ def _run_interruptibly(specs, settings, out, title, executor=None, **options):
         sys.exit(130)
 
 
-def expand_all(head_names: str, frozen_backbone: bool, console=None) -> str:
-    """``all`` in ``--heads`` -> every registered head, ProtoKNN first and the plain CNN last (the
-    reference row); under --frozen-backbone the heads that cannot train on a feature cache are left
-    out, and a line says which."""
-    from ..heads import get_head_class, list_heads
-
-    names = [n.strip() for n in head_names.split(",")]
-    if "all" not in names:
-        return head_names
-    registered = sorted(list_heads(), key=lambda n: (n != "protoknn", n == "cnn", n))
-    skipped = [n for n in registered if frozen_backbone and not get_head_class(n).supports_frozen_backbone]
-    if skipped and console is not None:
-        console.print(f"--heads all: {', '.join(skipped)} left out (cannot train on a --frozen-backbone feature cache)")
-    expanded = [n for n in registered if n not in skipped]
-    rows = []
-    for name in names:
-        rows.extend(expanded if name == "all" else [name])
-    return ",".join(dict.fromkeys(rows))  # a head named both by `all` and by hand appears once
-
-
 def _specs(rows, head_opts):
     from ..benchmark import RunSpec
     from ..heads.options import assign_head_options
@@ -154,7 +134,9 @@ def benchmark(head_names, head_opts, threads, explanations, out, tune, executor,
     setup_threads(threads)
     if shared.get("seeds") is None:
         shared["seeds"] = FROZEN_SEEDS if shared.get("frozen_backbone") else DEFAULT_SEEDS
-    head_names = expand_all(head_names, bool(shared.get("frozen_backbone")), err_console)
+    from ..heads.options import expand_all
+
+    head_names = expand_all(head_names, bool(shared.get("frozen_backbone")), err_console.print)
     specs = _specs(parse_rows(head_names), head_opts)
     settings = comparison_settings(**shared)
     if tune:  # say now, not after loading the data, when the search library is missing

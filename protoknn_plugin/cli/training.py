@@ -1,18 +1,42 @@
 """Commands that train and evaluate one run."""
 from __future__ import annotations
 
-import contextlib
+import functools
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
-from ..errors import ProtoKNNError
 from . import cli
 from .common import (print_metrics, report_skipped, setup_threads, make_train_config, check_option_ranges,
                      config_option, console, err_console, frozen_backbone_options, loading_options, model_choice,
                      model_choice_options, parse_options, precision_option, run_cli, say_note, training_options,
                      with_preset, workers_option, write_run_config)
+
+
+# The ProtoKNN head's own flags of `protoknn train`, in the order its head options are recorded.
+PROTOKNN_FLAGS = ("task_loss", "aux_loss", "cluster_variant", "cluster_reduction", "memory", "k")
+
+
+def protoknn_options(fn):
+    """The ProtoKNN head's own options of `protoknn train` (--head-opt protoknn.KEY=VALUE wins over them)."""
+    options = [
+        click.option("--k", "k", type=int, default=5, show_default=True,
+                     help="ProtoKNN: k of the reported prediction (k = 1, 3, 5, 10 are always evaluated)."),
+        click.option("--memory", default="full", show_default=True,
+                     help="ProtoKNN kNN memory: full, condensed or ivfpq."),
+        click.option("--cluster-reduction", default="mean", show_default=True,
+                     help="ProtoKNN: mean (per sample) or sum."),
+        click.option("--cluster-variant", default="full", show_default=True,
+                     help="ProtoKNN cluster loss: most-similar, sampling, debias, linear-assignment, full."),
+        click.option("--aux-loss", default="margin", show_default=True,
+                     help="ProtoKNN: PML loss on GAP+linear, or none."),
+        click.option("--task-loss", default="margin", show_default=True, help="ProtoKNN: PML loss on the profiles."),
+    ]
+    for option in options:
+        fn = option(fn)
+    return fn
 
 
 @cli.command()
@@ -21,13 +45,7 @@ from .common import (print_metrics, report_skipped, setup_threads, make_train_co
 @workers_option
 @precision_option
 @frozen_backbone_options
-@click.option("--task-loss", default="margin", show_default=True, help="ProtoKNN: PML loss on the profiles.")
-@click.option("--aux-loss", default="margin", show_default=True, help="ProtoKNN: PML loss on GAP+linear, or none.")
-@click.option("--cluster-variant", default="full", show_default=True,
-              help="ProtoKNN cluster loss: most-similar, sampling, debias, linear-assignment, full.")
-@click.option("--cluster-reduction", default="mean", show_default=True, help="ProtoKNN: mean (per sample) or sum.")
-@click.option("--memory", default="full", show_default=True, help="ProtoKNN kNN memory: full, condensed or ivfpq.")
-@click.option("--k", "k", type=int, default=5, show_default=True, help="ProtoKNN: k of the reported prediction (k = 1, 3, 5, 10 are always evaluated).")
+@protoknn_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Use torch's deterministic algorithms (GPU).")
 @click.option("--val-fraction", type=float, default=0.0, show_default=True,
@@ -52,80 +70,117 @@ def train(head, dataset, data_dir, limit, strict, crop, backbone, weights, backb
     With --frozen-backbone, first one backbone pass over train and test into the feature cache (reused by
     later runs), then epochs read the cache.
     """
-    from ..checkpoint import check_run_dir, checkpoint_path, load_checkpoint, require_run_parts
-    from ..data import create_dataset
-    from ..train import Interrupted, Trainer, evaluate, write_json
-    from ..train.loading import check_batch_settings
+    options = SimpleNamespace(**dict(click.get_current_context().params, **locals()))
     from .. import distributed
 
-    params = dict(click.get_current_context().params, **locals())
-    # Check first, then write: every refusal below leaves the run directory as it was.
-    check_option_ranges(params)
-    check_run_dir(out, resume, overwrite)
-    saved = require_run_parts(load_checkpoint(out), checkpoint_path(out)) if resume else None
-    setup_threads(threads)
-    splits = create_dataset(dataset, data_dir, limit=limit, strict=strict, crop=crop, image_size=image_size)
-    report_skipped(splits)
-    model = _new_model(splits, head, head_opts, backbone, backbone_opts, weights, prototypes, dim, seed,
-                       dict(task_loss=task_loss, aux_loss=aux_loss, cluster_variant=cluster_variant,
-                            cluster_reduction=cluster_reduction, memory=memory, k=k))
-    data_info = {"data_dir": data_dir, "limit": limit, "crop": crop, "image_size": image_size}
-    train_config = make_train_config(epochs, batch_classes, per_class, steps_per_epoch, device, seed, deterministic)
-    train_config.val_fraction, train_config.workers = val_fraction, workers
-    train_config.precision, train_config.tensorboard = precision, tensorboard
-    train_config.__post_init__()  # check the new fields
-    if saved is not None:
-        _check_resume(saved, out, model, train_config, dataset, dict(data_info, frozen_backbone=frozen_backbone),
-                      splits)
-    check_batch_settings(splits.train_labels, train_config)  # before a feature cache is built
-    frozen = _feature_cache(model, splits, dataset, data_dir, limit, crop, cache_dir, device) if frozen_backbone else None
-    if frozen:
-        splits = frozen.splits
-        data_info.update(frozen.info)
-    trainer = Trainer(model, splits, train_config, out_dir=out, dataset_name=dataset, data_info=data_info)
-    check_batch_settings(trainer.splits.train_labels, train_config)  # after the validation hold-out
-    note = None
-    if saved is not None:
-        from ..train.resuming import resume_progress
-
-        note = resume_progress(saved, model, train_config, trainer.phases, str(checkpoint_path(out)))[1]
-    if saved is not None and note is None and saved["train_state"].get("complete"):
-        note = f"the run already finished its {epochs} epoch(s): evaluating it again; a larger --epochs trains on"
+    run, saved = _build_run(options)
+    note = _resume_note(saved, run, out, epochs)
     if distributed.is_main():
-        _start_writing(out, overwrite, {k: params[k] for k in click.get_current_context().params}, note)
-    with frozen.bypassed() if frozen else contextlib.nullcontext():  # maps instead of images, backbone frozen
+        _start_writing(out, overwrite, {k: getattr(options, k) for k in click.get_current_context().params}, note)
+    state, metrics = _fit_and_score(run, resume, out, workers)
+    if distributed.is_main():  # under torchrun, rank 0 alone writes and reports
+        _write_results(metrics, state, out, f"{head} on {dataset}")
+    distributed.teardown()
+
+
+def _build_run(options):
+    """The run of the command's ``options`` and the checkpoint it continues (None for a new run).
+    Everything is checked before anything is written: every refusal leaves the run directory as it was."""
+    from ..data import create_dataset
+    from ..runs import build_run, open_run_dir
+    from ..train.loading import check_batch_settings
+
+    check_option_ranges(vars(options))
+    saved = open_run_dir(options.out, options.resume, options.overwrite)
+    setup_threads(options.threads)
+    splits = create_dataset(options.dataset, options.data_dir, limit=options.limit, strict=options.strict,
+                            crop=options.crop, image_size=options.image_size)
+    report_skipped(splits)
+    train_config = make_train_config(options.epochs, options.batch_classes, options.per_class,
+                                     options.steps_per_epoch, options.device, options.seed, options.deterministic,
+                                     val_fraction=options.val_fraction, workers=options.workers,
+                                     precision=options.precision, tensorboard=options.tensorboard)
+    data_info = {"data_dir": options.data_dir, "limit": options.limit, "crop": options.crop,
+                 "image_size": options.image_size}
+    run = build_run(splits, train_config, _model_options(options), dataset_name=options.dataset,
+                    data_info=data_info, out_dir=options.out,
+                    prepare=functools.partial(_before_trainer, options, saved, train_config, data_info))
+    check_batch_settings(run.trainer.splits.train_labels, train_config)  # after the validation hold-out
+    return run, saved
+
+
+def _model_options(options):
+    """ModelConfig's fields from the options: the ProtoKNN flags apply to the protoknn head; --head-opt wins."""
+    from ..heads.options import assign_head_options
+
+    head = options.head
+    head_options = {name: getattr(options, name) for name in PROTOKNN_FLAGS} if head == "protoknn" else {}
+    head_options.update(assign_head_options([(head, head)], options.head_opts)[head])
+    return dict(head=head, backbone=options.backbone, num_prototypes=options.prototypes, dim=options.dim,
+                weights=options.weights, head_options=head_options,
+                backbone_options=parse_options(options.backbone_opts))
+
+
+def _before_trainer(options, saved, train_config, data_info, model, splits):
+    """The checks that need the model, then --frozen-backbone's feature cache (or None)."""
+    from ..runs import check_resume
+    from ..train.loading import check_batch_settings
+
+    if saved is not None:
+        check_resume(saved, options.out, model, train_config, options.dataset,
+                     dict(data_info, frozen_backbone=options.frozen_backbone), splits)
+    check_batch_settings(splits.train_labels, train_config)  # before a feature cache is built
+    if not options.frozen_backbone:
+        return None
+    return _feature_cache(model, splits, options.dataset, options.data_dir, options.limit, options.crop,
+                          options.cache_dir, options.device)
+
+
+def _resume_note(saved, run, out, epochs):
+    """The line a resumed run prints first: where it continues, or that it had finished; None for a new run."""
+    from ..checkpoint import checkpoint_path
+    from ..train.resuming import resume_progress
+
+    if saved is None:
+        return None
+    trainer = run.trainer
+    note = resume_progress(saved, run.model, trainer.config, trainer.phases, str(checkpoint_path(out)))[1]
+    if note is None and saved["train_state"].get("complete"):
+        note = f"the run already finished its {epochs} epoch(s): evaluating it again; a larger --epochs trains on"
+    return note
+
+
+def _fit_and_score(run, resume, out, workers):
+    """Train (or continue) the run, then score the test set: (train state, metrics). An interrupt exits with
+    130, its checkpoint written."""
+    from ..train import Interrupted, evaluate
+
+    with run.frozen_backbone():  # maps instead of images when the backbone is frozen
         try:
-            state = trainer.fit(resume=resume)
+            state = run.trainer.fit(resume=resume)
         except Interrupted as why:
             err_console.print(f"interrupted by {why}: checkpoint written to {Path(out) / 'checkpoint.pt'}; "
                               f"continue with --resume", markup=False)
             sys.exit(130)
-        metrics = evaluate(model, splits.test, device=trainer.device, workers=workers)
+        metrics = evaluate(run.model, run.splits.test, device=run.trainer.device, workers=workers)
+    return state, metrics
+
+
+def _write_results(metrics, state, out, title) -> None:
+    """OUT/metrics.json (test accuracy, training seconds, best epoch, pushes), its table and one line per push."""
+    from .. import distributed
+    from ..train import write_json
+
     metrics["train_seconds"] = state.train_seconds
     if state.best_epoch:
         metrics["best"] = state.best_epoch
     if state.pushes:
         metrics["pushes"] = state.pushes
-    if distributed.is_main():  # under torchrun, rank 0 alone writes and reports
-        metrics["processes"] = distributed.world_size()
-        write_json(Path(out) / "metrics.json", metrics)
-        print_metrics({k: v for k, v in metrics.items() if k not in ("best", "pushes")}, f"{head} on {dataset}")
-        for push in state.pushes:
-            console.print(push_line(push), markup=False, highlight=False)
-    distributed.teardown()
-
-
-def _new_model(splits, head, head_opts, backbone, backbone_opts, weights, prototypes, dim, seed, protoknn_options):
-    """The model to train: ``protoknn_options`` (its own flags) apply to the protoknn head; --head-opt wins."""
-    from ..heads.options import assign_head_options
-    from ..model import ModelConfig, PrototypeModel
-
-    head_options = dict(protoknn_options) if head == "protoknn" else {}
-    head_options.update(assign_head_options([(head, head)], head_opts)[head])
-    config = ModelConfig.for_data(splits, head=head, backbone=backbone, num_prototypes=prototypes, dim=dim,
-                                  weights=weights, head_options=head_options, seed=seed,
-                                  backbone_options=parse_options(backbone_opts))
-    return PrototypeModel(config)
+    metrics["processes"] = distributed.world_size()
+    write_json(Path(out) / "metrics.json", metrics)
+    print_metrics({k: v for k, v in metrics.items() if k not in ("best", "pushes")}, title)
+    for push in state.pushes:
+        console.print(push_line(push), markup=False, highlight=False)
 
 
 def _feature_cache(model, splits, dataset, data_dir, limit, crop, cache_dir, device):
@@ -159,19 +214,6 @@ def _start_writing(out, overwrite, options, note) -> None:
         console.print(note, markup=False, highlight=False)
 
 
-def _check_resume(saved, out, model, train_config, dataset, data_info, splits) -> None:
-    """Refuse to resume with settings that change the results, or a checkpoint that does not fit."""
-    from dataclasses import asdict
-
-    from ..checkpoint import CHECKPOINT_NAME
-    from ..train import load_model_state
-    from ..train.resuming import check_same_run
-
-    check_same_run(saved, model.config.to_dict(), asdict(train_config), dataset, data_info,
-                   list(getattr(splits, "classes", [])))
-    load_model_state(model, saved, str(Path(out) / CHECKPOINT_NAME))  # the trainer loads it again
-
-
 def push_line(push) -> str:
     """One line per push: how far the prototypes moved, where they landed, validation before -> after."""
     def percent(value):
@@ -182,27 +224,6 @@ def push_line(push) -> str:
     return (f"push after {push['phase']} (step {push['global_step']}): {cosine}{push['distinct_images']} images / "
             f"{push['distinct_patches']} patches for {push['prototypes']} prototypes, validation "
             f"{percent(push.get('val_accuracy_before'))} -> {percent(push.get('val_accuracy_after'))}")
-
-
-def load_finished_run(run_dir, choice, data_dir, image_size):
-    """``(model, saved, splits, file)`` of a run that finished training, for evaluate and predict.
-
-    The model is ``train.load_trained_model(run_dir, choice)``'s (best.pt when the run has one,
-    never an un-projected model unless ``choice`` is ``unprojected``; its note goes to stderr);
-    the data is the run's dataset as it was trained (folder, limit, crop, image size) unless overridden.
-    """
-    from ..checkpoint import checkpoint_path, load_checkpoint, require_run_parts
-    from ..data.catalog import rebuild_run_data
-    from ..train import load_trained_model
-
-    if not require_run_parts(load_checkpoint(run_dir), checkpoint_path(run_dir))["train_state"].get("complete"):
-        raise ProtoKNNError(f"run {run_dir!r} has not finished training; continue it with `protoknn train ... --resume`")
-    loaded = load_trained_model(run_dir, choice)
-    if loaded.note:
-        say_note(loaded.note)
-    saved = loaded.saved
-    splits = rebuild_run_data(saved["dataset"], saved.get("data") or {}, data_dir, image_size, augment=True)
-    return loaded.model, saved, splits, loaded.file
 
 
 @cli.command()
@@ -219,9 +240,11 @@ def evaluate(run_dir, data_dir, device, last, unprojected, workers, image_size):
     checkpoint.pt. Writes RUN_DIR/metrics.json (its `checkpoint` names the file scored) unless RUN_DIR
     is read-only. Cost: one pass over the test set."""
     from ..checkpoint import is_writable_dir
+    from ..runs import load_finished_run
     from ..train import evaluate as evaluate_model, resolve_device, write_json
 
-    model, saved, splits, file = load_finished_run(run_dir, model_choice(last, unprojected), data_dir, image_size)
+    model, saved, splits, file = load_finished_run(run_dir, model_choice(last, unprojected), data_dir, image_size,
+                                                   say_note)
     writable = is_writable_dir(run_dir)  # reading a run never needs write access
     dev = resolve_device(device)
     metrics = evaluate_model(model.to(dev), splits.test, device=dev, workers=workers)

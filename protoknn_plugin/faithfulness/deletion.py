@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor
 
-from ..explain import _forward_maps, activation_box
+from ..explain import forward_maps, activation_box
 from .occlusion import covered_fraction, occlude, random_boxes_like
 
 CONDITIONS = ("explained", "random_prototypes", "random_boxes")
@@ -40,7 +40,7 @@ def forward_in_chunks(model, images: Tensor, batch: int = 32):
     """Eval-mode profiles (N, P) and similarity maps (N, P, h, w), ``batch`` images at a time."""
     profiles, maps = [], []
     for start in range(0, len(images), batch):
-        p, m = _forward_maps(model, images[start:start + batch])
+        p, m = forward_maps(model, images[start:start + batch])
         profiles.append(p)
         maps.append(m)
     return torch.cat(profiles), torch.cat(maps)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..explain import _device
+from ..explain import model_device
 
 
 @dataclass
@@ -28,7 +28,7 @@ def nearest_patches(model, train_dataset, k: int = 10, batch: int = 256) -> Near
     """One eval-mode pass over ``train_dataset``, keeping each prototype's top-k images by s_i."""
     was = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     best_sim = best_idx = best_loc = None
     labels = []
     try:

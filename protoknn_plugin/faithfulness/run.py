@@ -28,14 +28,14 @@ def measure_run(run_dir, splits=None, n: int = DEFAULT_IMAGES, seed: int = 0, si
                 say=None) -> Dict[str, object]:
     """The nested results of ``evaluate_faithfulness`` for a finished run, with run facts added
     (``checkpoint``: the file measured); written to RUN_DIR/faithfulness.json when ``write``.
-    ``choice``/``say``: which model to load and where its one-line note goes (``figures._load_model``)."""
-    from ..figures import _check_run, _load_model, _run_splits
+    ``choice``/``say``: which model to load and where its one-line note goes (``runs.load_model``)."""
+    from ..runs import check_run, load_model, run_splits
     from ..train import write_json
 
     check_options(n, sigma, tuple(ms))
-    saved = _check_run(run_dir)
-    splits = splits if splits is not None else _run_splits(saved, data_dir)
-    model = model if model is not None else _load_model(run_dir, choice, say)
+    saved = check_run(run_dir)
+    splits = splits if splits is not None else run_splits(saved, data_dir)
+    model = model if model is not None else load_model(run_dir, choice, say)
     result = evaluate_faithfulness(model, splits, n=n, seed=seed, sigma=sigma, ms=tuple(ms),
                                    parts=part_reader(saved, splits, data_dir), nearest=nearest)
     result = {"run": str(run_dir), "head": saved["model_config"]["head"], "dataset": saved["dataset"],

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ProtoKNNError
-from ..explain import _nearest_other_class, contributions
+from ..explain import nearest_other_class, contributions
 
 
 class KNNMarginScorer:
@@ -32,7 +32,7 @@ class KNNMarginScorer:
         positive = idx[:, 0].cpu()
         negative = []
         for row in range(len(queries)):
-            item, _ = _nearest_other_class(knn, queries[row:row + 1], int(knn.memory_labels[positive[row]]))
+            item, _ = nearest_other_class(knn, queries[row:row + 1], int(knn.memory_labels[positive[row]]))
             if item is None:
                 raise ProtoKNNError("every item in the kNN memory has one class, so there is no negative to "
                                     "measure a margin against; train on at least two classes")

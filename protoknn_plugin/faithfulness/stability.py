@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..explain import _device
+from ..explain import model_device
 
 
 @torch.no_grad()
@@ -13,7 +13,7 @@ def _locations(model, images: Tensor, batch: int = 64) -> Tensor:
     was = model.training
     model.eval()
     try:
-        device = _device(model)
+        device = model_device(model)
         return torch.cat([model(images[s:s + batch].to(device)).locations.cpu()
                           for s in range(0, len(images), batch)])
     finally:

@@ -16,8 +16,10 @@ register_head = HEADS.register
 
 
 def create_head(name: str, **kwargs) -> Head:
-    """Build a head by name, e.g. ``create_head("protoknn", num_classes=10, backbone_channels=128, dim=64, num_prototypes=100)``."""
-    return HEADS.create(name, **kwargs)
+    """Build a head by name from flat options through its ``from_options``, e.g.
+    ``create_head("protoknn", num_classes=10, backbone_channels=128, dim=64, num_prototypes=100, reg=0.1)``."""
+    head_class = HEADS.get(name)
+    return getattr(head_class, "from_options", head_class)(**kwargs)
 
 
 def get_head_class(name: str):

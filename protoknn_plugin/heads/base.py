@@ -5,14 +5,14 @@ declares its training phases as data that the trainer follows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
 from ..prototypes import PrototypeOutputs
 
-# Components a phase can train. Everything else is frozen in that phase.
+# Components a phase can train. A component absent from a phase's lrs is untrained in that phase.
 COMPONENTS = ("backbone", "addon", "prototypes", "offsets", "head", "last_layer", "beta", "proxies")
 
 
@@ -22,7 +22,7 @@ class Phase:
 
     name: shown in the progress bar.
     epochs: how many epochs.
-    lrs: component -> learning rate; components absent here are frozen.
+    lrs: component -> learning rate; a component absent here is untrained in this phase.
     after: actions run at the end of the phase: ``project`` (prototype projection),
         ``build_memory`` (kNN memory from the training profiles).
     cached_profiles: train on cached training profiles instead of images
@@ -57,13 +57,16 @@ class Phase:
 
 @dataclass
 class PrototypeSpec:
-    """What prototype layer a head needs (kwargs of PrototypeLayer)."""
+    """What prototype layer a head needs (kwargs of PrototypeLayer).
+
+    ``frozen_prototypes``: the prototypes never train (PrototypeLayer's ``frozen``), whatever the
+    phases' learning rates say. ``frozen`` is accepted, and read, as the same setting."""
 
     num_prototypes: int
     similarity: str = "cosine"
     addon: str = "linear"
     init: str = "hypersphere"
-    frozen: bool = True
+    frozen_prototypes: bool = True
     cost_space: str = "unit"
     # extra["dim"]: the add-on's output channels when they are not the model's --dim (PIP-Net:
     # its prototypes are the add-on's channels, so they number the prototypes).
@@ -71,6 +74,16 @@ class PrototypeSpec:
     # parts > 0: deformable prototypes of parts x parts parts on a grid of `dilation` spacing.
     parts: int = 0
     dilation: int = 2
+    # Heads registered from other packages may still pass PrototypeSpec(frozen=...).
+    frozen: InitVar[Optional[bool]] = None
+
+    def __post_init__(self, frozen: Optional[bool]) -> None:
+        if frozen is not None:
+            self.frozen_prototypes = bool(frozen)
+
+
+# Read access under the same other name (set after the class: the dataclass needs the field's default).
+PrototypeSpec.frozen = property(lambda spec: spec.frozen_prototypes)  # type: ignore[assignment]
 
 
 class Head(nn.Module):
@@ -108,6 +121,14 @@ class Head(nn.Module):
         self.backbone_channels = backbone_channels
         self.dim = dim
         self.requested_prototypes = num_prototypes
+
+    @classmethod
+    def from_options(cls, **options) -> "Head":
+        """The head from flat options: the model's four arguments (num_classes, backbone_channels,
+        dim, num_prototypes) plus the user's (``--head-opt``, config files). The registry builds
+        every head this way; a head whose constructor takes parts (losses, a kNN) overrides it to
+        build them, and its signature then lists the options."""
+        return cls(**options)
 
     # ---- what the head needs -------------------------------------------------
     def prototype_spec(self) -> PrototypeSpec:

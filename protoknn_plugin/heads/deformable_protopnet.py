@@ -94,7 +94,7 @@ class DeformableProtoPNetHead(ProtoPNetHead):
 
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity="cosine", addon="linear", init=self.prototype_init,
-                             frozen=False, parts=self.parts, dilation=self.dilation)
+                             frozen_prototypes=False, parts=self.parts, dilation=self.dilation)
 
     def loss(self, out: PrototypeOutputs, labels: Tensor) -> Dict[str, Tensor]:
         own = self.prototype_class[None, :] == labels[:, None]  # (B, P)

@@ -1,7 +1,8 @@
-"""Head options from text: ``--head-opt HEAD.KEY=VALUE`` reaches any constructor argument.
+"""Head options from text: ``--head-opt HEAD.KEY=VALUE`` reaches any flat option of a head.
 
-The valid keys of a head are the parameters of its class's ``__init__`` except the four
-the model passes itself (num_classes, backbone_channels, dim, num_prototypes).
+The valid keys of a head are the parameters of its ``from_options`` (or, for a head that does not
+override it, of its ``__init__``) except the four the model passes itself (num_classes,
+backbone_channels, dim, num_prototypes).
 """
 from __future__ import annotations
 
@@ -9,34 +10,32 @@ import inspect
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..errors import ProtoKNNError
+from ..values import parse_value  # public here too: --head-opt values are read by it
 
 MODEL_ARGS = ("self", "num_classes", "backbone_channels", "dim", "num_prototypes")
 
 
+def option_parameters(head_class) -> List[inspect.Parameter]:
+    """The parameters of a head's flat options, in signature order: those of its ``from_options``
+    when it names them (a head built from parts), else those of its constructor."""
+    builder = getattr(head_class, "from_options", None)
+    if builder is not None:
+        named = [p for p in inspect.signature(builder).parameters.values()
+                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if named:
+            return named
+    return [p for p in inspect.signature(head_class.__init__).parameters.values() if p.name != "self"]
+
+
 def option_keys(head_class) -> List[str]:
-    """Constructor arguments a user may set, in signature order."""
-    params = inspect.signature(head_class.__init__).parameters.values()
-    return [p.name for p in params if p.name not in MODEL_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    """Options a user may set, in signature order."""
+    return [p.name for p in option_parameters(head_class)
+            if p.name not in MODEL_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def parse_value(text: str) -> Any:
-    """``5`` -> 5, ``1e-3`` -> 0.001, ``true``/``false`` -> bool, ``none`` -> None,
-    ``5,0.1`` or ``(5,0.1)`` -> (5, 0.1), anything else -> the text."""
-    text = text.strip()
-    inner = text[1:-1] if text[:1] in "([" and text[-1:] in ")]" else None
-    if inner is not None or "," in text:
-        return tuple(parse_value(part) for part in (inner if inner is not None else text).split(",") if part.strip())
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+def option_defaults(head_class) -> Dict[str, Any]:
+    """Every flat option with a default (dim and num_prototypes included) -> that default."""
+    return {p.name: p.default for p in option_parameters(head_class) if p.default is not p.empty}
 
 
 def parse_head_option(item: str) -> Tuple[str, str, Any]:
@@ -64,6 +63,9 @@ def assign_head_options(rows: Sequence[Tuple[str, str]], items: Sequence[str]) -
     ``rows``: (label, head name). HEAD in ``HEAD.KEY=VALUE`` is a row label (that row only)
     or a head name (every row of that head); a label's options win over its head's.
     """
+    from . import list_heads
+
+    registered = set(list_heads())
     labels = {label for label, _ in rows}
     heads = {head for _, head in rows}
     by_head: Dict[str, Dict[str, Any]] = {}
@@ -80,7 +82,7 @@ def assign_head_options(rows: Sequence[Tuple[str, str]], items: Sequence[str]) -
     out = {}
     for label, head in rows:
         options = {**by_head.get(head, {}), **by_label.get(label, {})}
-        if not head.startswith("cabrnet:"):  # the CaBRNet adapter checks its own options
+        if head in registered:  # a row of another run backend (an adapter's) checks its own options
             check_keys(head, options)
         out[label] = options
     return out
@@ -89,15 +91,13 @@ def assign_head_options(rows: Sequence[Tuple[str, str]], items: Sequence[str]) -
 def parse_rows(text: str, option: str = "--heads", example: str = "pk-sum=protoknn") -> List[Tuple[str, str]]:
     """``'pk=protoknn,pk-sum=protoknn,cnn'`` -> ``[('pk', 'protoknn'), ('pk-sum', 'protoknn'), ('cnn', 'cnn')]``.
 
-    ``all`` alone (``--heads all``) is one row per registered head, named after it.
+    ``all`` among ``--heads`` rows is one row per registered head, named after it (``expand_all``).
 
     ``option`` and ``example`` name the command-line option in the errors (``--heads`` rows
     are LABEL=HEAD, ``ablate --variants`` rows LABEL=VARIANT).
     """
-    if option == "--heads" and text.strip() == "all":
-        from . import list_heads
-
-        return [(name, name) for name in list_heads()]
+    if option == "--heads":
+        text = expand_all(text)
     rows = []
     for item in (v.strip() for v in text.split(",")):
         if not item:
@@ -114,3 +114,23 @@ def parse_rows(text: str, option: str = "--heads", example: str = "pk-sum=protok
         raise ProtoKNNError(f"{option} names the row {duplicates[0]!r} twice; give each row its own label, "
                             f"e.g. {example}")
     return rows
+
+
+def expand_all(head_names: str, frozen_backbone: bool = False, say=None) -> str:
+    """``all`` in ``--heads`` -> every registered head, ProtoKNN first and the plain CNN last (the
+    reference row); with ``frozen_backbone`` the heads that cannot train on a feature cache are left
+    out, and ``say`` (a print function) is told which."""
+    from . import get_head_class, list_heads
+
+    names = [n.strip() for n in head_names.split(",")]
+    if "all" not in names:
+        return head_names
+    registered = sorted(list_heads(), key=lambda n: (n != "protoknn", n == "cnn", n))
+    skipped = [n for n in registered if frozen_backbone and not get_head_class(n).supports_frozen_backbone]
+    if skipped and say is not None:
+        say(f"--heads all: {', '.join(skipped)} left out (cannot train on a --frozen-backbone feature cache)")
+    expanded = [n for n in registered if n not in skipped]
+    rows = []
+    for name in names:
+        rows.extend(expanded if name == "all" else [name])
+    return ",".join(dict.fromkeys(rows))  # a head named both by `all` and by hand appears once

@@ -17,27 +17,38 @@ from torch import Tensor, nn
 from ..cluster import ProtoKNNClusterLoss
 from ..errors import ProtoKNNError
 from ..knn import KNNClassifier
-from ..losses import create_metric_loss
+from ..losses import MetricLoss, create_metric_loss
 from ..prototypes import PrototypeOutputs
+from ..values import parse_flag
 from . import register_head
 from .base import Head, Phase, PrototypeSpec
 from .space import FloatRange
 
 
-def _flag(name: str, value) -> bool:
-    """A yes/no head option given as a bool or as text from the command line ("false", "0", ...)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ProtoKNNError(f"protoknn head option {name} must be true or false, got {value!r}")
+def check_push_every(push_every) -> int:
+    """``push_every`` as given when it is a whole number >= 0, else a one-line error."""
+    if not isinstance(push_every, int) or isinstance(push_every, bool) or push_every < 0:
+        raise ProtoKNNError(f"protoknn head option push_every must be a whole number >= 0 (0: project only at the "
+                            f"end), got {push_every!r}")
+    return push_every
+
+
+def _option(name: str) -> str:
+    """How errors name one of this head's options."""
+    return f"protoknn head option {name}"
 
 
 @register_head("protoknn")
 class ProtoKNNHead(Head):
+    """ProtoKNN's head, built from its parts (eq. 13): ``task_loss`` on the profiles (P,),
+    ``cluster_loss`` on the costs, ``aux_loss`` on g = Linear(GAP(backbone map)) (D,) (a
+    ``MetricLoss`` named ``none`` turns it and g off), and ``knn`` that predicts.
+
+    ``from_options`` builds the parts from the flat options users give (``--head-opt``,
+    config files); the registry builds every head that way. ``options`` holds those flat options
+    (empty when the head was built from parts).
+    """
+
     name = "protoknn"
     description = "ProtoKNN: kNN over prototype profiles; metric loss + Sinkhorn cluster loss + aux loss"
     uses_memory = True
@@ -50,64 +61,76 @@ class ProtoKNNHead(Head):
         backbone_channels: int,
         dim: int = 64,
         num_prototypes: int = 100,
-        task_loss: str = "margin",
-        task_miner: str = "batch-hard",
-        aux_loss: str = "margin",
-        cluster_variant: str = "full",
-        cluster_reduction: str = "mean",
+        *,
+        task_loss: MetricLoss,
+        cluster_loss: ProtoKNNClusterLoss,
+        knn: KNNClassifier,
+        aux_loss: MetricLoss,
         cluster_weight: float = 0.1,
         aux_weight: float = 1.0,
-        tau: float = 0.05,
-        reg: float = 0.05,
-        margin: float = 0.2,
-        beta: float = 1.2,
         cost_space: str = "unit",
-        ks: Sequence[int] = (1, 3, 5, 10),
-        k: int = 5,
-        memory: str = "full",
         lr: float = 1e-3,
         beta_lr: float = 5e-4,
         proxy_lr_scale: float = 100.0,
-        plan_cost: str = "gap",
-        tau_soft: float = 0.5,
-        straight_through: bool = False,
         frozen_prototypes: bool = True,
         prototype_lr: float = 1e-3,
         push_every: int = 0,
     ):
         super().__init__(num_classes, backbone_channels, dim, num_prototypes)
-        self.options = dict(
-            task_loss=task_loss, task_miner=task_miner, aux_loss=aux_loss, cluster_variant=cluster_variant,
-            cluster_reduction=cluster_reduction, cluster_weight=cluster_weight, aux_weight=aux_weight, tau=tau,
-            reg=reg, margin=margin, beta=beta, cost_space=cost_space, ks=tuple(ks), k=k, memory=memory,
-        )
-        frozen_prototypes = _flag("frozen_prototypes", frozen_prototypes)
-        straight_through = _flag("straight_through", straight_through)
-        self.options.update(plan_cost=plan_cost, tau_soft=tau_soft, straight_through=straight_through,
-                            frozen_prototypes=frozen_prototypes, prototype_lr=prototype_lr, push_every=push_every)
-        if not isinstance(push_every, int) or isinstance(push_every, bool) or push_every < 0:
-            raise ProtoKNNError(f"protoknn head option push_every must be a whole number >= 0 (0: project only at the "
-                                f"end), got {push_every!r}")
-        self.push_every = push_every
-        self.frozen_prototypes, self.prototype_lr = frozen_prototypes, float(prototype_lr)
+        self.options: Dict[str, object] = {}
+        self.push_every = check_push_every(push_every)
+        self.frozen_prototypes = parse_flag(frozen_prototypes, _option("frozen_prototypes"))
+        self.prototype_lr = float(prototype_lr)
         self.cluster_weight, self.aux_weight = cluster_weight, aux_weight
         self.cost_space = cost_space
         self.lr, self.beta_lr, self.proxy_lr_scale = lr, beta_lr, proxy_lr_scale
-        task_opts = {"margin": margin, "beta": beta} if task_loss == "margin" else {}
-        self.task_loss = create_metric_loss(
-            task_loss, num_classes=num_classes, embedding_size=num_prototypes, miner=task_miner, **task_opts
-        )
-        self.cluster_loss = ProtoKNNClusterLoss(variant=cluster_variant, tau=tau, reg=reg, reduction=cluster_reduction,
-                                                plan_cost=plan_cost, tau_soft=tau_soft,
-                                                straight_through=straight_through)
-        self.aux_loss = create_metric_loss(
-            aux_loss, num_classes=num_classes, embedding_size=dim, miner=task_miner, normalize_embeddings=True
-        )
+        self.task_loss = task_loss
+        self.cluster_loss = cluster_loss
+        self.aux_loss = aux_loss
         # The aux embedding g exists only when the aux loss is on (Table 5's `none` row has none).
         self.aux_embedding = nn.Linear(backbone_channels, dim) if self.aux_loss.enabled else None
-        ks = tuple(sorted(set(ks) | {k}))
-        self.knn = KNNClassifier(k=k, ks=ks, memory=memory, num_classes=num_classes)
-        self.primary = f"k={k}"
+        self.knn = knn
+        self.primary = f"k={knn.k}"
+
+    @classmethod
+    def from_options(
+        cls, num_classes: int, backbone_channels: int, dim: int = 64, num_prototypes: int = 100,
+        task_loss: str = "margin", task_miner: str = "batch-hard", aux_loss: str = "margin",
+        cluster_variant: str = "full", cluster_reduction: str = "mean", cluster_weight: float = 0.1,
+        aux_weight: float = 1.0, tau: float = 0.05, reg: float = 0.05, margin: float = 0.2, beta: float = 1.2,
+        cost_space: str = "unit", ks: Sequence[int] = (1, 3, 5, 10), k: int = 5, memory: str = "full",
+        lr: float = 1e-3, beta_lr: float = 5e-4, proxy_lr_scale: float = 100.0, plan_cost: str = "gap",
+        tau_soft: float = 0.5, straight_through: bool = False, frozen_prototypes: bool = True,
+        prototype_lr: float = 1e-3, push_every: int = 0,
+    ) -> "ProtoKNNHead":
+        """The head from flat options: the losses by PML name (``margin`` takes ``margin`` and
+        ``beta``; ``task_miner`` mines for both), the cluster loss by variant with its settings,
+        and the kNN at ``k`` that also reports every k of ``ks``."""
+        ks = tuple(ks)
+        frozen_prototypes = parse_flag(frozen_prototypes, _option("frozen_prototypes"))
+        straight_through = parse_flag(straight_through, _option("straight_through"))
+        options = dict(
+            task_loss=task_loss, task_miner=task_miner, aux_loss=aux_loss, cluster_variant=cluster_variant,
+            cluster_reduction=cluster_reduction, cluster_weight=cluster_weight, aux_weight=aux_weight, tau=tau,
+            reg=reg, margin=margin, beta=beta, cost_space=cost_space, ks=ks, k=k, memory=memory,
+            plan_cost=plan_cost, tau_soft=tau_soft, straight_through=straight_through,
+            frozen_prototypes=frozen_prototypes, prototype_lr=prototype_lr, push_every=push_every,
+        )
+        check_push_every(push_every)
+        task_opts = {"margin": margin, "beta": beta} if task_loss == "margin" else {}
+        task = create_metric_loss(task_loss, num_classes=num_classes, embedding_size=num_prototypes,
+                                  miner=task_miner, **task_opts)
+        cluster = ProtoKNNClusterLoss(variant=cluster_variant, tau=tau, reg=reg, reduction=cluster_reduction,
+                                      plan_cost=plan_cost, tau_soft=tau_soft, straight_through=straight_through)
+        aux = create_metric_loss(aux_loss, num_classes=num_classes, embedding_size=dim, miner=task_miner,
+                                 normalize_embeddings=True)
+        knn = KNNClassifier(k=k, ks=tuple(sorted(set(ks) | {k})), memory=memory, num_classes=num_classes)
+        head = cls(num_classes, backbone_channels, dim, num_prototypes, task_loss=task, cluster_loss=cluster,
+                   knn=knn, aux_loss=aux, cluster_weight=cluster_weight, aux_weight=aux_weight,
+                   cost_space=cost_space, lr=lr, beta_lr=beta_lr, proxy_lr_scale=proxy_lr_scale,
+                   frozen_prototypes=frozen_prototypes, prototype_lr=prototype_lr, push_every=push_every)
+        head.options = options
+        return head
 
     @classmethod
     def defaults(cls) -> Dict[str, object]:
@@ -144,7 +167,7 @@ class ProtoKNNHead(Head):
 
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity="cosine", addon="linear",
-                             init="hypersphere", frozen=self.frozen_prototypes, cost_space=self.cost_space)
+                             init="hypersphere", frozen_prototypes=self.frozen_prototypes, cost_space=self.cost_space)
 
     def loss(self, out: PrototypeOutputs, labels: Tensor) -> Dict[str, Tensor]:
         task = self.task_loss(out.profile, labels)
@@ -200,7 +223,7 @@ class ProtoKNNHead(Head):
         backbone_lr = 1e-5 if pretrained_backbone else self.lr
         lrs = {"backbone": backbone_lr, "addon": self.lr, "head": self.lr, "beta": self.beta_lr,
                "proxies": self.lr * self.proxy_lr_scale}
-        if not self.frozen_prototypes:  # absent from lrs = frozen (the paper)
+        if not self.frozen_prototypes:  # else absent from lrs: untrained in every phase (the paper)
             lrs["prototypes"] = self.prototype_lr
         final = ("project", "build_memory")
         if not self.push_every or self.push_every >= epochs:

@@ -88,7 +88,7 @@ class ProtoPNetHead(Head):
             "loss": "cross-entropy + 0.8 cluster - 0.08 separation + 1e-4 L1 (off-class weights)",
             "prototypes": "10 per class, init N(0.5, 0.1) (prototype_init=uniform: the reference code's U[0, 1]), "
                           "log similarity on squared L2, add-on conv-ReLU-conv-Sigmoid",
-            "phases": "warm 5 (backbone frozen; pretrained backbones that train only), joint (StepLR 5, 0.1), push every 10 "
+            "phases": "warm 5 (backbone untrained; pretrained backbones that train only), joint (StepLR 5, 0.1), push every 10 "
                       "from 10 + 20 last-layer epochs",
             "lrs": "warm/joint add-on + prototypes 3e-3, joint backbone 1e-4 (pretrained) or 1e-3 (from scratch), "
                    "last layer 1e-4; weight decay 1e-3 on backbone and add-on",
@@ -115,7 +115,7 @@ class ProtoPNetHead(Head):
 
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity=self.similarity, addon="protopnet",
-                             init=self.prototype_init, frozen=False)
+                             init=self.prototype_init, frozen_prototypes=False)
 
     def _l1(self) -> Tensor:
         off_class = 1 - F.one_hot(self.prototype_class, self.num_classes).t().float()
@@ -133,7 +133,7 @@ class ProtoPNetHead(Head):
         return terms
 
     def loss_from_profiles(self, profile: Tensor, labels: Tensor) -> Dict[str, Tensor]:
-        """Last-layer-only phase: features are frozen, so only CE + L1 on cached profiles (B, P)."""
+        """Last-layer-only phase: the features are untrained in it, so only CE + L1 on cached profiles (B, P)."""
         ce = F.cross_entropy(self.last_layer(profile), labels)
         l1 = self._l1()
         return {"ce": ce, "l1": l1, "total": ce + self.l1_weight * l1}

@@ -108,7 +108,7 @@ class ProtoPoolHead(Head):
             "assignment": "gumbel_softmax(s * theta, tau 0.5) with s = 1000 sqrt(e / 30), then 1000; "
                           "argmax slot at inference",
             "similarity": "focal: g(mixed min distance) - g(mixed mean distance), g(d) = log((d+1)/(d+1e-4))",
-            "phases": "warm 10 (backbone frozen; pretrained backbones only), joint (StepLR 5, 0.1), push + "
+            "phases": "warm 10 (backbone untrained; pretrained backbones only), joint (StepLR 5, 0.1), push + "
                       "25 last-layer epochs",
             "lrs": "add-on, prototypes, slot logits 3e-3; backbone 1e-4 (pretrained) or 1e-3 (from scratch); "
                    "last layer 1e-4; weight decay 1e-3 on backbone, add-on and last layer",
@@ -117,7 +117,7 @@ class ProtoPoolHead(Head):
 
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity="focal", addon="sigmoid", init="uniform",
-                             frozen=False)
+                             frozen_prototypes=False)
 
     # ---- assignment ----------------------------------------------------------------------
     def begin_epoch(self, phase: Phase, epoch: int, steps: int, first_step: int, run_epoch: int) -> None:
@@ -198,7 +198,7 @@ class ProtoPoolHead(Head):
         return {"head": [self.slot_logits], "last_layer": [self.last_layer.weight]}
 
     def phases(self, epochs: int, pretrained_backbone: bool, frozen_backbone: bool = False) -> List[Phase]:
-        """Warm (backbone frozen; not for a frozen backbone, which needs no protecting), joint, one
+        """Warm (backbone untrained; not for a frozen backbone, which needs no protecting), joint, one
         push at the end of the budget, then the last layer."""
         protects = pretrained_backbone and not frozen_backbone
         warm = min(self.warm_epochs, max(1, epochs // 4)) if protects and epochs > 1 else 0

@@ -178,14 +178,14 @@ class ProtoTreeHead(Head):
             "leaves": "derivative-free update after every step (reference train.py), logits start at 0",
             "pruning": "after training: subtrees whose leaves all have max softmax <= 0.01, then projection "
                        "onto images of the classes of the leaves below each node",
-            "phases": "warm 30% (backbone frozen; pretrained backbones only), then joint; Adam lr 1e-3 add-on + "
+            "phases": "warm 30% (backbone untrained; pretrained backbones only), then joint; Adam lr 1e-3 add-on + "
                       "prototypes, backbone 1e-5 (pretrained) or 1e-3 (from scratch)",
             "predict": "soft (y^, primary), greedy (right iff s > 0.5), sample-max (leaf of largest path probability)",
         }
 
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity="exp-l2", addon="conv-sigmoid",
-                             init="shifted-normal", frozen=False)
+                             init="shifted-normal", frozen_prototypes=False)
 
     # ---- training -------------------------------------------------------------------
     def soft_output(self, out: PrototypeOutputs) -> Tuple[Tensor, Tensor]:

@@ -102,7 +102,7 @@ class TesNetHead(ProtoPNetHead):
                     "(projection metric) + 1e-4 L1 (off-class weights)",
             "prototypes": "10 unit basis vectors per class, init U[0, 1) then normalised, add-on conv-ReLU-conv-Sigmoid",
             "similarity": "projection <z, b/||b||> max-pooled (similarity=cosine: cos(z, b))",
-            "phases": "warm 5 (backbone frozen; pretrained backbones only), joint (StepLR 5, 0.1), one push at "
+            "phases": "warm 5 (backbone untrained; pretrained backbones only), joint (StepLR 5, 0.1), one push at "
                       "the end of the budget + 20 last-layer epochs",
             "lrs": "add-on + prototypes 3e-3, joint backbone 1e-4 (pretrained) or 1e-3 (from scratch), "
                    "last layer 1e-4; weight decay 1e-3 on backbone and add-on",
@@ -111,7 +111,7 @@ class TesNetHead(ProtoPNetHead):
 
     def prototype_spec(self) -> PrototypeSpec:
         return PrototypeSpec(self.requested_prototypes, similarity=self.similarity, addon="protopnet",
-                             init=self.prototype_init, frozen=False)
+                             init=self.prototype_init, frozen_prototypes=False)
 
     def subspace_terms(self, prototypes: Tensor) -> Dict[str, Tensor]:
         """The two Grassmann terms of the basis vectors (P, D)."""

@@ -6,8 +6,8 @@ from typing import Dict, List
 
 import torch
 
-from ..explain import _forward_maps, counterfactual, decision_path, this_looks_like_that
-from ..figures import _class_name, _num
+from ..explain import forward_maps, counterfactual, decision_path, this_looks_like_that
+from ..formatting import class_name, format_number
 from .gallery import PAGE as GALLERY, prototype_label
 from .html import esc, figure, link, table, write_page
 
@@ -45,7 +45,7 @@ def choose_examples(labels: torch.Tensor, predicted: torch.Tensor, count: int, s
 def runner_up_classes(model, image, count: int = RUNNER_UPS):
     """(classes other than the k = 1 prediction by the distance of their nearest memory item, that prediction)."""
     knn = model.head.knn
-    profile, _ = _forward_maps(model, image[None])
+    profile, _ = forward_maps(model, image[None])
     query = profile.float()
     _, idx = knn.search(query, 1)
     predicted = int(knn.memory_labels[idx[0, 0]])
@@ -56,8 +56,8 @@ def runner_up_classes(model, image, count: int = RUNNER_UPS):
 
 def _verdict(splits, label: int, predicted: int) -> str:
     good = label == predicted
-    return (f'<p>True class: <strong>{esc(_class_name(splits, label))}</strong>. Predicted: '
-            f'<strong>{esc(_class_name(splits, predicted))}</strong> — '
+    return (f'<p>True class: <strong>{esc(class_name(splits, label))}</strong>. Predicted: '
+            f'<strong>{esc(class_name(splits, predicted))}</strong> — '
             f'<span class="{"right" if good else "wrong"}">{"correct" if good else "misclassified"}</span>.</p>')
 
 
@@ -68,15 +68,16 @@ def _proto_link(model, splits, i: int) -> str:
 def _counterfactual_section(model, splits, tiles, index, image, label, negative) -> str:
     cf = counterfactual(model, image, splits.train_plain, negative_class=negative, top=TOP, label=label,
                         name=f"test #{index}")
-    pred, neg = _class_name(splits, cf.predicted_class), _class_name(splits, cf.negative_class)
+    pred, neg = class_name(splits, cf.predicted_class), class_name(splits, cf.negative_class)
     key = f"t{index}-vs{cf.negative_class}"
     title = f"Why {pred} rather than {neg}?"
     numbers = table(("quantity", "value"), [
         ("positive: nearest training image", f"train #{cf.positive_index} ({pred})"),
         (f"negative: nearest {neg}", f"train #{cf.negative_index} ({neg})"),
-        ("d_ap² (anchor to positive)", _num(cf.d_ap2)), ("d_an² (anchor to negative)", _num(cf.d_an2)),
-        ("difference d_an² − d_ap²", _num(cf.difference, sign=True)),
-        (f"sum of the top {len(cf.top)} contributions", _num(cf.top_sum, sign=True))])
+        ("d_ap² (anchor to positive)", format_number(cf.d_ap2)),
+        ("d_an² (anchor to negative)", format_number(cf.d_an2)),
+        ("difference d_an² − d_ap²", format_number(cf.difference, sign=True)),
+        (f"sum of the top {len(cf.top)} contributions", format_number(cf.top_sum, sign=True))])
     trio = "".join(figure(tiles.write(f"{key}-{name}", img), alt, cap) for name, img, alt, cap in (
         ("anchor", cf.anchor, f"test image #{index}", f"anchor: test #{index}"),
         ("positive", cf.positive, f"positive: training image #{cf.positive_index}, a {pred}", f"positive ({pred})"),
@@ -91,9 +92,10 @@ def _counterfactual_section(model, splits, tiles, index, image, label, negative)
                        f"{label_i}: source training image #{p.source_index}", f"source: train #{p.source_index}")]
         for who, img in (("anchor", cf.anchor), ("positive", cf.positive), ("negative", cf.negative)):
             pics.append(figure(tiles.write(f"{key}-r{rank}-{who}", img, box=p.boxes[who]),
-                               f"where {label_i} activates on the {who}, similarity {_num(p.similarity[who])}",
-                               f"{who}: s={_num(p.similarity[who])}"))
-        rows.append(f"<h3>{rank}. {_proto_link(model, splits, p.index)}: c = {esc(_num(p.score, sign=True))}</h3>"
+                               f"where {label_i} activates on the {who}, similarity {format_number(p.similarity[who])}",
+                               f"{who}: s={format_number(p.similarity[who])}"))
+        rows.append(f"<h3>{rank}. {_proto_link(model, splits, p.index)}: "
+                    f"c = {esc(format_number(p.score, sign=True))}</h3>"
                     f'<div class="row">{"".join(pics)}</div>')
     return (f'<section><h2 id="vs-{cf.negative_class}">{esc(title)}</h2><div class="row">{trio}{numbers}</div>'
             "<p>c<sub>i</sub> = (s<sub>a,i</sub> − s<sub>n,i</sub>)² − (s<sub>a,i</sub> − s<sub>p,i</sub>)²; "
@@ -105,7 +107,7 @@ def _looks_like_section(model, splits, tiles, index, image, label) -> str:
     result = this_looks_like_that(model, image, splits.train_plain, top=TOP, label=label, name=f"test #{index}")
     logits = result.logits
     order = torch.argsort(logits, descending=True)[:4].tolist()
-    scores = table(("class", "logit"), [(_class_name(splits, c), _num(float(logits[c]))) for c in order],
+    scores = table(("class", "logit"), [(class_name(splits, c), format_number(float(logits[c]))) for c in order],
                    caption="highest logits")
     rows = []
     for rank, p in enumerate(result.top, 1):
@@ -118,10 +120,11 @@ def _looks_like_section(model, splits, tiles, index, image, label) -> str:
                        f"looks like that: the source patch of {label_i}", "looks like that"),
                 figure(tiles.write(f"t{index}-r{rank}-source", src, box=p.source_box, cell=p.source_cell_box),
                        f"{label_i}: source training image #{p.source_index}", f"source: train #{p.source_index}")]
-        rows.append(f"<h3>{rank}. {_proto_link(model, splits, p.index)}: similarity {esc(_num(s))} × weight "
-                    f"{esc(_num(p.weight, sign=True))} = {esc(_num(s * p.weight, sign=True))} points</h3>"
+        rows.append(f"<h3>{rank}. {_proto_link(model, splits, p.index)}: similarity {esc(format_number(s))} × weight "
+                    f"{esc(format_number(p.weight, sign=True))} = "
+                    f"{esc(format_number(s * p.weight, sign=True))} points</h3>"
                     f'<div class="row">{"".join(pics)}</div>')
-    pred = _class_name(splits, result.predicted_class)
+    pred = class_name(splits, result.predicted_class)
     return (f"<section><h2>This looks like that: {esc(pred)}</h2>{scores}<p>The predicted logit is the sum over "
             "all prototypes of similarity × last-layer weight; the five largest terms are shown.</p>"
             + "".join(rows) + "</section>")
@@ -138,7 +141,7 @@ def _count_words(count: int) -> str:
 def _decision_path_section(model, splits, tiles, index, image, label) -> str:
     result = decision_path(model, image, splits.train_plain, label=label, name=f"test #{index}")
     order = torch.argsort(result.leaf_distribution, descending=True)[:4].tolist()
-    leaf = table(("class", "probability"), [(_class_name(splits, c), _num(float(result.leaf_distribution[c])))
+    leaf = table(("class", "probability"), [(class_name(splits, c), format_number(float(result.leaf_distribution[c])))
                                            for c in order], caption=f"leaf {result.leaf}")
     rows = []
     for depth, step in enumerate(result.steps):
@@ -152,7 +155,8 @@ def _decision_path_section(model, splits, tiles, index, image, label) -> str:
                 figure(tiles.write(f"t{index}-d{depth}-source", src, box=step.source_box, cell=step.source_cell_box),
                        f"{label_i}: source training image #{step.source_index}", f"source: train #{step.source_index}")]
         rows.append(f"<h3>depth {depth}: node {step.node} ({_proto_link(model, splits, step.node)}), "
-                    f"s = {esc(_num(step.similarity))}: {verdict}</h3><div class=\"row\">{''.join(pics)}</div>")
+                    f"s = {esc(format_number(step.similarity))}: {verdict}</h3>"
+                    f"<div class=\"row\">{''.join(pics)}</div>")
     size = ", ".join(f"{esc(k.replace('tree_', '').replace('_', ' '))} {int(v)}" for k, v in result.tree.items())
     return (f"<section><h2>Decision path to leaf {result.leaf}</h2>{leaf}<p>Each node routes right when its "
             f"prototype is present (s = exp(−distance) &gt; 0.5). Pruned tree: {size}.</p>" + "".join(rows)
@@ -163,7 +167,7 @@ def write_example(out, model, splits, tiles, index: int, predicted: int, nav, ot
     """Write the page of test image ``index``; ``others``: {label: href} of the same image under other heads."""
     image, label = splits.test[index]
     body = [_verdict(splits, int(label), int(predicted)),
-            figure(tiles.write(f"t{index}", image), f"test image #{index}, a {_class_name(splits, int(label))}",
+            figure(tiles.write(f"t{index}", image), f"test image #{index}, a {class_name(splits, int(label))}",
                    f"test #{index}")]
     if others:
         body.append("<p>This image under the other heads: "
@@ -171,9 +175,9 @@ def write_example(out, model, splits, tiles, index: int, predicted: int, nav, ot
     if getattr(model.head, "knn", None) is not None:
         runners, nearest_class = runner_up_classes(model, image)
         body.append(f"<p>The counterfactuals explain the k = 1 prediction (the class of the nearest training "
-                    f"image): <strong>{esc(_class_name(splits, nearest_class))}</strong>, against "
+                    f"image): <strong>{esc(class_name(splits, nearest_class))}</strong>, against "
                     + _count_words(len(runners)) + ": "
-                    + ", ".join(f'<a href="#vs-{c}">{esc(_class_name(splits, c))}</a>' for c in runners) + ".</p>")
+                    + ", ".join(f'<a href="#vs-{c}">{esc(class_name(splits, c))}</a>' for c in runners) + ".</p>")
         body += [_counterfactual_section(model, splits, tiles, index, image, int(label), c) for c in runners]
     elif model.head.explanation == "decision-path":
         body.append(_decision_path_section(model, splits, tiles, index, image, int(label)))

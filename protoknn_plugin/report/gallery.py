@@ -5,8 +5,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..explain import MAP_BATCH, _forward_maps, activation_box, source_boxes
-from ..figures import _class_name, _num
+from ..explain import MAP_BATCH, forward_maps, activation_box, source_boxes
+from ..formatting import class_name, format_number
 from .html import esc, figure, write_page
 
 PAGE = "prototypes.html"
@@ -23,7 +23,7 @@ def nearest_boxes(model, train_dataset, nearest) -> Dict[Tuple[int, int], tuple]
     for start in range(0, len(order), MAP_BATCH):
         chunk = order[start:start + MAP_BATCH]
         images = torch.stack([train_dataset[j][0] for j in chunk])
-        _, maps = _forward_maps(model, images)
+        _, maps = forward_maps(model, images)
         for row, j in enumerate(chunk):
             for i in users[j]:
                 boxes[(i, j)] = activation_box(maps[row, i], tuple(images.shape[-2:]))
@@ -34,9 +34,9 @@ def prototype_label(model, splits, i: int) -> str:
     """"prototype 7 (class bear)" for ProtoPNet; "prototype 7 (source: bear)" for shared prototypes."""
     own = getattr(model.head, "prototype_class", None)
     if own is not None:
-        return f"prototype {i} (class {_class_name(splits, int(own[i]))})"
+        return f"prototype {i} (class {class_name(splits, int(own[i]))})"
     source = int(model.projection.image_index[i])
-    return f"prototype {i} (source: {_class_name(splits, int(splits.train_labels[source]))})"
+    return f"prototype {i} (source: {class_name(splits, int(splits.train_labels[source]))})"
 
 
 def write_gallery(out, model, splits, nearest, tiles, nav, purity) -> str:
@@ -53,17 +53,18 @@ def write_gallery(out, model, splits, nearest, tiles, nav, purity) -> str:
         box, _, cell = sources[i]
         src = int(model.projection.image_index[i])
         image = splits.train_plain[src][0]
-        src_class = _class_name(splits, int(splits.train_labels[src]))
+        src_class = class_name(splits, int(splits.train_labels[src]))
         label = prototype_label(model, splits, i)
         row = [figure(tiles.write(f"p{i}-patch", image, crop=box), f"{label}: its source patch, enlarged", "patch"),
                figure(tiles.write(f"p{i}-source", image, box=box, cell=cell),
                       f"{label}: source training image #{src}, a {src_class}, with the projected patch boxed",
                       f"source: train #{src} ({src_class})")]
         for rank, (j, s) in enumerate(zip(nearest.image_index[i].tolist(), nearest.similarity[i].tolist()), 1):
-            cls = _class_name(splits, int(nearest.labels[i, rank - 1]))
+            cls = class_name(splits, int(nearest.labels[i, rank - 1]))
             row.append(figure(tiles.write(f"p{i}-near{rank}", splits.train_plain[j][0], box=boxes[(i, j)]),
-                              f"nearest training image {rank} of {label}: train #{j}, a {cls}, similarity {_num(s)}",
-                              f"{rank}. {cls}, s={_num(s)}"))
+                              f"nearest training image {rank} of {label}: train #{j}, a {cls}, "
+                              f"similarity {format_number(s)}",
+                              f"{rank}. {cls}, s={format_number(s)}"))
         parts.append(f'<section aria-labelledby="p{i}"><h2 id="p{i}">{esc(label)}</h2>'
                      f"<p>purity of the 10 nearest: {float(purity[i]):.2f}</p>"
                      f'<div class="row">{"".join(row)}</div></section>')

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..checkpoint import ensure_writable_dir
 from ..errors import ProtoKNNError
-from ..figures import _class_name, _num
+from ..formatting import class_name, format_number
 from .examples import choose_examples, page_name, predictions, write_example
 from .gallery import PAGE as GALLERY, write_gallery
 from .tree import tree_link
@@ -68,9 +68,9 @@ def learning_curves(series: Dict[str, List[float]], out: Path) -> Optional[str]:
     """One PNG with a line per series against the epoch count; None when there is nothing to draw."""
     if not series:
         return None
-    from ..figures import _new_figure, save_figure
+    from ..figures import new_figure, save_figure
 
-    fig, grid = _new_figure(6.4, 3.2, 1, 1, "Training curves (per epoch, all phases in order)", title_size=11)
+    fig, grid = new_figure(6.4, 3.2, 1, 1, "Training curves (per epoch, all phases in order)", title_size=11)
     ax = fig.add_subplot(grid[0, 0])
     for name, values in series.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
@@ -89,7 +89,7 @@ def faithfulness_table(result: dict) -> str:
         d, f = row["drop"], row["flip"]
         ratio = [("n/a" if v is None or v != v else f"{v:.2f}×") for v in
                  (row["ratio_random_prototypes"], row["ratio_random_boxes"])]
-        rows.append((m, *(_num(d[c]) for c in ("explained", "random_prototypes", "random_boxes")), *ratio,
+        rows.append((m, *(format_number(d[c]) for c in ("explained", "random_prototypes", "random_boxes")), *ratio,
                      *(f"{100 * f[c]:.1f} %" for c in ("explained", "random_prototypes", "random_boxes"))))
     head = ("m", "drop: explained", "drop: random prototypes", "drop: random boxes", "ratio vs prototypes",
             "ratio vs boxes", "flips: explained", "flips: random prototypes", "flips: random boxes")
@@ -99,7 +99,7 @@ def faithfulness_table(result: dict) -> str:
          else f"{result['consistency']:.3f}"),
         (f"purity (top {result.get('purity_k', 10)})", f"{result['purity']:.3f}")], caption="prototype quality")
     return (table(head, rows, caption=f"deletion test on {result['images']} test images; score: {deletion['score']} "
-                                      f"(mean {_num(deletion['base_mean'])})") + quality
+                                      f"(mean {format_number(deletion['base_mean'])})") + quality
             + '<p>See docs/explanations.md in the protoknn repository for what each number measures.</p>')
 
 
@@ -113,7 +113,8 @@ def projection_table(pushes: List[dict]) -> str:
         before, after = push.get("val_accuracy_before"), push.get("val_accuracy_after")
         change = "—" if before is None or after is None else f"{100 * (after - before):+.2f}"
         rows.append((f"{push['phase']} (step {push['global_step']})", push["prototypes"], push["distinct_images"],
-                     push["distinct_patches"], *("—" if push.get(k) is None else _num(push[k]) for k in ("cosine_mean", "cosine_min")),
+                     push["distinct_patches"],
+                     *("—" if push.get(k) is None else format_number(push[k]) for k in ("cosine_mean", "cosine_min")),
                      percent(before), percent(after), change))
     head = ("push", "prototypes", "distinct images", "distinct patches", "cosine mean", "cosine min",
             "val before", "val after", "after − before (points)")
@@ -149,8 +150,8 @@ def _example_pages(out, model, splits, tiles, predicted, indices, nav, others) -
         name = write_example(out, model, splits, tiles, int(index), int(predicted[index]), nav, links)
         label, guess = int(splits.test_labels[index]), int(predicted[index])
         verdict = "misclassified" if label != guess else "correct"
-        entries.append(f"<li>{link(name, f'test #{index}')}: true {esc(_class_name(splits, label))}, predicted "
-                       f"{esc(_class_name(splits, guess))} ({verdict})</li>")
+        entries.append(f"<li>{link(name, f'test #{index}')}: true {esc(class_name(splits, label))}, predicted "
+                       f"{esc(class_name(splits, guess))} ({verdict})</li>")
     return entries
 
 
@@ -164,17 +165,16 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
     the default runs). ``indices``: test images to give pages (default: ``images`` of them,
     misclassified first). ``others``: {label: folder prefix} of the same pages under other runs.
     ``cache_faithfulness``: keep a faithfulness measured here in RUN_DIR (False for a read-only run).
-    ``choice``/``say``: which model to load and where its one-line note goes (``figures._load_model``).
+    ``choice``/``say``: which model to load and where its one-line note goes (``runs.load_model``).
     """
     from ..faithfulness import RESULT_NAME, measure_run, nearest_patches, purity
-    from ..figures import _check_run, _load_model, _run_splits
+    from ..runs import load_run
 
     if not isinstance(images, int) or isinstance(images, bool) or images < 0:
         raise ProtoKNNError(f"--images must be a number >= 0, got {images!r}")
     run_dir, out = Path(run_dir), ensure_writable_dir(out)
-    saved = _check_run(run_dir)
-    splits = _run_splits(saved, data_dir)
-    model = _load_model(run_dir, choice, say)
+    run = load_run(run_dir, data_dir, choice, say)
+    model, saved, splits = run.model, run.saved, run.splits
     nearest = nearest_patches(model, splits.train_plain, k=10)
     result = _stored_faithfulness(run_dir / RESULT_NAME, model.checkpoint_file) if faithfulness else None
     if faithfulness and result is None:
@@ -195,7 +195,8 @@ def write_report(run_dir, out, images: int = DEFAULT_IMAGES, data_dir=None, seed
             f"<strong>{esc(saved['dataset'])}</strong>. " + link(GALLERY, "Browse the prototypes") + f".{tree}</p>",
             "<h2>Metrics</h2>",
             table(("metric", "value"), [(k, f"{100 * v:.2f} %" if k.startswith("accuracy[") else
-                                         (_num(v) if isinstance(v, float) else v)) for k, v in metrics.items()])
+                                         (format_number(v) if isinstance(v, float) else v))
+                                        for k, v in metrics.items()])
             if metrics else "<p>No metrics.json in the run directory (run <code>protoknn evaluate</code>).</p>",
             "<h2>Faithfulness of the explanations</h2>",
             faithfulness_table(result) if result else "<p>Not measured (run <code>protoknn faithfulness</code>).</p>"]
@@ -218,16 +219,16 @@ def write_comparison_report(run_dirs: Dict[str, str], out, images: int = DEFAULT
     Every run gets pages for the same test images (chosen by the first run, misclassified
     first), and each page links to that image under the other runs.
     """
-    from ..figures import _check_run, _load_model, _run_splits
+    from ..runs import load_run
 
     if not run_dirs:
         raise ProtoKNNError("write_comparison_report needs at least one run directory")
     out = ensure_writable_dir(out)
     labels = list(run_dirs)
     first = labels[0]
-    saved = _check_run(run_dirs[first])
-    splits = _run_splits(saved, data_dir)
-    predicted = predictions(_load_model(run_dirs[first]), splits.test)
+    run = load_run(run_dirs[first], data_dir)
+    splits = run.splits
+    predicted = predictions(run.model, splits.test)
     indices = choose_examples(splits.test_labels, predicted, images, seed)
     rows, per_image = [], []
     for label in labels:
@@ -241,7 +242,7 @@ def write_comparison_report(run_dirs: Dict[str, str], out, images: int = DEFAULT
                      *(("—" if faith.get(k) is None else f"{faith[k]:.3g}") for k in
                        ("del_ratio_box[m=1]", "del_flip[m=1]", "stability", "purity"))))
     for index in indices:
-        per_image.append((f"test #{index}", esc(_class_name(splits, int(splits.test_labels[index]))),
+        per_image.append((f"test #{index}", esc(class_name(splits, int(splits.test_labels[index]))),
                           *(link(f"{label}/{page_name(index)}", f"{label}") for label in labels)))
     body = ("<h2>Runs</h2>" + table(("run", "best accuracy", "deletion ratio vs boxes (m=1)", "flips (m=1)",
                                      "stability", "purity"), rows, raw=True)

@@ -7,7 +7,10 @@ interrupted mid-epoch (SIGINT/SIGTERM) resumes bit-for-bit on CPU.
 Modules: ``config`` (TrainConfig, devices), ``loading`` (batches, seeds, workers),
 ``precision`` (autocast, GradScaler), ``rng`` (seeds and plain RNG states), ``state``
 (TrainState, signals), ``records`` (metrics.csv, TensorBoard, progress), ``evaluation``
-(scores, rebuilding a model) and ``trainer`` (the loop, phases, validation, best.pt).
+(scores, rebuilding a model), ``optimizers`` (each phase's optimiser, scheduler, DDP wrap),
+``run_checkpoint`` (checkpoint.pt, best.pt, resuming), ``scoring`` (profiles, validation,
+stages), ``actions`` (push, kNN memory, cached phases, timed), ``finite`` (non-finite losses)
+and ``trainer`` (the loop over phases, epochs and steps).
 """
 from .config import PRECISIONS, TrainConfig, default_workers, device_kind, resolve_device
 from .evaluation import (MODEL_CHOICES, TrainedModel, evaluate, holds_projected_model, load_model_state,

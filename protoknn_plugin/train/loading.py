@@ -112,6 +112,24 @@ def training_loader(dataset: Dataset, sampler: KeyedBatches, workers: int, devic
                       **worker_options(workers, device))
 
 
+class TrainingBatches:
+    """The training split's batches, this rank's shard of each global batch, every item with its
+    own augmentation seed. One DataLoader serves the whole run so that its worker processes stay alive."""
+
+    def __init__(self, splits, seed: int, workers: int, device: torch.device):
+        """``splits``: DatasetSplits, whose ``train`` is read when the first batches are asked for."""
+        self.splits, self.seed, self.workers, self.device = splits, seed, workers, device
+        self._sampler = KeyedBatches()
+        self._loader: Optional[DataLoader] = None
+
+    def loader(self, batches: List[List[int]], first_step: int) -> DataLoader:
+        """The loader of ``batches`` (global batches of indices), the first one being run step ``first_step``."""
+        self._sampler.set(keyed_batches(batches, first_step, self.seed))
+        if self._loader is None:
+            self._loader = training_loader(self.splits.train, self._sampler, self.workers, self.device)
+        return self._loader
+
+
 def epoch_batches(labels: Tensor, config: TrainConfig) -> List[List[int]]:
     """One epoch of class-balanced batches from PML's MPerClassSampler, drawn up front."""
     from pytorch_metric_learning.samplers import MPerClassSampler

@@ -128,3 +128,36 @@ def make_progress(enabled: bool):
     if not enabled:
         return None
     return ProgressBar() if sys.stdout.isatty() else PlainLines()
+
+
+class EpochLog:
+    """Where every finished epoch goes: the run's history, the progress display, metrics.csv and
+    (``tensorboard``) TensorBoard events under ``out_dir`` (None: no files, e.g. on other ranks)."""
+
+    def __init__(self, out_dir: Optional[Path], tensorboard: bool = False):
+        if tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:  # say so now, not after the first epoch
+                raise ProtoKNNError("--tensorboard needs the tensorboard package; "
+                                    "install it with pip install 'protoknn-plugin[tensorboard]'")
+        self.out_dir, self.tensorboard = out_dir, tensorboard
+        self._writer: Optional[TensorBoardWriter] = None
+
+    def epoch(self, history: List[Dict[str, Any]], entry: Dict[str, Any], bar) -> None:
+        """Append ``entry`` to ``history`` and report it; metrics.csv is rewritten from the whole history."""
+        history.append(entry)
+        if bar is not None:
+            bar.epoch_done(entry)
+        if self.out_dir is None:
+            return
+        write_metrics_csv(self.out_dir / METRICS_CSV, history)
+        if self.tensorboard:
+            if self._writer is None:
+                self._writer = TensorBoardWriter(self.out_dir / "tensorboard", purge_step=entry["global_step"])
+            self._writer.add(entry)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
