@@ -94,7 +94,7 @@ def run_in_worker(job, settings: BenchmarkSettings, splits, threads: Optional[in
 class RayExecutor:
     """Runs each job as a Ray task with ``cpus`` CPUs and ``gpus`` GPUs, all at once, as the
     cluster's free resources allow. ``address``: ``auto``, ``HOST:PORT`` of a head node, or None
-    for a local Ray instance of ``local_cpus`` CPUs on this machine.
+    for a local Ray instance of ``local_cpus`` CPUs on the machine that runs the command.
 
     The splits go to the object store once; every worker trains on the very data this process
     loaded. A task whose worker dies is retried (``retries``) and resumes from the checkpoint.
