@@ -90,3 +90,13 @@ def test_yes_no_options_read_command_line_text():
 
     with pytest.raises(ProtoKNNError, match="frozen_prototypes must be true or false"):
         model_with(frozen_prototypes="maybe")
+
+
+def test_a_prototype_spec_written_with_frozen_means_frozen_prototypes():
+    from protoknn_plugin.heads.base import PrototypeSpec
+
+    assert PrototypeSpec(4).frozen_prototypes is True
+    assert PrototypeSpec(4, frozen=False).frozen_prototypes is False
+    assert PrototypeSpec(4, frozen_prototypes=False).frozen is False
+    model = model_with(frozen_prototypes=False)
+    assert model.prototype_layer.prototypes.requires_grad and not model.prototype_layer.frozen
