@@ -156,6 +156,14 @@ class ClusterPlan:
         source = profiles if grad else profiles.detach()
         return relaxed_counts(source, self.tau, self.tau_soft, self.straight_through, generator)
 
+    def class_affiliation(self, profiles: Tensor, labels: Tensor, generator, grad: bool,
+                          debias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """(P(y, .) (Y, P) from this batch's drawn counts (eqs. 2-6), each sample's class row (B,),
+        the class sizes (Y,)): what the sampling and transport plans start from."""
+        counts = self.counts(profiles, generator, grad and self.relaxed)
+        _, index, sizes = class_index(labels)
+        return _affiliation_from_index(counts, index, sizes, debias=debias), index, sizes
+
     def extra_repr(self) -> str:
         extra = f", plan_cost={self.plan_cost!r}" if self.uses_gap_cost else ""
         if self.relaxed:
@@ -187,9 +195,7 @@ class SamplingPlan(ClusterPlan):
     debias = False
 
     def build(self, profiles, solved, labels, generator, grad):
-        counts = self.counts(profiles, generator, grad and self.relaxed)
-        _, index, sizes = class_index(labels)
-        affil = _affiliation_from_index(counts, index, sizes, debias=self.debias)
+        affil, index, _ = self.class_affiliation(profiles, labels, generator, grad, debias=self.debias)
         return affil[index].to(solved.dtype)  # rows of P(y, .) already sum to 1
 
 
@@ -212,9 +218,7 @@ class LinearAssignmentPlan(ClusterPlan):
         return True
 
     def build(self, profiles, solved, labels, generator, grad):
-        counts = self.counts(profiles, generator, grad and self.relaxed)
-        _, index, sizes = class_index(labels)
-        affil = _affiliation_from_index(counts, index, sizes, debias=True)
+        affil, index, sizes = self.class_affiliation(profiles, labels, generator, grad, debias=True)
         return transport_from_index(solved, index, sizes, affil, self.reg, self.max_iter, self.tol, self.solver,
                                     differentiable=grad)
 
