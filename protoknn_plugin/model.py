@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .backbones import create_backbone
+from .backbones import RANDOM_WEIGHTS, create_backbone
 from .deformable import DeformablePrototypeLayer
 from .errors import ProtoKNNError
 from .heads import create_head, get_head_class
@@ -46,7 +46,7 @@ class ModelConfig:
         converts it to the statistics its weights were trained on. A backbone trained from
         scratch learns on the data's normalisation as it is.
         """
-        from .backbones import BACKBONES, RANDOM_WEIGHTS
+        from .backbones import BACKBONES
 
         config = cls(num_classes=len(splits.classes), in_channels=splits.channels, **kwargs)
         weights = config.weights if config.weights is not None else getattr(BACKBONES.get(config.backbone),
@@ -98,7 +98,7 @@ class PrototypeModel(nn.Module):
 
     @property
     def pretrained_backbone(self) -> bool:
-        return getattr(self.backbone, "weights", None) not in (None, "none", "None", "random")
+        return getattr(self.backbone, "weights", None) not in RANDOM_WEIGHTS
 
     @contextmanager
     def frozen_backbone(self) -> Iterator["PrototypeModel"]:

@@ -270,28 +270,43 @@ def save_row(result: Dict[str, Any], model: nn.Module, projection_info: List[Dic
 
 def _train_and_evaluate(settings, splits, train_config, device, seed, opts, out, progress):
     """Build, train (epochs + epilogue) and evaluate; returns what the metrics need."""
+    model = build_cabrnet_protopnet(settings, len(splits.classes), splits.channels, seed, opts)
+    schedule = protopnet_schedule(train_config.epochs, opts, has_pretrained_backbone(model))
+    model.projection_config.update(schedule["projection"])
+    # no pruning (num_nearest_patches=0), as the plugin's ProtoPNet head
+    projection_info, stats, timing, peak_mb = train_and_evaluate(model, schedule, splits, train_config, device, out,
+                                                                 progress, num_nearest_patches=0)
+    return model, schedule, projection_info, stats, timing, peak_mb
+
+
+def has_pretrained_backbone(model) -> bool:
+    """Whether the CaBRNet model's convnet starts from pretrained weights (not random ones)."""
+    from protoknn_plugin.backbones import RANDOM_WEIGHTS
+
+    return getattr(model.extractor.convnet, "weights", None) not in RANDOM_WEIGHTS
+
+
+def train_and_evaluate(model, schedule, splits, train_config, device, out, progress, **epilogue_options):
+    """Train a built CaBRNet model for the budget's epochs under ``schedule``, run its epilogue
+    (projection, and what ``epilogue_options`` ask of it), then score the test split.
+    Returns (projection info, test stats, {"train", "evaluate"} seconds, peak MB)."""
     from cabrnet.core.utils.optimizers import OptimizerManager
 
     from protoknn_plugin.resources import PeakRAM
 
-    model = build_cabrnet_protopnet(settings, len(splits.classes), splits.channels, seed, opts)
-    pretrained = getattr(model.extractor.convnet, "weights", None) not in (None, "none", "None", "random")
-    schedule = protopnet_schedule(train_config.epochs, opts, pretrained)
-    model.projection_config.update(schedule["projection"])
     optimizer_mngr = OptimizerManager(config_dict=schedule["training"], module=model)
-    dataloaders = row_loaders(splits, train_config)
+    loaders = row_loaders(splits, train_config)
     timing = {}
     with PeakRAM(device) as peak:
         started = time.perf_counter()
-        train_epochs(model, dataloaders, optimizer_mngr, train_config.epochs, device, progress)
-        # no pruning (num_nearest_patches=0), as the plugin's ProtoPNet head
-        projection_info = model.epilogue(dataloaders=dataloaders, optimizer_mngr=optimizer_mngr, output_dir=out,
-                                         device=device, verbose=progress, num_nearest_patches=0)
+        train_epochs(model, loaders, optimizer_mngr, train_config.epochs, device, progress)
+        projection_info = model.epilogue(dataloaders=loaders, optimizer_mngr=optimizer_mngr, output_dir=out,
+                                         device=device, verbose=progress, **epilogue_options)
         timing["train"] = time.perf_counter() - started
     started = time.perf_counter()
-    stats = model.evaluate(dataloaders=dataloaders, dataset_name="test_set", device=device, verbose=progress)
+    stats = model.evaluate(dataloaders=loaders, dataset_name="test_set", device=device, verbose=progress)
     timing["evaluate"] = time.perf_counter() - started
-    return model, schedule, projection_info, stats, timing, peak.peak_mb
+    return projection_info, stats, timing, peak.peak_mb
 
 
 def run_cabrnet_prototree(*args: Any, **kwargs: Any) -> Dict[str, Any]:

@@ -20,7 +20,6 @@ spells its weight decay ``weight_decay_rate``, a key AdamW does not read, so Ada
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -29,8 +28,8 @@ from torch import Tensor, nn
 
 from protoknn_plugin.errors import check
 
-from .baseline import (checked_options, quiet_cabrnet, row_loaders, row_metrics, save_row, start_run,
-                       train_epochs)
+from .baseline import (checked_options, has_pretrained_backbone, quiet_cabrnet, row_metrics, save_row, start_run,
+                       train_and_evaluate)
 from .extra import require_cabrnet
 
 ROW = "cabrnet:prototree"
@@ -159,24 +158,8 @@ def run_cabrnet_prototree(settings: Any, splits: Any, out_dir: Path | str, seed:
 
 def _train_and_evaluate(settings, splits, train_config, device, seed, opts, out, progress):
     """Build, train (epochs, then CaBRNet's epilogue: projection and pruning) and evaluate."""
-    from cabrnet.core.utils.optimizers import OptimizerManager
-
-    from protoknn_plugin.resources import PeakRAM
-
     model = build_cabrnet_prototree(settings, len(splits.classes), splits.channels, seed, opts)
-    pretrained = getattr(model.extractor.convnet, "weights", None) not in (None, "none", "None", "random")
-    schedule = prototree_schedule(train_config.epochs, opts, pretrained)
-    optimizer_mngr = OptimizerManager(config_dict=schedule["training"], module=model)
-    loaders = row_loaders(splits, train_config)
-    timing = {}
-    with PeakRAM(device) as peak:
-        started = time.perf_counter()
-        train_epochs(model, loaders, optimizer_mngr, train_config.epochs, device, progress)
-        projection_info = model.epilogue(dataloaders=loaders, optimizer_mngr=optimizer_mngr, output_dir=out,
-                                         device=device, verbose=progress,
-                                         pruning_threshold=opts["pruning_threshold"])
-        timing["train"] = time.perf_counter() - started
-    started = time.perf_counter()
-    stats = model.evaluate(dataloaders=loaders, dataset_name="test_set", device=device, verbose=progress)
-    timing["evaluate"] = time.perf_counter() - started
-    return model, schedule, projection_info, stats, timing, peak.peak_mb
+    schedule = prototree_schedule(train_config.epochs, opts, has_pretrained_backbone(model))
+    projection_info, stats, timing, peak_mb = train_and_evaluate(
+        model, schedule, splits, train_config, device, out, progress, pruning_threshold=opts["pruning_threshold"])
+    return model, schedule, projection_info, stats, timing, peak_mb

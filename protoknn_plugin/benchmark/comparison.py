@@ -16,11 +16,11 @@ from .settings import BenchmarkSettings, RunSpec, run_dir_name
 
 
 def _pretrained(settings: BenchmarkSettings, channels: int) -> bool:
-    from ..backbones import create_backbone
+    from ..backbones import RANDOM_WEIGHTS, create_backbone
 
     weights = {} if settings.weights is None else {"weights": settings.weights}
     backbone = create_backbone(settings.backbone, in_channels=channels, **weights, **dict(settings.backbone_options))
-    return getattr(backbone, "weights", None) not in (None, "none", "None", "random")
+    return getattr(backbone, "weights", None) not in RANDOM_WEIGHTS
 
 
 def check_protocol(specs: Sequence[RunSpec], settings: BenchmarkSettings, splits) -> Dict[str, Dict[str, int]]:
